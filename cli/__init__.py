@@ -1,0 +1,1 @@
+"""The `swat` command-line interface (Typer)."""

@@ -1,0 +1,156 @@
+"""The ``swat`` command: parse, call one library function, print.
+
+Exit codes: 0 success, 1 a failed check (verify) or a failed run, 2 bad usage / bad input.
+Library errors (:class:`training.errors.SwatError`) become one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from training.errors import SwatError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train sparse CNNs with SWAT, prune, export (ONNX / TorchScript), run sparse, verify.")
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handled(fn: Callable) -> Callable:
+    """Turn project errors into one line + exit code; Ctrl-C into exit 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SwatError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; the last checkpoint is kept (resume with `swat train --resume RUN`)", 130)
+    return wrapper
+
+
+def _csv(value: Optional[str]) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _per_layer(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise SwatError(f"--layer-sparsity {item!r} is not NAME=SPARSITY; e.g. --layer-sparsity conv1=0.5") from None
+        if not sep or not name.strip():
+            raise SwatError(f"--layer-sparsity {item!r} is not NAME=SPARSITY; e.g. --layer-sparsity conv1=0.5")
+    return out
+
+
+@app.command(epilog="Example: swat train --model lenet5 --dataset digits --mode swat --sparsity 0.7 --epochs 15 --seed 0 --out runs/demo")
+@handled
+def train(
+    model: str = typer.Option("lenet5", help="architecture (see `swat info --models`)"),
+    dataset: str = typer.Option("digits", help="digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | synthetic"),
+    mode: str = typer.Option("swat", help="dense | swat | saw | meprop"),
+    sparsity: float = typer.Option(0.7, help="fraction of zeros in [0, 1) (the paper's Top-K % is 1 - s)"),
+    topk: str = typer.Option("nchw", help="Top-K grouping: nchw | chw | hw | random"),
+    refresh_every: int = typer.Option(1, "--refresh-every", help="recompute activation Top-K thresholds every N steps"),
+    budget: str = typer.Option("uniform", help="per-layer sparsity budget: uniform | erk"),
+    exclude: Optional[str] = typer.Option(None, help="comma-separated layer names / globs kept dense, e.g. 'conv1,fc'"),
+    layer_sparsity: List[str] = typer.Option([], "--layer-sparsity", help="per-layer override NAME=S (repeatable)"),
+    epochs: int = typer.Option(15, help="training epochs"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(0.1, help="initial learning rate (SGD, momentum 0.9)"),
+    momentum: float = typer.Option(0.9),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    schedule: str = typer.Option("step", help="step (/10 at 50% and 75%) | cosine | constant"),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(0, help="data loader worker processes (file-backed data sets)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where data set files are"),
+    limit: Optional[int] = typer.Option(None, help="train on the first N samples only (quick runs)"),
+    out: Optional[Path] = typer.Option(None, help="run dir to create"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run dir from its last checkpoint"),
+    force: bool = typer.Option(False, help="overwrite an existing --out run dir"),
+) -> None:
+    """Train a model with SWAT and write a run dir (weights, run.json, metrics.jsonl, plots)."""
+    from training.config import TrainConfig
+    from training.trainer import resume as resume_run, train as train_run
+
+    if resume is not None:
+        result = resume_run(resume)
+    else:
+        if out is None:
+            raise SwatError("missing --out RUN (the run dir to create); e.g. --out runs/demo")
+        config = TrainConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, mode=mode,
+                             sparsity=sparsity, topk=topk, refresh_every=refresh_every, budget=budget,
+                             exclude=tuple(_csv(exclude)), per_layer=_per_layer(layer_sparsity), epochs=epochs,
+                             batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                             schedule=schedule, seed=seed, workers=workers, device=device, limit=limit)
+        result = train_run(config, out, force=force)
+    typer.echo(f"test accuracy {result.test_accuracy:.4f}  ({result.seconds:.1f}s)  -> {result.run_dir}")
+
+
+@app.command(epilog="Example: swat export runs/demo --format onnx")
+@handled
+def export(
+    run: Path = typer.Argument(..., help="run dir written by `swat train`"),
+    format: str = typer.Option("onnx", "--format", help="onnx | torchscript"),
+    out: Optional[Path] = typer.Option(None, help="file to write (default RUN/model.onnx or RUN/model.pt)"),
+    force: bool = typer.Option(False, help="overwrite an existing file"),
+) -> None:
+    """Export the pruned model (normalisation inside, BN folded) to ONNX or TorchScript."""
+    from swat_deploy.export import export as export_model
+
+    path = export_model(run, format, out, force=force)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
+
+
+@app.command(epilog="Example: swat verify runs/demo --json")
+@handled
+def verify(
+    run: Path = typer.Argument(..., help="run dir written by `swat train`"),
+    model: Optional[Path] = typer.Option(None, help="exported file to check (default: every export in RUN)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the data set files are"),
+    limit: Optional[int] = typer.Option(None, help="check only the first N test images (quick)"),
+) -> None:
+    """Check exported files against the run: integrity, sparsity, accuracy, agreement. Exit 1 on failure."""
+    from swat_deploy.verify import format_report, report_json, verify as verify_run
+
+    report = verify_run(run, model, data_dir=str(data_dir) if data_dir else None, limit=limit)
+    typer.echo(report_json(report) if json_out else format_report(report))
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Example: swat prune runs/demo")
+@handled
+def prune(run: Path = typer.Argument(..., help="run dir written by `swat train`")) -> None:
+    """Extract the sparse model (Top-K as trained, BN folded) and print its per-layer table."""
+    from swat_deploy.prune import prune as prune_run
+
+    sm = prune_run(run)
+    typer.echo(f"{'layer':<28} {'shape':<20} {'expected':>9} {'measured':>9}")
+    for l in sm.layers:
+        typer.echo(f"{l.name:<28} {str(tuple(l.shape)):<20} {l.expected_sparsity:>9.4f} {l.measured_sparsity:>9.4f}")
+
+
+def main() -> None:
+    try:
+        app()
+    except SwatError as e:  # raised outside a command body (should not happen, but never a traceback)
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

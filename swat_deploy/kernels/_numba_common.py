@@ -1,0 +1,315 @@
+"""numba loops shared by the CSR kernels (packing, the CSR row loop, unpacking).
+
+Every loop exists twice: a serial build and a ``parallel=True`` build over the same body.
+The serial one is used when one thread is asked for, because entering a parallel region
+costs a few microseconds - a visible share of a batch-1 layer on a 4x4 feature map.
+
+Compilation happens on first use of each signature (~1-3 s per loop, once per machine:
+``cache=True`` stores the machine code next to this file or in NUMBA_CACHE_DIR); kernels call
+`warm_up` at prepare time so that cost never lands in a timed call.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a declared dependency
+    numba = None
+
+_workspace = threading.local()
+
+
+def workspace(slot: int, size: int) -> np.ndarray:
+    """A float32 scratch array of `size` reused across calls on this thread (contents undefined).
+
+    Fresh large numpy arrays page-fault on first touch; at batch 64 that was ~20 % of a layer.
+    Ops on one thread run one after another, so one buffer per slot and thread is enough; it
+    only grows, to the largest layer seen.
+    """
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        bufs = _workspace.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.size < size:
+        buf = bufs[slot] = np.empty(max(size, 1024), np.float32)
+    return buf[:size]
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they are re-created on the next call)."""
+    _workspace.bufs = {}
+
+
+def available() -> bool:
+    return numba is not None
+
+
+# Below this many multiply-adds a call runs serially: waking the thread pool costs ~5-20 us
+# (more when another runtime's OpenMP threads are still spinning on the two cores).
+PARALLEL_MIN_WORK = 200_000
+
+
+def parallel(work: int) -> bool:
+    """Use the parallel builds when more than one numba thread is active and `work` is worth it."""
+    return work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+
+
+def warm_up(prepared: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...]) -> None:
+    """One call on zeros of `input_shape`: compiles (or loads from cache) every loop it needs
+    in both serial and parallel form and fills the kernel's per-shape geometry cache."""
+    x = torch.zeros(input_shape, dtype=torch.float32)
+    prepared(x)
+    if numba.config.NUMBA_NUM_THREADS > 1:
+        old = numba.get_num_threads()
+        numba.set_num_threads(2 if old == 1 else 1)
+        try:
+            prepared(x)
+        finally:
+            numba.set_num_threads(old)
+
+
+if numba is not None:
+    from ._simd import LANES, vadd, vfma, vload, vsplat, vstore
+
+    # ------------------------------------------------------------------ CSR x shifted rows
+    @njit(cache=True, inline="always")
+    def _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run):  # noqa: ANN001, ANN202
+        # Output row t = (chunk b, channel o) is run floats (a multiple of 16); tiles of 64, 32
+        # and 16 floats live in vector registers across the whole non-zero loop. Short tiles
+        # split the non-zeros over two accumulator sets to hide the FMA latency.
+        n_out = indptr.shape[0] - 1
+        b = t // n_out
+        o = t - b * n_out
+        ob = t * run
+        xb = b * chunk_in
+        s = indptr[o]
+        e = indptr[o + 1]
+        bv = vsplat(bias[o])
+        z = vsplat(0.0)
+        t0 = 0
+        while t0 + 4 * LANES <= run:
+            a0 = bv
+            a1 = bv
+            a2 = bv
+            a3 = bv
+            for k in range(s, e):
+                w = vsplat(vals[k])
+                p = xb + offs[k] + t0
+                a0 = vfma(a0, w, vload(packed, p))
+                a1 = vfma(a1, w, vload(packed, p + LANES))
+                a2 = vfma(a2, w, vload(packed, p + 2 * LANES))
+                a3 = vfma(a3, w, vload(packed, p + 3 * LANES))
+            vstore(out, ob + t0, a0)
+            vstore(out, ob + t0 + LANES, a1)
+            vstore(out, ob + t0 + 2 * LANES, a2)
+            vstore(out, ob + t0 + 3 * LANES, a3)
+            t0 += 4 * LANES
+        if t0 + 2 * LANES <= run:
+            a0 = bv
+            a1 = bv
+            c0 = z
+            c1 = z
+            k = s
+            while k + 1 < e:
+                w = vsplat(vals[k])
+                p = xb + offs[k] + t0
+                w2 = vsplat(vals[k + 1])
+                p2 = xb + offs[k + 1] + t0
+                a0 = vfma(a0, w, vload(packed, p))
+                a1 = vfma(a1, w, vload(packed, p + LANES))
+                c0 = vfma(c0, w2, vload(packed, p2))
+                c1 = vfma(c1, w2, vload(packed, p2 + LANES))
+                k += 2
+            if k < e:
+                w = vsplat(vals[k])
+                p = xb + offs[k] + t0
+                a0 = vfma(a0, w, vload(packed, p))
+                a1 = vfma(a1, w, vload(packed, p + LANES))
+            vstore(out, ob + t0, vadd(a0, c0))
+            vstore(out, ob + t0 + LANES, vadd(a1, c1))
+            t0 += 2 * LANES
+        if t0 + LANES <= run:
+            a0 = bv
+            c0 = z
+            k = s
+            while k + 1 < e:
+                a0 = vfma(a0, vsplat(vals[k]), vload(packed, xb + offs[k] + t0))
+                c0 = vfma(c0, vsplat(vals[k + 1]), vload(packed, xb + offs[k + 1] + t0))
+                k += 2
+            if k < e:
+                a0 = vfma(a0, vsplat(vals[k]), vload(packed, xb + offs[k] + t0))
+            vstore(out, ob + t0, vadd(a0, c0))
+
+    @njit(cache=True)
+    def _shift_rows_serial(indptr, offs, vals, bias, packed, chunk_in, out, run, nb):  # noqa: ANN001, ANN202
+        for t in range(nb * (indptr.shape[0] - 1)):
+            _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run)
+
+    @njit(cache=True, parallel=True)
+    def _shift_rows_parallel(indptr, offs, vals, bias, packed, chunk_in, out, run, nb):  # noqa: ANN001, ANN202
+        for t in prange(nb * (indptr.shape[0] - 1)):
+            _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run)
+
+    # ------------------------------------------------------------------ CSR x vector (batch 1)
+    # Four partial sums break the FMA dependency chain (measured 1.7x over one sum; letting
+    # LLVM reassociate instead made it vectorise with gathers, which was slower still).
+    @njit(cache=True, fastmath={"contract"}, inline="always")
+    def _dot_row(o, indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        k = indptr[o]
+        e = indptr[o + 1]
+        while k + 3 < e:
+            a0 += vals[k] * x[cols[k]]
+            a1 += vals[k + 1] * x[cols[k + 1]]
+            a2 += vals[k + 2] * x[cols[k + 2]]
+            a3 += vals[k + 3] * x[cols[k + 3]]
+            k += 4
+        while k < e:
+            a0 += vals[k] * x[cols[k]]
+            k += 1
+        y[o] = ((a0 + a1) + (a2 + a3)) + bias[o]
+
+    @njit(cache=True)
+    def _csr_dot_serial(indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
+        for o in range(indptr.shape[0] - 1):
+            _dot_row(o, indptr, cols, vals, bias, x, y)
+
+    @njit(cache=True, parallel=True)
+    def _csr_dot_parallel(indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
+        for o in prange(indptr.shape[0] - 1):
+            _dot_row(o, indptr, cols, vals, bias, x, y)
+
+    # ------------------------------------------------------------------ (N, I) -> (I, Np)
+    @njit(cache=True, inline="always")
+    def _transpose_one(i, x, xt, pitch):  # noqa: ANN001, ANN202
+        n = x.shape[0]
+        row = xt[i * pitch:(i + 1) * pitch]
+        for j in range(n):
+            row[j] = x[j, i]
+        row[n:] = 0.0
+
+    @njit(cache=True)
+    def _transpose_serial(x, xt, pitch):  # noqa: ANN001, ANN202
+        for i in range(x.shape[1]):
+            _transpose_one(i, x, xt, pitch)
+
+    @njit(cache=True, parallel=True)
+    def _transpose_parallel(x, xt, pitch):  # noqa: ANN001, ANN202
+        for i in prange(x.shape[1]):
+            _transpose_one(i, x, xt, pitch)
+
+    # ------------------------------------------------------------------ packing
+    @njit(cache=True, inline="always")
+    def _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+        # Fills every float of the stride phases of input channel c in chunk b (data or 0),
+        # so the buffer can be reused between calls without clearing it first.
+        n, c_in, h, w = x.shape
+        phase_sz = hq * wq * nchunk
+        row_len = wq * nchunk
+        b = t // c_in
+        c = t - b * c_in
+        for ri in range(sh):
+            for rj in range(sw):
+                # phase columns v whose input column v*sw + rj - pl lies inside [0, w)
+                v_lo = min(wq, max(0, (pl - rj + sw - 1) // sw))
+                v_hi = max(v_lo, min(wq, (w + pl - rj + sw - 1) // sw))
+                col0 = v_lo * sw + rj - pl
+                for u in range(hq):
+                    start = b * chunk_in + ((c * sh + ri) * sw + rj) * phase_sz + u * row_len
+                    drow = packed[start:start + row_len]
+                    hrow = u * sh + ri - pt
+                    if hrow < 0 or hrow >= h:
+                        drow[:] = 0.0
+                        continue
+                    drow[:v_lo * nchunk] = 0.0
+                    drow[v_hi * nchunk:] = 0.0
+                    if nchunk == 1:
+                        src = x[b, c, hrow, col0:]
+                        dst = drow[v_lo:v_hi]
+                        if sw == 1:
+                            dst[:] = src[:v_hi - v_lo]
+                        else:
+                            for m in range(v_hi - v_lo):
+                                dst[m] = src[m * sw]
+                    else:
+                        for m in range(v_hi - v_lo):
+                            col = col0 + m * sw
+                            dst = drow[(v_lo + m) * nchunk:(v_lo + m + 1) * nchunk]
+                            for nn in range(nchunk):
+                                img = b * nchunk + nn
+                                dst[nn] = x[img, c, hrow, col] if img < n else 0.0
+
+    @njit(cache=True)
+    def _pack_serial(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+        nb = (x.shape[0] + nchunk - 1) // nchunk
+        for t in range(nb * x.shape[1]):
+            _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in)
+
+    @njit(cache=True, parallel=True)
+    def _pack_parallel(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+        nb = (x.shape[0] + nchunk - 1) // nchunk
+        for t in prange(nb * x.shape[1]):
+            _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in)
+
+    # ------------------------------------------------------------------ unpacking
+    @njit(cache=True, inline="always")
+    def _unpack_one(t, out, y, nchunk, wq, run):  # noqa: ANN001, ANN202
+        # Row t = (chunk b, channel o) of the (H_out, Wq, Nc) grid -> y[img, o], junk dropped.
+        n, n_out, h_out, w_out = y.shape
+        b = t // n_out
+        o = t - b * n_out
+        for nn in range(nchunk):
+            img = b * nchunk + nn
+            if img >= n:
+                break
+            dst = y[img, o]
+            for oh in range(h_out):
+                src = t * run + oh * wq * nchunk + nn
+                for ow in range(w_out):
+                    dst[oh, ow] = out[src + ow * nchunk]
+
+    @njit(cache=True)
+    def _unpack_serial(out, y, nchunk, wq, run):  # noqa: ANN001, ANN202
+        nb = (y.shape[0] + nchunk - 1) // nchunk
+        for t in range(nb * y.shape[1]):
+            _unpack_one(t, out, y, nchunk, wq, run)
+
+    @njit(cache=True, parallel=True)
+    def _unpack_parallel(out, y, nchunk, wq, run):  # noqa: ANN001, ANN202
+        nb = (y.shape[0] + nchunk - 1) // nchunk
+        for t in prange(nb * y.shape[1]):
+            _unpack_one(t, out, y, nchunk, wq, run)
+
+
+def csr_shift_rows(par: bool) -> Any:
+    """out[t*L:(t+1)*L] = bias[o] + sum_k vals[k] * packed[b*chunk_in + offs[k] : ... + L], t = b*O + o.
+
+    L (`run`) must be a multiple of 16 and `packed` readable 16 floats past every range."""
+    return _shift_rows_parallel if par else _shift_rows_serial
+
+
+def pack(par: bool) -> Any:
+    return _pack_parallel if par else _pack_serial
+
+
+def unpack(par: bool) -> Any:
+    return _unpack_parallel if par else _unpack_serial
+
+
+def csr_dot(par: bool) -> Any:
+    """y[o] = bias[o] + sum_k vals[k] * x[cols[k]] over row o's non-zeros."""
+    return _csr_dot_parallel if par else _csr_dot_serial
+
+
+def transpose_pad(par: bool) -> Any:
+    """xt[i*pitch + j] = x[j, i] for j < N, 0 for N <= j < pitch."""
+    return _transpose_parallel if par else _transpose_serial

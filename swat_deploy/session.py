@@ -1,0 +1,256 @@
+"""`Session`: run an ONNX CNN with its sparse weights kept sparse.
+
+Stock onnxruntime densifies sparse weights when it loads them, so a 90 %-sparse model runs
+at dense speed. This Session mirrors onnxruntime's InferenceSession API but executes the graph
+itself: load -> constant-fold (which also expands the exporter's compressed weights) -> fuse
+Conv+BatchNorm -> a flat list of steps, where each Conv / Gemm / constant-weight MatMul is a
+`swat_deploy.kernels` op and everything else is a torch op. Kernels are built lazily on the
+first run of each input-shape class, so their selection sees real shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from training.errors import SwatError
+
+from .onnx_ops import REGISTRY, BuildContext, Graph, Node, ValueInfo, graph_from_onnx, optimize
+from .onnx_ops.base import to_numpy, to_torch
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """What get_inputs() / get_outputs() return, shaped like onnxruntime's NodeArg."""
+
+    name: str
+    shape: list[int | str | None] | None
+    type: str
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch intra-op threads for the duration of one run, restored afterwards (process-global)."""
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    if old != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
+
+
+@dataclass
+class _Step:
+    node: Node
+    fn: Any                         # list of inputs -> list of outputs
+    inputs: list[tuple[str, Any]]   # ("value", name) | ("const", tensor) | ("none", None)
+    outputs: list[str]
+
+
+def _load_graph(source: Any) -> Graph:
+    if isinstance(source, Graph):
+        return source
+    import onnx
+
+    if isinstance(source, onnx.ModelProto):
+        return graph_from_onnx(source)
+    if isinstance(source, (bytes, bytearray)):
+        try:
+            return graph_from_onnx(onnx.load_from_string(bytes(source)))
+        except Exception as exc:
+            raise SwatError(f"the bytes given are not an ONNX model ({type(exc).__name__}); "
+                            "pass a .onnx file path or a ModelProto") from exc
+    if not isinstance(source, (str, Path)):
+        raise SwatError(f"Session() takes a path, an onnx.ModelProto or a Graph, not {type(source).__name__}; "
+                        "pass the .onnx file path")
+    path = Path(source)
+    if path.is_dir():
+        raise SwatError(f"{path} is a directory; pass the ONNX file inside it (e.g. {path / 'model.onnx'})")
+    if not path.is_file():
+        raise SwatError(f"{path} not found; check the path to the .onnx file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise SwatError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {msg}); "
+                        "re-export it with `swat export`") from exc
+    return graph_from_onnx(model)
+
+
+class Session:
+    """An onnxruntime-like session whose Conv / Gemm / MatMul run on swat's sparse kernels.
+
+    ``threads`` sets torch's intra-op threads during ``run`` (restored after) and is passed to
+    every kernel; ``kernel`` forces one kernel for every layer (tests, benchmarks). ``run`` is
+    safe to call from several Python threads, but thread counts are process-wide in torch, so
+    sessions with different ``threads`` should not run concurrently.
+    """
+
+    def __init__(self, path_or_model: str | Path | Any, threads: int | None = None,
+                 kernel: str | None = None) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise SwatError(f"threads must be a positive integer or None, got {threads!r}; e.g. threads=2")
+        if kernel is not None and not isinstance(kernel, str):
+            raise SwatError(f"kernel must be a kernel name or None, got {kernel!r}; e.g. kernel='dense'")
+        if kernel is not None:
+            from .kernels import kernel_names
+
+            if kernel not in kernel_names():
+                raise SwatError(f"unknown kernel {kernel!r}; choose one of: {', '.join(kernel_names())}")
+        source = _load_graph(path_or_model)
+        self.metadata: dict[str, str] = dict(source.metadata)
+        self._graph = optimize(source, REGISTRY)
+        self._threads = threads
+        self._ctx = BuildContext(kernel=kernel, threads=threads)
+        self._inputs = list(self._graph.inputs)
+        self._outputs = list(self._graph.outputs)
+        self._const_t = {}  # constants that runtime steps read, converted to torch once
+        self._steps = [self._make_step(n) for n in self._graph.nodes]
+        self._programs: dict[tuple[str, ...], tuple[list[_Step], list[list[str]]]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ onnxruntime API
+
+    def get_inputs(self) -> list[NodeArg]:
+        return [NodeArg(v.name, None if v.shape is None else list(v.shape), v.type) for v in self._inputs]
+
+    def get_outputs(self) -> list[NodeArg]:
+        return [NodeArg(v.name, None if v.shape is None else list(v.shape), v.type) for v in self._outputs]
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any]) -> list[np.ndarray]:
+        """Outputs (numpy, in ``output_names`` order; None = all) for one batch of inputs."""
+        names = tuple(output_names) if output_names else tuple(v.name for v in self._outputs)
+        steps, frees = self._program(names)
+        env = self._feed(input_feed)
+        with torch.no_grad(), _torch_threads(self._threads):
+            for step, free in zip(steps, frees):
+                args = [env[ref] if kind == "value" else ref if kind == "const" else None
+                        for kind, ref in step.inputs]
+                try:
+                    outs = step.fn(args)
+                except SwatError:
+                    raise
+                except Exception as exc:  # name the node; torch's messages are multi-line
+                    msg = " ".join(str(exc).split())[:300]
+                    raise SwatError(f"ONNX {step.node.op_type} node '{step.node.label()}' failed "
+                                    f"({type(exc).__name__}: {msg}); check the input shapes against "
+                                    "get_inputs()") from exc
+                for name, value in zip(step.outputs, outs):
+                    if name:
+                        env[name] = value
+                for name in free:
+                    env.pop(name, None)
+        result = []
+        for name in names:
+            value = env[name] if name in env else self._graph.constants[name]
+            arr = to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+            result.append(np.array(arr, copy=True))  # never hand out views of inputs / constants
+        return result
+
+    # -------------------------------------------------------------------- swat additions
+
+    @property
+    def graph(self) -> Graph:
+        """The graph as executed: constants folded, Conv+BN fused, dead nodes removed."""
+        return self._graph
+
+    def layers(self) -> list[dict]:
+        """Per constant-weight Conv / Gemm / MatMul: name, op, weight_shape, sparsity, kernel, bytes.
+
+        ``kernel`` / ``bytes`` describe the op most recently built for the layer; before the
+        first run the layer is built once without a shape hint so the report is never empty.
+        """
+        with _torch_threads(self._threads):
+            return [layer.info() for layer in self._ctx.layers]
+
+    # ------------------------------------------------------------------------- internals
+
+    def _make_step(self, node: Node) -> _Step:
+        op = REGISTRY[node.op_type]
+        fn = op.prepare(node, self._graph.constants, self._ctx) if op.prepare is not None else None
+        if fn is None:
+            fn = functools.partial(op.run_torch, node)
+        refs: list[tuple[str, Any]] = []
+        for name in node.inputs:
+            if not name:
+                refs.append(("none", None))
+            elif name in self._graph.constants:
+                if name not in self._const_t:
+                    self._const_t[name] = to_torch(self._graph.constants[name])
+                refs.append(("const", self._const_t[name]))
+            else:
+                refs.append(("value", name))
+        return _Step(node, fn, refs, list(node.outputs))
+
+    def _program(self, names: tuple[str, ...]) -> tuple[list[_Step], list[list[str]]]:
+        """The steps the requested outputs need, and what each step may free afterwards."""
+        with self._lock:
+            if names in self._programs:
+                return self._programs[names]
+            known = {v.name for v in self._inputs} | set(self._graph.constants)
+            known |= {o for s in self._steps for o in s.outputs if o}
+            for name in names:
+                if name not in known:
+                    raise SwatError(f"unknown output '{name}'; the model's outputs are "
+                                    f"{[v.name for v in self._outputs]}")
+            needed = set(names)
+            steps = []
+            for step in reversed(self._steps):
+                if any(o in needed for o in step.outputs if o):
+                    steps.append(step)
+                    needed.update(ref for kind, ref in step.inputs if kind == "value")
+            steps.reverse()
+            last_use: dict[str, int] = {}
+            for i, step in enumerate(steps):
+                for kind, ref in step.inputs:
+                    if kind == "value":
+                        last_use[ref] = i
+            frees: list[list[str]] = [[] for _ in steps]
+            for name, i in last_use.items():
+                if name not in names:
+                    frees[i].append(name)
+            self._programs[names] = (steps, frees)
+            return steps, frees
+
+    def _feed(self, input_feed: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not isinstance(input_feed, dict):
+            raise SwatError(f"input_feed must be a dict name -> array, got {type(input_feed).__name__}; "
+                            f"e.g. {{'{self._inputs[0].name if self._inputs else 'input'}': x}}")
+        expected = {v.name: v for v in self._inputs}
+        extra = [k for k in input_feed if k not in expected]
+        if extra:
+            raise SwatError(f"unknown input(s) {extra}; the model's inputs are {list(expected)}")
+        env: dict[str, torch.Tensor] = {}
+        for name, vi in expected.items():
+            if name not in input_feed:
+                raise SwatError(f"missing input '{name}'; pass it in input_feed (inputs: {list(expected)})")
+            env[name] = _check_input(vi, input_feed[name])
+        return env
+
+
+def _check_input(vi: ValueInfo, value: Any) -> torch.Tensor:
+    arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    want = vi.dtype
+    if arr.dtype != want:
+        raise SwatError(f"input '{vi.name}' must be {vi.type} ({want}), got {arr.dtype}; "
+                        f"convert with x.astype(np.{want.name})")
+    if vi.shape is not None:
+        if arr.ndim != len(vi.shape):
+            raise SwatError(f"input '{vi.name}' must have rank {len(vi.shape)} (shape {vi.shape}), "
+                            f"got shape {list(arr.shape)}; reshape the input")
+        for i, (dim, got) in enumerate(zip(vi.shape, arr.shape)):
+            if isinstance(dim, int) and dim != got:
+                raise SwatError(f"input '{vi.name}' dim {i} must be {dim} (shape {vi.shape}), "
+                                f"got shape {list(arr.shape)}; resize the input")
+    return to_torch(arr)

@@ -1,0 +1,238 @@
+"""Kernels against torch's dense conv2d / linear, the factory API, and the autotuner."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numba
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swat_deploy import autotune
+from swat_deploy.kernels import kernel_names, make_conv2d, make_linear
+from swat_deploy.kernels.base import thread_scope
+
+CONV_KERNELS = ["dense", "csr_direct", "torch_csr"]
+LINEAR_KERNELS = ["dense", "csr_rows", "torch_csr"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_autotune(tmp_path, monkeypatch):  # noqa: ANN001, ANN202
+    monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.delenv("SWAT_AUTOTUNE", raising=False)
+
+
+def _sparse(shape: tuple[int, ...], sparsity: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    w[torch.rand(shape, generator=g) < sparsity] = 0
+    return w
+
+
+def _ref_conv(x, w, b, stride, pad4, dilation, groups):  # noqa: ANN001, ANN202
+    top, left, bottom, right = pad4
+    return F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride, 0, dilation, groups)
+
+
+# (O, I/g, kh, kw, stride, padding [t, l, b, r], dilation, groups, N, H, W)
+CONV_CASES = [
+    (8, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 1, 9, 9),
+    (8, 4, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, 5, 9, 9),
+    (8, 4, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1, 1, 10, 7),
+    (6, 3, 3, 3, (2, 1), (0, 1, 2, 0), (1, 2), 2, 5, 11, 8),       # asymmetric everything, groups 2
+    (8, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, 5, 8, 8),        # depthwise
+    (8, 1, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8, 1, 7, 7),        # depthwise, stride 2, odd size
+    (16, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 5, 6, 6),       # 1x1
+    (16, 8, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1, 1, 8, 8),       # 1x1 stride 2 (downsample)
+    (12, 4, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 1, 1, 12, 12),     # 5x5
+    (12, 4, 5, 5, (2, 2), (2, 2, 2, 2), (1, 1), 1, 5, 13, 11),
+    (10, 3, 3, 5, (1, 2), (1, 2, 1, 2), (1, 1), 1, 5, 9, 16),      # non-square kernel and image
+    (4, 6, 3, 3, (3, 3), (0, 0, 0, 0), (1, 1), 1, 5, 10, 10),      # stride 3, no padding
+    (32, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 1, 4, 4),      # deep layer on a 4x4 map
+    (8, 5, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1, 1, 15, 15),      # stem-like 7x7
+]
+
+
+@pytest.mark.parametrize("kernel", CONV_KERNELS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"_s{c[4]}_d{c[6]}_g{c[7]}_n{c[8]}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_matches_dense(kernel: str, case: tuple, bias: bool) -> None:
+    o, ig, kh, kw, stride, pad, dil, groups, n, h, w = case
+    seed = hash((case, bias)) % 1000
+    weight = _sparse((o, ig, kh, kw), 0.8, seed)
+    b = torch.randn(o, generator=torch.Generator().manual_seed(seed + 1)) if bias else None
+    x = torch.randn(n, ig * groups, h, w, generator=torch.Generator().manual_seed(seed + 2))
+    op = make_conv2d(weight, b, stride, pad, dil, groups, kernel=kernel)
+    assert op.kernel_name == kernel
+    y = op(x)
+    torch.testing.assert_close(y, _ref_conv(x, weight, b, stride, pad, dil, groups), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", CONV_KERNELS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.95, 1.0])
+def test_conv_extreme_sparsity(kernel: str, sparsity: float) -> None:
+    weight = _sparse((16, 8, 3, 3), sparsity, 3)
+    b = torch.randn(16)
+    x = torch.randn(2, 8, 6, 6)
+    y = make_conv2d(weight, b, 1, 1, kernel=kernel)(x)
+    torch.testing.assert_close(y, F.conv2d(x, weight, b, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_handles_changing_input_shapes() -> None:
+    weight = _sparse((8, 4, 3, 3), 0.7, 4)
+    op = make_conv2d(weight, None, 2, 1, kernel="csr_direct", input_shape=(1, 4, 8, 8))
+    for shape in [(1, 4, 8, 8), (3, 4, 8, 8), (2, 4, 5, 9), (1, 4, 8, 8)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(op(x), F.conv2d(x, weight, None, 2, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_parallel_path_matches() -> None:
+    """threads=2 on a layer big enough to take the prange builds."""
+    weight = _sparse((64, 32, 3, 3), 0.5, 5)
+    b = torch.randn(64)
+    for n in (1, 6):
+        x = torch.randn(n, 32, 16, 16)
+        op = make_conv2d(weight, b, 1, 1, kernel="csr_direct", threads=2)
+        torch.testing.assert_close(op(x), F.conv2d(x, weight, b, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+LINEAR_CASES = [(10, 512, 1), (10, 512, 5), (7, 33, 17), (64, 48, 1), (64, 48, 64), (3, 1, 2)]
+
+
+@pytest.mark.parametrize("kernel", LINEAR_KERNELS)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [None, 2])
+def test_linear_matches_dense(kernel: str, case: tuple, bias: bool, threads: int | None) -> None:
+    o, i, n = case
+    weight = _sparse((o, i), 0.8, o * i)
+    b = torch.randn(o) if bias else None
+    x = torch.randn(n, i)
+    op = make_linear(weight, b, kernel=kernel, threads=threads)
+    torch.testing.assert_close(op(x), F.linear(x, weight, b), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_parallel_path_matches() -> None:
+    weight = _sparse((512, 1024), 0.6, 6)
+    b = torch.randn(512)
+    for n in (1, 20):
+        x = torch.randn(n, 1024)
+        op = make_linear(weight, b, kernel="csr_rows", threads=2)
+        torch.testing.assert_close(op(x), F.linear(x, weight, b), rtol=1e-4, atol=1e-4)
+
+
+def test_op_attributes() -> None:
+    weight = _sparse((16, 8, 3, 3), 0.9, 7)
+    nnz = int((weight != 0).sum())
+    op = make_conv2d(weight, None, 1, 1, kernel="csr_direct")
+    assert op.kernel_name == "csr_direct"
+    assert op.weight_sparsity == pytest.approx(1 - nnz / weight.numel())
+    assert op.nbytes == 4 * (16 + 1) + 8 * nnz
+    dense = make_conv2d(weight, None, 1, 1, kernel="dense")
+    assert dense.nbytes == 4 * weight.numel()
+    lin = make_linear(_sparse((10, 20), 0.5, 8), None, kernel="csr_rows")
+    assert lin.kernel_name == "csr_rows" and 0.3 < lin.weight_sparsity < 0.7
+
+
+def test_kernel_names_and_bad_choices() -> None:
+    names = kernel_names()
+    assert names[0] == "dense" and {"csr_direct", "csr_rows", "torch_csr"} <= set(names)
+    w = torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="choose one of: dense, .*csr_direct"):
+        make_conv2d(w, None, kernel="cusparse")
+    with pytest.raises(ValueError, match="does not support.*use one of"):
+        make_conv2d(w, None, kernel="csr_rows")
+    with pytest.raises(ValueError, match="does not support"):
+        make_linear(torch.randn(4, 3), None, kernel="csr_direct")
+    with pytest.raises(ValueError, match="4-D"):
+        make_conv2d(torch.randn(4, 3), None)
+    with pytest.raises(ValueError, match="groups"):
+        make_conv2d(w, None, groups=3)
+    with pytest.raises(ValueError, match="input_shape"):
+        make_conv2d(w, None, input_shape=(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="float32"):
+        make_conv2d(w, None, kernel="csr_direct")(torch.zeros(1, 2, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="input"):
+        make_conv2d(w, None, kernel="csr_direct")(torch.zeros(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="threads"):
+        make_linear(torch.randn(4, 3), None, threads=0)
+
+
+def test_rule_choice_without_timing(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SWAT_AUTOTUNE", "0")
+    sparse, dense = _sparse((32, 16, 3, 3), 0.95, 9), torch.randn(32, 16, 3, 3)
+    assert make_conv2d(sparse, None, 1, 1, input_shape=(1, 16, 8, 8)).kernel_name == "csr_direct"
+    assert make_conv2d(dense, None, 1, 1, input_shape=(1, 16, 8, 8)).kernel_name == "dense"
+    assert make_linear(_sparse((64, 64), 0.95, 10), None).kernel_name == "csr_rows"
+    assert make_linear(torch.randn(64, 64), None).kernel_name == "dense"
+    assert not autotune.cache_path().exists()  # nothing timed, nothing cached
+
+
+def test_autotune_picks_a_kernel_and_caches_it(monkeypatch) -> None:  # noqa: ANN001
+    weight = _sparse((32, 16, 3, 3), 0.9, 11)
+    b = torch.randn(32)
+    op = make_conv2d(weight, b, 1, 1, input_shape=(1, 16, 8, 8))
+    assert op.kernel_name in kernel_names()
+    x = torch.randn(1, 16, 8, 8)
+    torch.testing.assert_close(op(x), F.conv2d(x, weight, b, 1, 1), rtol=1e-4, atol=1e-4)
+    data = json.loads(autotune.cache_path().read_text())
+    entries = data["machines"][autotune.machine_key(None)]
+    (key, entry), = entries.items()
+    assert entry["kernel"] == op.kernel_name and key.startswith("conv2d|") and "in=1x16x8x8" in key
+    assert set(entry["times_us"]) <= set(kernel_names()) and "dense" in entry["times_us"]
+
+    def no_timing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a cached layer must not be timed again")
+
+    monkeypatch.setattr(autotune, "time_prepared", no_timing)
+    again = make_conv2d(weight, b, 1, 1, input_shape=(1, 16, 8, 8))
+    assert again.kernel_name == op.kernel_name
+    # A cached choice naming a kernel that no longer exists is ignored (re-timed).
+    entries[key]["kernel"] = "gone"
+    autotune.cache_path().write_text(json.dumps(data))
+    monkeypatch.undo()
+    monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(autotune.cache_path()))
+    assert make_conv2d(weight, b, 1, 1, input_shape=(1, 16, 8, 8)).kernel_name in kernel_names()
+
+
+def test_autotune_cache_separates_threads_and_shapes() -> None:
+    weight = _sparse((16, 8, 3, 3), 0.9, 12)
+    make_conv2d(weight, None, 1, 1, input_shape=(1, 8, 6, 6), threads=1)
+    make_conv2d(weight, None, 1, 1, input_shape=(2, 8, 6, 6), threads=1)
+    make_conv2d(weight, None, 1, 1, input_shape=(1, 8, 6, 6), threads=2)
+    machines = json.loads(autotune.cache_path().read_text())["machines"]
+    assert len(machines[autotune.machine_key(1)]) == 2
+    assert len(machines[autotune.machine_key(2)]) == 1
+
+
+def test_corrupt_cache_is_ignored_with_a_warning() -> None:
+    path = autotune.cache_path()
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="corrupt autotune cache"):
+        op = make_linear(_sparse((64, 64), 0.9, 13), None, input_shape=(4, 64))
+    assert op.kernel_name in kernel_names()
+    assert json.loads(path.read_text())["version"] == autotune.CACHE_VERSION  # rewritten, valid
+
+
+def test_autotune_rejects_a_wrong_kernel(monkeypatch) -> None:  # noqa: ANN001
+    """A sparse kernel whose output disagrees with dense is never chosen, however fast."""
+    from swat_deploy.kernels import csr_rows
+
+    real = csr_rows._CsrLinear.__call__
+    monkeypatch.setattr(csr_rows._CsrLinear, "__call__", lambda self, x: real(self, x) + 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = make_linear(_sparse((64, 64), 0.99, 14), None, input_shape=(8, 64))
+    assert op.kernel_name != "csr_rows"
+    assert any("disagrees" in str(w.message) for w in caught)
+
+
+def test_thread_scope_restores_settings() -> None:
+    t0, n0 = torch.get_num_threads(), numba.get_num_threads()
+    with thread_scope(1):
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    assert torch.get_num_threads() == t0 and numba.get_num_threads() == n0
+    op = make_linear(torch.randn(8, 8), None, kernel="csr_rows", threads=1)
+    op(torch.randn(2, 8))
+    assert torch.get_num_threads() == t0 and numba.get_num_threads() == n0

@@ -1,0 +1,377 @@
+"""Module surgery: turn a model's Conv2d / Linear layers into SWAT layers, in place.
+
+A converted layer is still an ``nn.Conv2d`` / ``nn.Linear`` (its ``__class__`` is swapped to
+a subclass) with the very same parameters and ``state_dict`` keys, so optimisers, checkpoints,
+``load_state_dict`` and code that walks the model keep working.  Per-layer SWAT state (cached
+activation thresholds, step counters, RNG state of ``random``) lives in attributes and a
+non-persistent buffer and travels via :func:`swat_state_dict` / :func:`load_swat_state_dict`.
+
+Per mode, a training step (module in train mode, grad enabled) computes:
+
+==========  ==========================  ===================================================
+mode        forward                     backward / saved for backward
+==========  ==========================  ===================================================
+``dense``   the stock layer (no autograd Function at all: a Python Function costs ~16%)
+``swat``    conv(a, TopK(W))            grad_in from TopK(W), grad_W from TopK(a); saves both
+                                        compactly (values + bitmask)
+``saw``     conv(a, W)                  as swat
+``meprop``  conv(a, W)                  Top-K of grad_out per sample; saves dense a and W
+==========  ==========================  ===================================================
+
+Inference (eval mode or no grad) is ``conv(a, TopK(W))`` for swat and the dense layer for
+the other modes, with no activation work: exactly what :func:`training.topk.topk_weight`
+and pruning reproduce.
+
+In swat / saw mode ``nn.ReLU`` and ``nn.MaxPool2d`` are swapped too (:mod:`training.memory`),
+so the dense ReLU output is not kept alive behind the compact copy.
+
+Threshold caching (``refresh_every=N``): the K-th magnitude of a layer's input is computed
+exactly on every N-th training step of that layer; in between the layer keeps
+``|a| >= cached threshold`` (never exact zeros).  Per-group thresholds are cached as their
+mean over dim 0 (a threshold belongs to the layer / channel, not to whichever sample happened
+to sit at index i): ``chw`` caches one scalar, ``hw`` one value per channel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training import memory
+from training.budget import BUDGETS, layer_sparsities, match_any, prunable_layers
+from training.functions import ConvGeometry, MePropSpec, meprop_conv2d, meprop_linear, swat_conv2d, swat_linear
+from training.topk import Selection, check_topk, select_bits, topk_weight
+
+__all__ = ["MODES", "swatify", "unswatify", "swat_layers", "layer_table", "layer_stats", "swat_state_dict",
+           "load_swat_state_dict", "SwatConv2d", "SwatLinear"]
+
+MODES = ("dense", "swat", "saw", "meprop")
+
+_ATTRS = ("swat_mode", "swat_sparsity", "swat_topk", "swat_refresh_every", "swat_step", "_swat_orig_class",
+          "_swat_rng_state", "_swat_act_last", "_swat_act_sum", "_swat_act_n", "_swat_grad_last",
+          "_swat_grad_sum", "_swat_grad_n")
+
+
+class _SwatLayerMixin:
+    """Shared state and selection logic of the SWAT Conv2d and Linear layers."""
+
+    _swat_layer = True
+    weight: Tensor
+    bias: Optional[Tensor]
+    training: bool
+
+    def _swat_configure(self, mode: str, sparsity: float, topk: str, refresh_every: int) -> None:
+        self.swat_mode = mode
+        self.swat_sparsity = float(sparsity)
+        self.swat_topk = topk
+        self.swat_refresh_every = int(refresh_every)
+        self.swat_step = 0
+        self.register_buffer("swat_threshold", None, persistent=False)  # type: ignore[attr-defined]
+        self._swat_rng_state: Optional[Tensor] = None
+        if topk == "random":
+            g = torch.Generator()
+            g.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            self._swat_rng_state = g.get_state()
+        self._swat_act_last: Optional[float] = None
+        self._swat_act_sum, self._swat_act_n = 0.0, 0
+        self._swat_grad_last: Optional[float] = None
+        self._swat_grad_sum, self._swat_grad_n = 0.0, 0
+
+    # ----------------------------------------------------------------- helpers
+    def _swat_is_training_step(self, x: Tensor) -> bool:
+        return self.training and torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+
+    def _swat_weight_topk(self) -> str:
+        return "nchw" if self.swat_topk == "random" else self.swat_topk
+
+    def _swat_generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.set_state(self._swat_rng_state)
+        return g
+
+    def _swat_commit_generator(self, g: torch.Generator) -> None:
+        self._swat_rng_state = g.get_state()
+
+    def _swat_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(forward weight, compact values, bitmask) of this step's exact weight Top-K."""
+        w = self.weight
+        sel = select_bits(w, self.swat_sparsity, self._swat_weight_topk())
+        vals = memory.compact(w, sel.bits, sel.count)
+        w_fwd = memory.expand(vals, sel.bits, w.shape) if self.swat_mode == "swat" else w.detach()
+        return w_fwd, vals, sel.bits
+
+    def _swat_activation(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Compact TopK(x) for backward; refreshes or reuses the cached threshold."""
+        s, topk = self.swat_sparsity, self.swat_topk
+        if topk == "random":
+            g = self._swat_generator()
+            sel = select_bits(x, s, "random", drop_zeros=True, generator=g)
+            self._swat_commit_generator(g)
+        else:
+            cached = self.swat_threshold
+            fits = cached is not None and tuple(cached.shape) == tuple(x.shape[1:1 + cached.dim()])
+            if not fits or self.swat_step % self.swat_refresh_every == 0:
+                sel = select_bits(x, s, topk, drop_zeros=True)
+                thr = sel.thresholds
+                self.swat_threshold = (thr.mean(0) if thr.dim() else thr).to(device=x.device, dtype=torch.float32)
+            else:
+                sel = select_bits(x, s, topk, threshold=cached)
+        density = sel.count / x.numel() if x.numel() else 0.0
+        self._swat_act_last = density
+        self._swat_act_sum += density
+        self._swat_act_n += 1
+        return memory.compact(x, sel.bits, sel.count), sel.bits
+
+    def _swat_record_grad(self, density: float) -> None:
+        self._swat_grad_last = density
+        self._swat_grad_sum += density
+        self._swat_grad_n += 1
+
+    def _swat_meprop_spec(self) -> MePropSpec:
+        rnd = self.swat_topk == "random"
+        return MePropSpec(self.swat_sparsity, "hw" if self.swat_topk == "hw" else "chw", rnd,
+                          self._swat_generator if rnd else None, self._swat_commit_generator if rnd else None,
+                          self._swat_record_grad)
+
+    def _swat_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Everything a swat/saw training step hands to its autograd Function (advances the step)."""
+        w_fwd, w_vals, w_bits = self._swat_weights()
+        if self.weight.requires_grad:
+            a_vals, a_bits = self._swat_activation(x)
+        else:  # frozen weight: grad_W is never computed, so TopK(a) need not be kept
+            a_vals = a_bits = x.new_empty(0)
+        self.swat_step += 1
+        return w_fwd, a_vals, a_bits, w_vals, w_bits
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        return (f"{base}, swat_mode={self.swat_mode}, sparsity={self.swat_sparsity:g}, topk={self.swat_topk}, "
+                f"refresh_every={self.swat_refresh_every}")
+
+
+class SwatConv2d(_SwatLayerMixin, nn.Conv2d):
+    """An ``nn.Conv2d`` trained with SWAT / SAW / meProp (see module docstring)."""
+
+    def _swat_prepare(self, x: Tensor) -> tuple[Tensor, ConvGeometry]:
+        """Resolve string padding / non-zero padding modes to an explicitly padded input."""
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            pad: tuple[int, int] = (0, 0)
+        elif isinstance(self.padding, str):
+            if self.padding == "valid":
+                pad = (0, 0)
+            else:  # "same": torch pads the extra odd pixel on the bottom / right
+                totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+                pad = (totals[0] // 2, totals[1] // 2)
+                extra = (totals[0] - 2 * pad[0], totals[1] - 2 * pad[1])
+                if any(extra):
+                    x = F.pad(x, (0, extra[1], 0, extra[0]))
+        else:
+            pad = (int(self.padding[0]), int(self.padding[1]))
+        geo = ConvGeometry(tuple(self.stride), pad, tuple(self.dilation), self.groups)  # type: ignore[arg-type]
+        return x, geo
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = self.swat_mode
+        if mode == "dense":
+            return self._conv_forward(x, self.weight, self.bias)
+        if not self._swat_is_training_step(x):
+            if mode == "swat":
+                return self._conv_forward(x, topk_weight(self.weight, self.swat_sparsity, self.swat_topk), self.bias)
+            return self._conv_forward(x, self.weight, self.bias)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        x, geo = self._swat_prepare(x)
+        if mode == "meprop":
+            self.swat_step += 1
+            out = meprop_conv2d(x, self.weight, self.bias, geo, self._swat_meprop_spec())
+        else:
+            out = swat_conv2d(x, self.weight, self.bias, *self._swat_inputs(x), geo)
+        return out.squeeze(0) if unbatched else out
+
+
+class SwatLinear(_SwatLayerMixin, nn.Linear):
+    """An ``nn.Linear`` trained with SWAT / SAW / meProp; inputs may have any leading dims."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = self.swat_mode
+        if mode == "dense":
+            return F.linear(x, self.weight, self.bias)
+        if not self._swat_is_training_step(x):
+            if mode == "swat":
+                return F.linear(x, topk_weight(self.weight, self.swat_sparsity, self.swat_topk), self.bias)
+            return F.linear(x, self.weight, self.bias)
+        if mode == "meprop":
+            self.swat_step += 1
+            return meprop_linear(x, self.weight, self.bias, self._swat_meprop_spec())
+        return swat_linear(x, self.weight, self.bias, *self._swat_inputs(x))
+
+
+# ------------------------------------------------------------------------------ surgery
+def _is_swat(m: nn.Module) -> bool:
+    return getattr(type(m), "_swat_layer", False) or isinstance(m, (memory.SwatReLU, memory.SwatMaxPool2d))
+
+
+def unswatify(model: nn.Module) -> nn.Module:
+    """Restore plain nn.Conv2d / nn.Linear / nn.ReLU / nn.MaxPool2d (in place; returns model).
+
+    Parameters are untouched, so the result is the dense model with the trained weights
+    (the SWAT inference form, TopK(W), is what :func:`training.topk.topk_weight` gives).
+    """
+    for m in model.modules():
+        if not _is_swat(m):
+            continue
+        orig = getattr(m, "_swat_orig_class", None) or type(m).__mro__[1]
+        if getattr(type(m), "_swat_layer", False):
+            for a in _ATTRS:
+                m.__dict__.pop(a, None)
+            m._buffers.pop("swat_threshold", None)
+            m._non_persistent_buffers_set.discard("swat_threshold")
+        m.__dict__.pop("_swat_orig_class", None)
+        m.__class__ = orig
+    return model
+
+
+def _check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+    return value
+
+
+def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: str = "nchw",
+            refresh_every: int = 1, exclude: Sequence[str] = (), per_layer: Optional[Mapping[str, float]] = None,
+            budget: str = "uniform") -> nn.Module:
+    """Convert ``model`` in place for SWAT training; returns the same object.
+
+    Calling it again re-configures from scratch (cached thresholds and step counters reset).
+    ``exclude``: module names or fnmatch globs left dense and plain.  ``per_layer``: name ->
+    sparsity, merged over the ``budget`` ("uniform" or "erk").
+    """
+    _check_choice("mode", mode, MODES)
+    check_topk(topk)
+    _check_choice("budget", budget, BUDGETS)
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"refresh_every must be an integer >= 1 (1 = exact Top-K every step), got {refresh_every!r}")
+    # validate everything before touching the model, so a bad call leaves it as it was
+    plan = layer_sparsities(model, sparsity, budget, exclude, per_layer)
+    pats = [exclude] if isinstance(exclude, str) else list(exclude)
+    unswatify(model)
+    for name, m in prunable_layers(model):
+        if name not in plan:
+            continue
+        orig = type(m)
+        m.__class__ = SwatConv2d if isinstance(m, nn.Conv2d) else SwatLinear
+        m._swat_orig_class = orig
+        m._swat_configure(mode, plan[name], topk, refresh_every)
+    if mode in ("swat", "saw"):
+        for name, m in model.named_modules():
+            if match_any(name, pats):
+                continue
+            if type(m) is nn.ReLU:
+                m.__class__ = memory.SwatReLU
+            elif type(m) is nn.MaxPool2d:
+                m.__class__ = memory.SwatMaxPool2d
+            else:
+                continue
+            m._swat_orig_class = type(m).__mro__[1]
+    return model
+
+
+def swat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The converted Conv2d / Linear layers, in module order."""
+    return [(n, m) for n, m in model.named_modules() if getattr(type(m), "_swat_layer", False)]
+
+
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Per converted layer: name, weight shape, inference-form sparsity, topk, mode.
+
+    ``sparsity`` is what the deployed weight has (s for swat, 0.0 otherwise); the training
+    sparsity is ``train_sparsity``.
+    """
+    return [{"name": n, "shape": list(m.weight.shape),
+             "sparsity": m.swat_sparsity if m.swat_mode == "swat" else 0.0,
+             "topk": m.swat_topk, "mode": m.swat_mode, "train_sparsity": m.swat_sparsity}
+            for n, m in swat_layers(model)]
+
+
+def _mean(total: float, n: int) -> Optional[float]:
+    return total / n if n else None
+
+
+def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per layer, for metrics.jsonl; resets the since-last-call means.
+
+    ``weight_sparsity``: zeros in the weight the layer computes with (TopK(W) for swat/saw).
+    ``act_sparsity`` / ``act_sparsity_mean``: realised sparsity of the saved TopK(a_in) on the
+    last step / averaged since the last call (drift between refreshes shows here).
+    ``act_threshold``: cached K-th magnitude (mean over groups).  meProp reports the realised
+    sparsity of the output gradient as ``grad_sparsity`` / ``grad_sparsity_mean``.
+    None where a quantity does not apply.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in swat_layers(model):
+        w = m.weight.detach()
+        if m.swat_mode in ("swat", "saw"):
+            kept = select_bits(w, m.swat_sparsity, m._swat_weight_topk()).count
+            wsp = 1.0 - kept / w.numel() if w.numel() else 0.0
+        else:
+            wsp = float((w == 0).sum()) / w.numel() if w.numel() else 0.0
+        thr = m.swat_threshold
+        out[name] = {
+            "mode": m.swat_mode,
+            "steps": m.swat_step,
+            "weight_sparsity": wsp,
+            "act_sparsity": None if m._swat_act_last is None else 1.0 - m._swat_act_last,
+            "act_sparsity_mean": None if not m._swat_act_n else 1.0 - m._swat_act_sum / m._swat_act_n,
+            "act_threshold": None if thr is None or thr.numel() == 0 else float(thr.float().mean()),
+            "grad_sparsity": None if m._swat_grad_last is None else 1.0 - m._swat_grad_last,
+            "grad_sparsity_mean": None if not m._swat_grad_n else 1.0 - m._swat_grad_sum / m._swat_grad_n,
+        }
+        m._swat_act_sum, m._swat_act_n = 0.0, 0
+        m._swat_grad_sum, m._swat_grad_n = 0.0, 0
+    return out
+
+
+def swat_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The per-layer SWAT state a resumed run needs to continue bit for bit.
+
+    ``<layer>.swat_step`` (int64), ``<layer>.swat_threshold`` (float32, when cached) and
+    ``<layer>.swat_rng`` (uint8 generator state, topk "random" only).  Plain tensors, so the
+    dict can go into safetensors.
+    """
+    state: dict[str, Tensor] = {}
+    for name, m in swat_layers(model):
+        p = f"{name}." if name else ""
+        state[p + "swat_step"] = torch.tensor(m.swat_step, dtype=torch.int64)
+        if m.swat_threshold is not None:
+            state[p + "swat_threshold"] = m.swat_threshold.detach().clone().contiguous()
+        if m._swat_rng_state is not None:
+            state[p + "swat_rng"] = m._swat_rng_state.clone()
+    return state
+
+
+def load_swat_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Inverse of :func:`swat_state_dict`, into a model swatified the same way."""
+    layers = dict(swat_layers(model))
+    if state and not layers:
+        raise ValueError("model has no SWAT layers; call swatify(model, ...) with the run's settings first")
+    for key, value in state.items():
+        name, _, field = key.rpartition(".")
+        m = layers.get(name)
+        if m is None or field not in ("swat_step", "swat_threshold", "swat_rng"):
+            raise ValueError(f"SWAT state key {key!r} does not fit this model; it was saved from a model "
+                             "swatified with different layers (check model name, exclude and mode)")
+        if field == "swat_step":
+            m.swat_step = int(value.item())
+        elif field == "swat_threshold":
+            m.swat_threshold = value.detach().to(device=m.weight.device, dtype=torch.float32).clone()
+        else:
+            if m.swat_topk != "random":
+                raise ValueError(f"SWAT state key {key!r} holds an RNG state but layer {name!r} uses "
+                                 f"topk={m.swat_topk!r}; swatify with topk='random' as the saved run did")
+            m._swat_rng_state = value.detach().to("cpu", torch.uint8).clone()

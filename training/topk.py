@@ -1,0 +1,238 @@
+"""Top-K magnitude selection: which entries of a weight or activation SWAT keeps.
+
+Groups (the paper's Figure 3).  For a tensor of shape (d0, d1, ...):
+
+* ``nchw``   - one group, the whole tensor (whole mini-batch / whole layer);
+* ``chw``    - one group per dim-0 slice (per sample for activations, per output filter or
+  output neuron for weights);
+* ``hw``     - one group per (d0, d1) slice for tensors of 3+ dims (per sample and channel, per
+  filter and input channel); for 2-D tensors (Linear) per row, like ``chw``;
+* ``random`` - the null hypothesis: k entries of the whole tensor drawn uniformly at random.
+
+Every group keeps exactly ``keep_count(group_size, sparsity)`` entries.
+
+Tie rule (shared by training, pruning and eval): entries strictly above the group's K-th
+largest magnitude are kept; entries *equal* to it fill the remaining places in increasing
+flat (row-major, contiguous) index order - the lowest index wins.  The selection is therefore
+a pure function of the values, whatever the backend.
+
+Weights under ``random``: a weight mask drawn at random every step has no inference form to
+prune to, so weights always use magnitude ``nchw`` selection under ``random`` (in training,
+eval and :func:`topk_weight` alike); only activations (and meProp's gradients) are random.
+
+Threshold caching: :func:`select_bits` accepts a cached threshold instead of computing the
+K-th magnitude; it then keeps ``|x| >= t`` and never keeps exact zeros (after a ReLU, ``t`` is
+0 whenever more than ``1 - sparsity`` of the entries are zero - keeping them would store
+zeros for nothing).  With ``drop_zeros`` the exact path drops zero entries too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from training import memory
+
+__all__ = ["TOPK_VARIANTS", "keep_count", "topk_mask", "topk_weight", "kth_magnitude", "group_layout",
+           "Selection", "select_bits", "check_sparsity", "check_topk"]
+
+TOPK_VARIANTS = ("nchw", "chw", "hw", "random")
+
+
+def check_topk(topk: str) -> str:
+    if topk not in TOPK_VARIANTS:
+        raise ValueError(f"unknown topk variant {topk!r}; choose one of: {', '.join(TOPK_VARIANTS)}")
+    return topk
+
+
+def check_sparsity(sparsity: float, *, allow_one: bool = False) -> float:
+    ok = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and math.isfinite(sparsity)
+    hi_ok = ok and (sparsity <= 1.0 if allow_one else sparsity < 1.0)
+    if not (ok and sparsity >= 0.0 and hi_ok):
+        rng = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"sparsity must be a number in {rng} (fraction of zeros), got {sparsity!r}; e.g. 0.7")
+    return float(sparsity)
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    """Entries kept out of ``n``: round((1 - s) * n), half up, at least 1 if n > 0 and s < 1.
+
+    At least one survivor keeps every group (a 1x1 kernel slice, a tiny row) trainable.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    s = check_sparsity(sparsity, allow_one=True)
+    k = int(math.floor((1.0 - s) * n + 0.5))
+    if n > 0 and s < 1.0:
+        k = max(k, 1)
+    return min(k, int(n))
+
+
+def group_layout(shape: torch.Size | tuple[int, ...], topk: str) -> tuple[int, int, tuple[int, ...]]:
+    """(number of groups, group size, threshold shape) of a ``topk`` variant on ``shape``."""
+    check_topk(topk)
+    numel = int(np.prod(shape)) if len(shape) else 1
+    if topk in ("nchw", "random") or len(shape) < 2:
+        return 1, numel, ()
+    if topk == "chw" or len(shape) == 2:
+        return int(shape[0]), (numel // shape[0]) if shape[0] else 0, (int(shape[0]),)
+    g = int(shape[0]) * int(shape[1])
+    return g, (numel // g) if g else 0, (int(shape[0]), int(shape[1]))
+
+
+class Selection:
+    """A chosen subset of a tensor: packed bitmask (or bool mask), its size, and thresholds.
+
+    Kept lazily in whichever form the backend produced, so the fast path never materialises
+    a dense bool mask and the torch path never packs bits it does not need.
+    """
+
+    __slots__ = ("_bits", "_mask", "count", "thresholds", "shape")
+
+    def __init__(self, shape: torch.Size, count: int, thresholds: Optional[Tensor],
+                 bits: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> None:
+        self.shape = shape
+        self.count = count
+        self.thresholds = thresholds
+        self._bits = bits
+        self._mask = mask
+
+    @property
+    def bits(self) -> Tensor:
+        if self._bits is None:
+            self._bits = memory.pack_bits(self._mask)
+        return self._bits
+
+    @property
+    def mask(self) -> Tensor:
+        if self._mask is None:
+            self._mask = memory.unpack_bits(self._bits, int(np.prod(self.shape))).view(self.shape)
+        return self._mask
+
+
+def _prev_float(t: float, dtype: torch.dtype) -> float:
+    """Largest value below t (so that ``|x| > prev(t)`` means ``|x| >= t``)."""
+    if dtype == torch.float32:
+        return float(np.nextafter(np.float32(t), np.float32(0)))
+    return float(np.nextafter(np.float64(t), np.float64(0)))
+
+
+def _exact_numba(k_mod, x: Tensor, G: int, m: int, k: int, thr_shape: tuple[int, ...],
+                 drop_zeros: bool) -> Selection:
+    xf = memory._flat_np(x)
+    thr_bits = np.empty(G, dtype=np.uint32)
+    n_gt = np.empty(G, dtype=np.int64)
+    n_eq = np.empty(G, dtype=np.int64)
+    k_mod.kth_largest_abs_rows(xf.view(np.uint32), G, k, thr_bits, n_gt, n_eq)
+    thr = thr_bits.view(np.float32)
+    need = k - n_gt
+    bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+    zero_thr = thr == 0
+    # no excess ties (or ties only at zero, which drop_zeros refuses): a plain compare is exact
+    simple = (n_gt + n_eq == k) | (zero_thr & drop_zeros)
+    if simple.all():
+        # |x| > cut  <=>  |x| >= thr; at thr == 0 either refuse zeros or (k == m) keep everything
+        at_zero = np.float32(0) if drop_zeros else np.float32(-1)
+        cut = np.where(zero_thr, at_zero, np.nextafter(thr, np.float32(0))).astype(np.float32)
+        cnt = k_mod.pack_gt(xf, cut, m, G, bits.numpy())
+    else:
+        cnt = k_mod.pack_exact(xf, thr.copy(), need.copy(), m, G, drop_zeros, bits.numpy())
+    thresholds = torch.from_numpy(thr.copy()).view(thr_shape)
+    return Selection(x.shape, int(cnt), thresholds, bits=bits)
+
+
+def _exact_torch(x: Tensor, G: int, m: int, k: int, thr_shape: tuple[int, ...], drop_zeros: bool) -> Selection:
+    a = x.detach().abs().reshape(G, m)
+    t = torch.kthvalue(a, m - k + 1, dim=1).values
+    gt = a > t[:, None]
+    eq = a == t[:, None]
+    need = k - gt.sum(1, keepdim=True)
+    take = eq & (eq.cumsum(1) <= need)
+    mask = gt | take
+    if drop_zeros:
+        mask &= a != 0
+    return Selection(x.shape, int(mask.sum()), t.view(thr_shape), mask=mask.view(x.shape))
+
+
+def _cached(x: Tensor, threshold: Tensor) -> Selection:
+    """Keep ``|x| >= t`` and non-zero, with ``t`` of shape () or x.shape[1:1+t.dim()]."""
+    t = threshold.detach().to(device=x.device, dtype=x.dtype)
+    tail = int(np.prod(x.shape[1 + t.dim():])) if t.dim() else x.numel()
+    period = t.numel() if t.dim() else 1
+    if t.dim() and tuple(t.shape) != tuple(x.shape[1:1 + t.dim()]):
+        raise ValueError(f"cached threshold shape {tuple(t.shape)} does not fit input {tuple(x.shape)}")
+    k_mod = memory.kernels_for(x)
+    if k_mod is not None:
+        tn = t.reshape(-1).numpy()
+        cut = np.where(tn > 0, np.nextafter(tn, np.float32(0)), np.float32(0)).astype(np.float32)
+        bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+        cnt = k_mod.pack_gt(memory._flat_np(x), cut, max(tail, 1), period, bits.numpy())
+        return Selection(x.shape, int(cnt), threshold, bits=bits)
+    tb = t.view(t.shape + (1,) * (x.dim() - 1 - t.dim())) if t.dim() else t
+    a = x.detach().abs()
+    mask = (a >= tb) & (a != 0)
+    return Selection(x.shape, int(mask.sum()), threshold, mask=mask)
+
+
+def select_bits(x: Tensor, sparsity: float, topk: str = "nchw", *, threshold: Optional[Tensor] = None,
+                drop_zeros: bool = False, generator: Optional[torch.Generator] = None,
+                group: Optional[str] = None) -> Selection:
+    """The selection engine behind every public function here (and the SWAT layers).
+
+    ``threshold`` switches to the cached path.  ``group`` overrides the group layout used by
+    ``random`` (default: whole tensor), e.g. per sample for meProp.
+    """
+    check_topk(topk)
+    s = check_sparsity(sparsity, allow_one=True)
+    if threshold is not None:
+        return _cached(x, threshold)
+    if topk == "random":
+        keys = torch.rand(x.shape, generator=generator, dtype=torch.float32, device="cpu").to(x.device)
+        if drop_zeros:
+            keys = keys * (x.detach() != 0)
+        sel = select_bits(keys, s, group or "nchw", drop_zeros=drop_zeros)
+        sel.thresholds = None
+        return sel
+    G, m, thr_shape = group_layout(x.shape, topk)
+    k = keep_count(m, s)
+    if x.numel() == 0 or k == 0:
+        inf = torch.full(thr_shape, math.inf, dtype=x.dtype, device=x.device)
+        return Selection(x.shape, 0, inf, mask=torch.zeros(x.shape, dtype=torch.bool, device=x.device))
+    k_mod = memory.kernels_for(x)
+    if k_mod is not None:
+        return _exact_numba(k_mod, x, G, m, k, thr_shape, drop_zeros)
+    return _exact_torch(x, G, m, k, thr_shape, drop_zeros)
+
+
+def topk_mask(x: Tensor, sparsity: float, topk: str = "nchw", *,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """Bool mask keeping exactly ``keep_count(group size, sparsity)`` entries per group.
+
+    Ties at the K-th magnitude: lowest flat index wins (see module docstring).
+    """
+    return select_bits(x, sparsity, topk, generator=generator).mask
+
+
+def topk_weight(w: Tensor, sparsity: float, topk: str = "nchw") -> Tensor:
+    """The sparse weight a SWAT layer's forward uses - and the one pruning must reproduce.
+
+    Under ``random`` weights use magnitude ``nchw`` selection (module docstring: why).
+    """
+    variant = "nchw" if topk == "random" else check_topk(topk)
+    mask = select_bits(w, sparsity, variant).mask
+    return torch.where(mask, w.detach(), torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def kth_magnitude(x: Tensor, sparsity: float, topk: str = "nchw") -> Tensor:
+    """K-th largest magnitude per group: shape () for nchw, (d0,) for chw, (d0, d1) for hw.
+
+    These are the thresholds the layers cache between refreshes and the traces plot.
+    """
+    if topk == "random":
+        raise ValueError("topk 'random' selects by chance and has no magnitude threshold; "
+                         "use nchw, chw or hw")
+    sel = select_bits(x, sparsity, topk)
+    return sel.thresholds.to(x.dtype)

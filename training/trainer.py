@@ -1,0 +1,268 @@
+"""The Trainer: SWAT training with per-epoch evaluation, metrics, checkpoints and resume.
+
+Determinism is by construction, not by saving generator states: the data order, augmentation
+and every other random draw of epoch ``e`` come from generators seeded with ``(seed, e)``. A run
+killed mid-epoch and resumed from the last checkpoint therefore replays exactly the same epoch
+and ends with bit-identical weights on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import data as datasets
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.errors import SwatError
+from training.fileio import atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_file
+from training.progress import EpochProgress, Logger, print_logger
+from training.rundir import (CHECKPOINT, METRICS, RUN_FORMAT_VERSION, RUN_JSON, SWAT_STATE, WEIGHTS,
+                             build_model, prepare_out_dir, read_metrics)
+from training.schedule import lr_at
+from training.swatify import layer_stats, layer_table, load_swat_state_dict, swat_state_dict
+
+SWAT_VERSION = "0.1.0"
+EVAL_BATCH = 256
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    test_accuracy: float
+    seconds: float
+    meta: dict[str, Any]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Independent, reproducible stream per (seed, epoch); large odd multiplier avoids overlaps."""
+    return (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63 - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SwatError("--device cuda requested but no CUDA device is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _as_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def iterate_batches(ds: Any, order: torch.Tensor, batch_size: int, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches in ``order``: a fast slice for in-memory sets, a DataLoader for file-backed ones."""
+    if hasattr(ds, "images") and hasattr(ds, "labels"):
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield _as_unit(ds.images[idx]), ds.labels[idx].long()
+        return
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order.tolist()), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    for x, y in loader:
+        yield _as_unit(x), torch.as_tensor(y).long()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Any, info: Any, device: torch.device, batch_size: int = EVAL_BATCH,
+             return_logits: bool = False) -> dict[str, Any]:
+    """Loss and top-1 accuracy of ``model`` in eval mode: the model's inference form."""
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    chunks = []
+    for x, y in iterate_batches(ds, torch.arange(len(ds)), batch_size):
+        x, y = datasets.normalize(x.to(device), info), y.to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        total += y.numel()
+        if return_logits:
+            chunks.append(logits.cpu())
+    model.train(was_training)
+    out: dict[str, Any] = {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+    if return_logits:
+        out["logits"] = torch.cat(chunks) if chunks else torch.empty(0)
+    return out
+
+
+class Trainer:
+    """Owns one run: data, model, optimizer and the run dir it writes."""
+
+    def __init__(self, config: TrainConfig, out: str | Path, *, log: Logger = print_logger,
+                 progress: bool | None = None, is_main: bool = True) -> None:
+        self.config = config.validate()
+        self.out = Path(out)
+        self.log = log if is_main else (lambda line: None)
+        self.progress = progress if is_main else False
+        self.is_main = is_main
+        self.device = resolve_device(config.device)
+        options = {"limit": config.limit} if config.limit else {}
+        self.train_ds = datasets.load(config.dataset, "train", config.data_dir, **options)
+        self.test_ds = datasets.load(config.dataset, "test", config.data_dir)
+        self.info = self.train_ds.info
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, self.info.num_classes, self.info.in_channels).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.start_epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- resume ---------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from RUN/checkpoint.safetensors; the epoch in flight when it died is redone."""
+        ckpt = self.out / CHECKPOINT
+        if not ckpt.is_file():
+            raise SwatError(f"{self.out} has no {CHECKPOINT} to resume from; start a new run with --out")
+        header, swat = load_checkpoint(ckpt, self.model, self.optimizer)
+        load_swat_state_dict(self.model, {k: v.to(self.device) for k, v in swat.items()})
+        self.start_epoch = int(header["epoch"])
+        # metrics written after the checkpoint (a killed epoch) are dropped and redone
+        self.history = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.start_epoch]
+        if self.is_main:
+            atomic_write_text(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
+        self.log(f"resuming {self.out} after epoch {self.start_epoch}/{self.config.epochs}")
+
+    # -- one epoch ------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.config
+        lr = lr_at(cfg, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        seed = epoch_seed(cfg.seed, epoch)
+        torch.manual_seed(seed)  # any global draw inside SWAT layers (random Top-K) is replayable
+        gen = torch.Generator().manual_seed(seed)
+        order = self.epoch_order(gen)
+        self.model.train()
+        n_batches = math.ceil(len(order) / cfg.batch_size)
+        bar = EpochProgress(n_batches, f"epoch {epoch + 1}/{cfg.epochs}", enabled=self.progress)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i, (x, y) in enumerate(iterate_batches(self.train_ds, order, cfg.batch_size, cfg.workers)):
+            x = datasets.augment(self.info, x, gen)
+            x, y = datasets.normalize(x.to(self.device), self.info), y.to(self.device)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise SwatError(f"loss became {loss.item()} at epoch {epoch + 1} batch {i + 1}; lower --lr "
+                                f"(now {cfg.lr}) or the sparsity; checkpoints of earlier epochs are kept",
+                                exit_code=1)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum().item()
+            seen += y.numel()
+            bar.update(i + 1, loss_sum / seen)
+        bar.close()
+        return {"lr": lr, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+    def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
+        return torch.randperm(len(self.train_ds), generator=gen)
+
+    # -- the whole run --------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.config
+        started = time.perf_counter()
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            row = self.train_epoch(epoch)
+            test = evaluate(self.model, self.test_ds, self.info, self.device)
+            row = {"epoch": epoch + 1, **row, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                   "seconds": round(time.perf_counter() - t0, 3), "layers": layer_stats(self.model)}
+            self.history.append(row)
+            if self.is_main:
+                with open(self.out / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, swat_state_dict(self.model),
+                                {"epoch": epoch + 1, "config": cfg.to_json()})
+            self.log(f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
+                     f"train {row['train_accuracy']:.4f}  test {row['test_accuracy']:.4f}  "
+                     f"({row['seconds']:.1f}s)")
+        return self.finish(time.perf_counter() - started)
+
+    def finish(self, seconds: float) -> TrainResult:
+        """Final evaluation in inference form, then the files every later stage reads."""
+        cfg = self.config
+        final = evaluate(self.model, self.test_ds, self.info, self.device)
+        meta: dict[str, Any] = {}
+        if self.is_main:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            save_tensors(self.out / WEIGHTS, state, metadata={"producer": "swat", "model": cfg.model})
+            save_tensors(self.out / SWAT_STATE, swat_state_dict(self.model))
+            meta = self.run_json(final, seconds)
+            atomic_write_json(self.out / RUN_JSON, meta)
+            try:
+                from training.plots import plot_run
+                plot_run(self.out)
+            except Exception as e:  # a plot must never cost the user a finished run
+                self.log(f"warning: plots not written ({e})")
+            self.log(f"done: test accuracy {final['accuracy']:.4f} on {final['n']} images; run dir {self.out}")
+        return TrainResult(self.out, final["accuracy"], seconds, meta)
+
+    def run_json(self, final: dict[str, Any], seconds: float) -> dict[str, Any]:
+        cfg, info = self.config, self.info
+        return {
+            "format_version": RUN_FORMAT_VERSION,
+            "producer": f"swat {SWAT_VERSION}",
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "image_size": list(info.image_size),
+            "mode": cfg.mode,
+            "sparsity": cfg.sparsity,
+            "topk": cfg.topk,
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "test_accuracy": final["accuracy"],
+            "test_loss": final["loss"],
+            "test_samples": final["n"],
+            "train_accuracy_last_epoch": self.history[-1]["train_accuracy"] if self.history else None,
+            "normalization": {"mean": list(info.mean), "std": list(info.std)},
+            "class_names": list(info.class_names),
+            "layers": layer_table(self.model),
+            "weights": WEIGHTS,
+            "weights_sha256": sha256_file(self.out / WEIGHTS),
+            "train_seconds": round(seconds, 2),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "config": cfg.to_json(),
+        }
+
+
+def train(config: TrainConfig, out: str | Path, *, force: bool = False, log: Logger = print_logger,
+          progress: bool | None = None) -> TrainResult:
+    """``swat train``: a new run in ``out`` (refuses a non-empty dir unless ``force``)."""
+    config.validate()
+    out = prepare_out_dir(out, force)
+    trainer = Trainer(config, out, log=log, progress=progress)
+    return trainer.fit()
+
+
+def resume(run_dir: str | Path, *, log: Logger = print_logger, progress: bool | None = None,
+           epochs: int | None = None) -> TrainResult:
+    """``swat train --resume RUN``: continue from the last checkpoint (optionally to more epochs)."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        raise SwatError(f"no {CHECKPOINT} in {run_dir}; nothing to resume (start a run with --out {run_dir})")
+    _, meta = load_tensors(ckpt)
+    try:
+        cfg = TrainConfig.from_json(json.loads(meta["header"])["config"])
+    except (KeyError, json.JSONDecodeError):
+        raise SwatError(f"{ckpt} has no readable config; it was not written by swat train") from None
+    if epochs is not None:
+        cfg.epochs = epochs
+    trainer = Trainer(cfg, run_dir, log=log, progress=progress)
+    trainer.restore()
+    return trainer.fit()

@@ -67,7 +67,7 @@ def train(
     exclude: Optional[str] = typer.Option(None, help="comma-separated layer names / globs kept dense, e.g. 'conv1,fc'"),
     layer_sparsity: List[str] = typer.Option([], "--layer-sparsity", help="per-layer override NAME=S (repeatable)"),
     epochs: int = typer.Option(15, help="training epochs"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: 32 for digits, 128 otherwise"),
     lr: float = typer.Option(0.1, help="initial learning rate (SGD, momentum 0.9)"),
     momentum: float = typer.Option(0.9),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),

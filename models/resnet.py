@@ -107,7 +107,7 @@ class ResNet(nn.Module):
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=False)
-        self.in_ch = 64
+        self._in_ch = 64
         self.layer1 = self._stage(block, 64, layers[0], stride=1)
         self.layer2 = self._stage(block, 128, layers[1], stride=2)
         self.layer3 = self._stage(block, 256, layers[2], stride=2)
@@ -119,8 +119,8 @@ class ResNet(nn.Module):
     def _stage(self, block: Block, width: int, count: int, stride: int) -> nn.Sequential:
         blocks = []
         for i in range(count):
-            blocks.append(block(self.in_ch, width, stride if i == 0 else 1))
-            self.in_ch = width * block.expansion
+            blocks.append(block(self._in_ch, width, stride if i == 0 else 1))
+            self._in_ch = width * block.expansion
         return nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:

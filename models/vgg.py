@@ -26,7 +26,7 @@ HEADS = ("imagenet", "cifar")
 _CFG_16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def _features(cfg: tuple, in_channels: int) -> nn.Sequential:
+def _features(cfg: tuple[int | str, ...], in_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     ch = in_channels
     for v in cfg:
@@ -58,7 +58,7 @@ class VGG(nn.Module):
 
     def __init__(
         self,
-        cfg: tuple,
+        cfg: tuple[int | str, ...],
         num_classes: int = 1000,
         in_channels: int = 3,
         head: str = "imagenet",

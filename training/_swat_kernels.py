@@ -33,6 +33,8 @@ for _b in range(256):
     for _i in range(8):
         _PREFIX[_b, _i] = _c
         _c += (_b >> _i) & 1
+_PREFIX_U = _PREFIX.astype(np.uint64)
+_POPC_U = _POPC.astype(np.uint64)
 
 
 @njit(cache=True, nogil=True)
@@ -269,37 +271,44 @@ def gather(x, bits, vals):
 
 @njit(cache=True, nogil=True)
 def expand(bits, vals, out):
-    """out = dense tensor with ``vals`` at the set bits, zeros elsewhere."""
+    """out = dense tensor with ``vals`` at the set bits, zeros elsewhere.
+
+    ``vals`` must have one slot past its last value (``gather`` leaves it): with unsigned
+    indices and no clamping the eight lanes of a byte are independent selects, twice as fast.
+    """
     n = out.size
     nbytes = n >> 3
-    j = 0
-    last = vals.size - 1
+    j = np.uint64(0)
     zero = out.dtype.type(0)
-    if last < 0:
-        out[:] = zero
-        return
     for b in range(nbytes):
         byte = bits[b]
         base = b << 3
         for s in range(8):
-            c = (byte >> s) & 1
-            v = vals[min(j + _PREFIX[byte, s], last)]
-            out[base + s] = v if c else zero
-        j += _POPC[byte]
+            v = vals[j + _PREFIX_U[byte, s]]
+            out[base + s] = v if (byte >> s) & 1 else zero
+        j += _POPC_U[byte]
     base = nbytes << 3
     for i in range(base, n):
         c = (bits[i >> 3] >> (i & 7)) & 1
-        v = vals[min(j, last)]
+        v = vals[j]
         out[i] = v if c else zero
-        j += c
+        j += np.uint64(c)
 
 
 @njit(cache=True, nogil=True)
-def mask_select(x, bits, out):
-    """out = x where the bit is set, 0 elsewhere (ReLU backward, meProp gradient masking)."""
-    n = x.size
-    zero = out.dtype.type(0)
-    for i in range(n):
-        c = (bits[i >> 3] >> (i & 7)) & 1
-        v = x[i]
-        out[i] = v if c else zero
+def mask_select(x_u32, bits, out_u32):
+    """out = x where the bit is set, 0 elsewhere (ReLU backward, meProp gradient masking).
+
+    Works on the uint32 view of float32 data: AND with 0 / 0xFFFFFFFF vectorises and keeps
+    NaN / inf in the kept entries exactly.
+    """
+    n = x_u32.size
+    nbytes = n >> 3
+    for b in range(nbytes):
+        byte = np.uint32(bits[b])
+        base = b << 3
+        for s in range(8):
+            out_u32[base + s] = x_u32[base + s] & (np.uint32(0) - ((byte >> s) & np.uint32(1)))
+    for i in range(nbytes << 3, n):
+        c = np.uint32((bits[i >> 3] >> (i & 7)) & 1)
+        out_u32[i] = x_u32[i] & (np.uint32(0) - c)

@@ -121,12 +121,21 @@ def compact(x: Tensor, bits: Tensor, count: int) -> Tensor:
     return x.detach().reshape(-1)[unpack_bits(bits, x.numel())]
 
 
+def _padded(values: Tensor) -> Tensor:
+    """``values`` plus one slot past its end (the spare slot :func:`compact` allocates)."""
+    n = values.numel()
+    room = values.untyped_storage().nbytes() // values.element_size() - values.storage_offset()
+    if values.is_contiguous() and room > n:
+        return values.as_strided((n + 1,), (1,))
+    return torch.cat([values.reshape(-1), values.new_zeros(1)])
+
+
 def expand(values: Tensor, bits: Tensor, shape: torch.Size) -> Tensor:
     """Dense tensor of ``shape`` with ``values`` at the set bits and zeros elsewhere."""
     out = torch.empty(shape, dtype=values.dtype, device=values.device)
     k = kernels_for(values)
     if k is not None:
-        k.expand(bits.numpy(), values.numpy(), out.view(-1).numpy())
+        k.expand(bits.numpy(), _padded(values.detach()).numpy(), out.view(-1).numpy())
         return out
     out.zero_()
     out.view(-1).masked_scatter_(unpack_bits(bits, out.numel()), values)
@@ -138,7 +147,7 @@ def masked_grad(grad: Tensor, bits: Tensor) -> Tensor:
     k = kernels_for(grad)
     if k is not None:
         out = torch.empty(grad.shape, dtype=grad.dtype)
-        k.mask_select(_flat_np(grad), bits.numpy(), out.view(-1).numpy())
+        k.mask_select(_flat_np(grad).view(np.uint32), bits.numpy(), out.view(-1).numpy().view(np.uint32))
         return out
     mask = unpack_bits(bits, grad.numel()).view(grad.shape)
     return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))

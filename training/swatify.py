@@ -33,7 +33,7 @@ to sit at index i): ``chw`` caches one scalar, ``hw`` one value per channel.
 """
 from __future__ import annotations
 
-import math
+import weakref
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -49,6 +49,9 @@ __all__ = ["MODES", "swatify", "unswatify", "swat_layers", "layer_table", "layer
            "load_swat_state_dict", "SwatConv2d", "SwatLinear"]
 
 MODES = ("dense", "swat", "saw", "meprop")
+
+# (input tensor identity, settings, step) -> weak refs to the compact TopK copy made for it
+_SHARED: dict[tuple, tuple] = {}
 
 _ATTRS = ("swat_mode", "swat_sparsity", "swat_topk", "swat_refresh_every", "swat_step", "_swat_orig_class",
           "_swat_rng_state", "_swat_act_last", "_swat_act_sum", "_swat_act_n", "_swat_grad_last",
@@ -105,8 +108,23 @@ class _SwatLayerMixin:
         return w_fwd, vals, sel.bits
 
     def _swat_activation(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Compact TopK(x) for backward; refreshes or reuses the cached threshold."""
+        """Compact TopK(x) for backward; refreshes or reuses the cached threshold.
+
+        When another layer with the same settings already sparsified this very tensor in
+        this step (a ResNet block input feeds conv1 and the 1x1 shortcut), its compact copy is
+        reused: one TopK per activation tensor, stored once.
+        """
         s, topk = self.swat_sparsity, self.swat_topk
+        key = None
+        if topk != "random":
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, str(x.device), s, topk,
+                   self.swat_refresh_every, self.swat_step)
+            hit = _SHARED.get(key)
+            if hit is not None:
+                src, vals, bits, density = (hit[0](), hit[1](), hit[2](), hit[3])
+                if src is x and vals is not None and bits is not None:
+                    self._swat_note_density(density)
+                    return vals, bits
         if topk == "random":
             g = self._swat_generator()
             sel = select_bits(x, s, "random", drop_zeros=True, generator=g)
@@ -121,10 +139,20 @@ class _SwatLayerMixin:
             else:
                 sel = select_bits(x, s, topk, threshold=cached)
         density = sel.count / x.numel() if x.numel() else 0.0
+        self._swat_note_density(density)
+        vals, bits = memory.compact(x, sel.bits, sel.count), sel.bits
+        if key is not None:
+            if len(_SHARED) > 1024:  # only if callers keep very many graphs alive; sharing is optional
+                _SHARED.clear()
+            # weak references only: the entry leaves with the graph that keeps the copy alive
+            _SHARED[key] = (weakref.ref(x), weakref.ref(vals, lambda _r, k=key: _SHARED.pop(k, None)),
+                            weakref.ref(bits), density)
+        return vals, bits
+
+    def _swat_note_density(self, density: float) -> None:
         self._swat_act_last = density
         self._swat_act_sum += density
         self._swat_act_n += 1
-        return memory.compact(x, sel.bits, sel.count), sel.bits
 
     def _swat_record_grad(self, density: float) -> None:
         self._swat_grad_last = density

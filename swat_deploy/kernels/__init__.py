@@ -16,6 +16,7 @@ import torch
 
 from .base import Kernel, LayerSpec, Op, thread_scope
 from .csr_direct import CsrDirectKernel
+from .csr_im2col import CsrIm2colKernel
 from .csr_rows import CsrRowsKernel
 from .dense import DenseKernel
 from .torch_csr import TorchCsrKernel
@@ -24,6 +25,7 @@ from .torch_csr import TorchCsrKernel
 KERNELS: list[Kernel] = [
     DenseKernel(),
     CsrDirectKernel(),
+    CsrIm2colKernel(),
     CsrRowsKernel(),
     TorchCsrKernel(),
 ]

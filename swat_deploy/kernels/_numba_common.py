@@ -260,6 +260,69 @@ if numba is not None:
         for t in prange(nb * x.shape[1]):
             _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in)
 
+    # ------------------------------------------------------------------ im2col packing
+    @njit(cache=True, inline="always")
+    def _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+        # Channel c of chunk b -> kh*kw rows of `run` floats: row (c, i, j) holds the input
+        # samples tap (i, j) multiplies, (h_out, w_out, Nc) with images innermost; 0 outside.
+        n, c_in, h, w = x.shape
+        b = t // c_in
+        c = t - b * c_in
+        for i in range(kh):
+            for j in range(kw):
+                base = (b * c_in * kh * kw + (c * kh + i) * kw + j) * run
+                row = packed[base:base + run]
+                row[:] = 0.0
+                for oh in range(h_out):
+                    hh = oh * sh + i * dh - pt
+                    if hh < 0 or hh >= h:
+                        continue
+                    for ow in range(w_out):
+                        ww = ow * sw + j * dw - pl
+                        if ww < 0 or ww >= w:
+                            continue
+                        p = (oh * w_out + ow) * nchunk
+                        for nn in range(nchunk):
+                            img = b * nchunk + nn
+                            if img < n:
+                                row[p + nn] = x[img, c, hh, ww]
+
+    @njit(cache=True)
+    def _im2col_serial(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+        nb = (x.shape[0] + nchunk - 1) // nchunk
+        for t in range(nb * x.shape[1]):
+            _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run)
+
+    @njit(cache=True, parallel=True)
+    def _im2col_parallel(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+        nb = (x.shape[0] + nchunk - 1) // nchunk
+        for t in prange(nb * x.shape[1]):
+            _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run)
+
+    # ------------------------------------------------------------------ unpacking, Nc = 1
+    @njit(cache=True, inline="always")
+    def _unpack1_one(t, out, y, h_out, w_out, wq, run):  # noqa: ANN001, ANN202
+        # Row t = (image, channel): h_out rows of pitch wq -> w_out floats each, vector copies.
+        for oh in range(h_out):
+            src = t * run + oh * wq
+            dst = (t * h_out + oh) * w_out
+            ow = 0
+            while ow + LANES <= w_out:
+                vstore(y, dst + ow, vload(out, src + ow))
+                ow += LANES
+            for k in range(ow, w_out):
+                y[dst + k] = out[src + k]
+
+    @njit(cache=True)
+    def _unpack1_serial(out, y, rows, h_out, w_out, wq, run):  # noqa: ANN001, ANN202
+        for t in range(rows):
+            _unpack1_one(t, out, y, h_out, w_out, wq, run)
+
+    @njit(cache=True, parallel=True)
+    def _unpack1_parallel(out, y, rows, h_out, w_out, wq, run):  # noqa: ANN001, ANN202
+        for t in prange(rows):
+            _unpack1_one(t, out, y, h_out, w_out, wq, run)
+
     # ------------------------------------------------------------------ unpacking
     @njit(cache=True, inline="always")
     def _unpack_one(t, out, y, nchunk, wq, run):  # noqa: ANN001, ANN202
@@ -313,3 +376,13 @@ def csr_dot(par: bool) -> Any:
 def transpose_pad(par: bool) -> Any:
     """xt[i*pitch + j] = x[j, i] for j < N, 0 for N <= j < pitch."""
     return _transpose_parallel if par else _transpose_serial
+
+
+def im2col(par: bool) -> Any:
+    """Fill `packed` with per-(channel, tap) rows of `run` floats (see `_im2col_one`)."""
+    return _im2col_parallel if par else _im2col_serial
+
+
+def unpack1(par: bool) -> Any:
+    """y_flat[(t*h_out + oh)*w_out + ow] = out[t*run + oh*wq + ow] for every row t (one image per chunk)."""
+    return _unpack1_parallel if par else _unpack1_serial

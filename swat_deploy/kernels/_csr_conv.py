@@ -1,0 +1,43 @@
+"""What the two CSR conv kernels share: the weight as CSR plus, per non-zero, which input
+channel and kernel tap it multiplies (fixed for the layer, computed once)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..formats import to_csr
+from .base import LayerSpec
+
+
+class CsrConvWeights:
+    """CSR over the (O, I/g * kh * kw) view, with per-non-zero channel / tap decomposition."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> None:
+        o, cg, kh, kw = spec.weight_shape
+        self.spec = spec
+        self.o, self.cg, self.kh, self.kw = o, cg, kh, kw
+        self.c = cg * spec.groups
+        csr = to_csr(weight)
+        self.nbytes = csr.nbytes
+        self.indptr = csr.indptr.numpy()
+        self.vals = csr.values.numpy()
+        col = csr.indices.numpy().astype(np.int64)
+        row = np.repeat(np.arange(o, dtype=np.int64), np.diff(self.indptr.astype(np.int64)))
+        self.chan = (row // (o // spec.groups)) * cg + col // (kh * kw)  # global input channel
+        self.tap_i = (col // kw) % kh
+        self.tap_j = col % kw
+        self.bias = np.zeros(o, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.c:
+            raise ValueError(f"conv expects input (N, {self.c}, H, W), got {tuple(x.shape)}")
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        sh, sw = self.spec.stride
+        dh, dw = self.spec.dilation
+        pt, pl, pb, pr = self.spec.padding
+        h_out = (h + pt + pb - dh * (self.kh - 1) - 1) // sh + 1
+        w_out = (w + pl + pr - dw * (self.kw - 1) - 1) // sw + 1
+        if h_out < 1 or w_out < 1:
+            raise ValueError(f"conv input {h}x{w} is smaller than the dilated kernel; check the model's input size")
+        return h_out, w_out

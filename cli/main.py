@@ -5,40 +5,15 @@ Library errors (:class:`training.errors.SwatError`) become one line on stderr, n
 """
 from __future__ import annotations
 
-import functools
-import json
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
 from training.errors import SwatError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train sparse CNNs with SWAT, prune, export (ONNX / TorchScript), run sparse, verify.")
-
-
-def fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def handled(fn: Callable) -> Callable:
-    """Turn project errors into one line + exit code; Ctrl-C into exit 130."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SwatError as e:
-            fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted; the last checkpoint is kept (resume with `swat train --resume RUN`)", 130)
-    return wrapper
-
-
-def _csv(value: Optional[str]) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+from cli._app import _csv, app, handled
 
 
 def _per_layer(items: list[str]) -> dict[str, float]:
@@ -142,6 +117,21 @@ def prune(run: Path = typer.Argument(..., help="run dir written by `swat train`"
     typer.echo(f"{'layer':<28} {'shape':<20} {'expected':>9} {'measured':>9}")
     for l in sm.layers:
         typer.echo(f"{l.name:<28} {str(tuple(l.shape)):<20} {l.expected_sparsity:>9.4f} {l.measured_sparsity:>9.4f}")
+
+
+def _register_command_modules() -> None:
+    """Import the modules whose ``@app.command`` functions extend the CLI (one per command group)."""
+    import importlib
+    import pkgutil
+
+    import cli
+
+    for info in pkgutil.iter_modules(cli.__path__):
+        if not info.name.startswith("_") and info.name != "main":
+            importlib.import_module(f"cli.{info.name}")
+
+
+_register_command_modules()
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ def _per_layer(items: list[str]) -> dict[str, float]:
     return out
 
 
-@app.command(epilog="Example: swat train --model lenet5 --dataset digits --mode swat --sparsity 0.7 --epochs 15 --seed 0 --out runs/demo")
+@app.command(epilog="Example: swat train --model lenet5 --dataset digits --mode swat --sparsity 0.7 --epochs 15 --seed 0 --out runs/demo   "
+             "(2 processes: add --nproc 2; several machines: torchrun --nnodes 2 --nproc-per-node 4 ... -m cli train ...)")
 @handled
 def train(
     model: str = typer.Option("lenet5", help="architecture (see `swat info --models`)"),
@@ -55,13 +56,16 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run dir to create"),
     resume: Optional[Path] = typer.Option(None, help="continue the run dir from its last checkpoint"),
     force: bool = typer.Option(False, help="overwrite an existing --out run dir"),
+    nproc: int = typer.Option(1, "--nproc", help="train on N local processes with torch DDP (gloo on CPU, nccl on "
+                              "GPU); --batch-size stays the global batch. Several machines: run this command "
+                              "under torchrun without --nproc"),
 ) -> None:
     """Train a model with SWAT and write a run dir (weights, run.json, metrics.jsonl, plots)."""
     from training.config import TrainConfig
     from training.trainer import resume as resume_run, train as train_run
 
     if resume is not None:
-        result = resume_run(resume)
+        result = resume_run(resume, nproc=nproc)
     else:
         if out is None:
             raise SwatError("missing --out RUN (the run dir to create); e.g. --out runs/demo")
@@ -70,8 +74,9 @@ def train(
                              exclude=tuple(_csv(exclude)), per_layer=_per_layer(layer_sparsity), epochs=epochs,
                              batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                              schedule=schedule, seed=seed, workers=workers, device=device, limit=limit)
-        result = train_run(config, out, force=force)
-    typer.echo(f"test accuracy {result.test_accuracy:.4f}  ({result.seconds:.1f}s)  -> {result.run_dir}")
+        result = train_run(config, out, force=force, nproc=nproc)
+    if result.is_main:  # under torchrun every rank runs this command; one summary line is enough
+        typer.echo(f"test accuracy {result.test_accuracy:.4f}  ({result.seconds:.1f}s)  -> {result.run_dir}")
 
 
 @app.command(epilog="Example: swat export runs/demo --format onnx")
@@ -81,11 +86,13 @@ def export(
     format: str = typer.Option("onnx", "--format", help="onnx | torchscript"),
     out: Optional[Path] = typer.Option(None, help="file to write (default RUN/model.onnx or RUN/model.pt)"),
     force: bool = typer.Option(False, help="overwrite an existing file"),
+    weights: str = typer.Option("sparse", "--weights", help="sparse (each layer in its smallest form) | dense"),
+    fp16: bool = typer.Option(False, "--fp16", help="ONNX: store weights as float16 (compute stays float32)"),
 ) -> None:
     """Export the pruned model (normalisation inside, BN folded) to ONNX or TorchScript."""
     from swat_deploy.export import export as export_model
 
-    path = export_model(run, format, out, force=force)
+    path = export_model(run, format, out, force=force, weights=weights, fp16=fp16)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
@@ -109,14 +116,24 @@ def verify(
 
 @app.command(epilog="Example: swat prune runs/demo")
 @handled
-def prune(run: Path = typer.Argument(..., help="run dir written by `swat train`")) -> None:
-    """Extract the sparse model (Top-K as trained, BN folded) and print its per-layer table."""
-    from swat_deploy.prune import prune as prune_run
+def prune(
+    run: Path = typer.Argument(..., help="run dir written by `swat train`"),
+    out: Optional[Path] = typer.Option(None, help="file to write (default RUN/sparse.safetensors)"),
+    force: bool = typer.Option(False, help="overwrite an existing file"),
+) -> None:
+    """Write the sparse model (Top-K as trained, BN folded; CSR / BSR / dense per layer) and print its table."""
+    from swat_deploy.prune import prune as prune_run, save_sparse
 
     sm = prune_run(run)
-    typer.echo(f"{'layer':<28} {'shape':<20} {'expected':>9} {'measured':>9}")
-    for l in sm.layers:
-        typer.echo(f"{l.name:<28} {str(tuple(l.shape)):<20} {l.expected_sparsity:>9.4f} {l.measured_sparsity:>9.4f}")
+    path, rows = save_sparse(sm, out, force=force)
+    typer.echo(f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'format':<8} {'dense B':>10} {'stored B':>10}")
+    for r in rows:
+        typer.echo(f"{r.name:<28} {'x'.join(map(str, r.shape)):<18} {r.sparsity:>8.4f} {r.format:<8} "
+                   f"{r.dense_bytes:>10} {r.stored_bytes:>10}")
+    dense, stored = sum(r.dense_bytes for r in rows), sum(r.stored_bytes for r in rows)
+    typer.echo(f"{'total':<28} {'':<18} {'':>8} {'':<8} {dense:>10} {stored:>10}  "
+               f"({dense / max(stored, 1):.1f}x smaller)")
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
 def _register_command_modules() -> None:

@@ -1,6 +1,7 @@
 """Step time and saved-for-backward memory of SWAT training vs dense, on a ResNet-20 step.
 
-    python scripts/bench_training.py                 # threads 1 and 2, ~3-4 minutes
+    python scripts/bench_training.py --threads 1     # one core, ~3 minutes on a loaded machine
+    python scripts/bench_training.py                 # threads 1 and 2
     python scripts/bench_training.py --threads 1 --rounds 10 --no-variants   # quick look
 
 Method: one process, every configuration its own copy of the same initial network and its
@@ -33,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training import memory  # noqa: E402
 from training.memory import saved_bytes  # noqa: E402
 from training.swatify import swat_layers, swatify  # noqa: E402
 
@@ -79,6 +81,8 @@ MAIN = [("dense", dict(mode="dense")),
         ("swat N=1", dict(mode="swat", refresh_every=1)),
         ("swat N=20", dict(mode="swat", refresh_every=20)),
         ("swat N=100", dict(mode="swat", refresh_every=100)),
+        ("swat N=20 nested bits", dict(mode="swat", refresh_every=20, nest=True)),
+        ("saw N=1", dict(mode="saw", refresh_every=1)),
         ("saw N=20", dict(mode="saw", refresh_every=20)),
         ("meprop", dict(mode="meprop"))]
 VARIANTS = [("swat chw N=1", dict(mode="swat", topk="chw", refresh_every=1)),
@@ -97,7 +101,7 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
                y: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
     runs = []
     for name, kw in configs:
-        net = swatify(copy.deepcopy(base), sparsity, **kw).train()
+        net = swatify(copy.deepcopy(base), sparsity, **{k: v for k, v in kw.items() if k != "nest"}).train()
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         runs.append((name, kw, net, opt))
 
@@ -112,9 +116,11 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
         order = runs[r % len(runs):] + runs[:r % len(runs)]  # rotate who goes first
         for name, kw, net, opt in order:
             refresh = kw.get("mode") in ("swat", "saw") and _refresh_due(net, kw.get("refresh_every", 1))
+            memory.NEST_IN_RELU_MASK = kw.get("nest", False)
             w0, c0 = time.perf_counter(), time.process_time()
             step(net, opt)
             w1, c1 = time.perf_counter(), time.process_time()
+            memory.NEST_IN_RELU_MASK = False
             if r >= warmup:
                 samples[name].append((w1 - w0, c1 - c0, refresh))
 
@@ -129,7 +135,7 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
         n = kw.get("refresh_every", 1)
         if kw.get("mode") not in ("swat", "saw") or n == 1 or kw.get("topk") == "random":
             continue
-        exact = name.replace(f"N={n}", "N=1")
+        exact = name.replace(f"N={n}", "N=1").replace(" nested bits", "")
         own_refresh = [v for v in samples[name] if v[2]]
         cached = [v for v in samples[name] if not v[2]] or samples[name]
         for i, key in ((0, "wall"), (1, "cpu")):
@@ -147,7 +153,7 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
 def print_times(res: dict[str, dict[str, float]], threads: int) -> None:
     d = res["dense"]
     print(f"\n## step time, torch threads={threads} (median; ratio = / dense)")
-    print(f"| config | wall ms | wall ratio | cpu ms | cpu ratio | amortised wall ratio | amortised cpu ratio |")
+    print("| config | wall ms | wall ratio | cpu ms | cpu ratio | amortised wall ratio | amortised cpu ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, r in res.items():
         am_w = r.get("wall_amortised")
@@ -158,7 +164,7 @@ def print_times(res: dict[str, dict[str, float]], threads: int) -> None:
               f"{r['cpu'] / d['cpu']:.3f} | {amw} | {amc} |")
 
 
-def memory_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def memory_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     dense = saved_bytes(base, x, y)
     dense_act = saved_bytes(base, x, y, exclude_parameters=True)
     print(f"\n## saved-for-backward bytes, batch {x.shape[0]} (dense: {dense / 2**20:.2f} MiB, "
@@ -169,12 +175,23 @@ def memory_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     for s in (0.5, 0.7, 0.9):
         rows.append((f"swat {s:.0%}", lambda s=s: swatify(copy.deepcopy(base), s, "swat")))
     rows.append(("saw 70%", lambda: swatify(copy.deepcopy(base), 0.7, "saw")))
+    rows.append(("swat 70% nested bits", lambda: swatify(copy.deepcopy(base), 0.7, "swat")))
     rows.append(("meprop 70%", lambda: swatify(copy.deepcopy(base), 0.7, "meprop")))
+    at70 = float("nan")
     for name, make in rows:
         net = make()
+        memory.NEST_IN_RELU_MASK = "nested bits" in name
         b = saved_bytes(net, x, y)
         a = saved_bytes(net, x, y, exclude_parameters=True)
+        memory.NEST_IN_RELU_MASK = False
         print(f"| {name} | {b / 2**20:.2f} | {b / dense:.3f} | {a / dense_act:.3f} |")
+        if name == "swat 70%":
+            at70 = b / dense
+    return at70
+
+
+def _verdict(what: str, value: float, limit: float) -> str:
+    return f"{what}: {value:.3f} (target <= {limit:.2f}) {'MET' if value <= limit else 'MISSED'}"
 
 
 def main() -> None:
@@ -192,15 +209,21 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,))
     print(f"# SWAT training benchmark: {source}, batch {args.batch}, 32x32, sparsity {args.sparsity}, "
           f"torch {torch.__version__}")
-    memory_table(base, x, y)
+    verdicts = [_verdict("resnet20 saved-for-backward bytes at 70%, / dense", memory_table(base, x, y), 0.70)]
     for t in args.threads:
         torch.set_num_threads(t)
         res = time_steps(base, MAIN, args.sparsity, x, y, args.rounds)
         print_times(res, t)
+        r20, d = res["swat N=20"], res["dense"]
+        verdicts.append(_verdict(f"SWAT-{args.sparsity:.0%} N=20 amortised step (cpu time) / dense, {t} thread(s)",
+                                 r20["cpu_amortised"] / d["cpu"], 1.15))
         if not args.no_variants and t == args.threads[0]:
             res = time_steps(base, [MAIN[0]] + VARIANTS, args.sparsity, x, y, max(args.rounds // 2, 5))
             print_times(res, t)
         sys.stdout.flush()
+    print("\n## targets")
+    for v in verdicts:
+        print("- " + v)
 
 
 if __name__ == "__main__":

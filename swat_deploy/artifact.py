@@ -100,12 +100,29 @@ def onnx_layer_weights(model: Any) -> dict[str, np.ndarray]:
     """Dense weight of every Conv / Gemm / MatMul, keyed by the training layer name.
 
     The exporter names weight tensors ``net.<layer>.weight``; anything else keeps its tensor name.
+    Stored forms of :mod:`swat_deploy.onnx_compact` are decoded directly (fast, exact); any other
+    constant subgraph is folded with the reference evaluator.
     """
-    consts = onnx_constants(model)
-    out: dict[str, np.ndarray] = {}
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in consts:
-            out[layer_name(node.input[1])] = consts[node.input[1]]
+    return {layer_name(name): sw.value for name, sw in onnx_stored_weights(model).items()}
+
+
+def onnx_stored_weights(model: Any) -> dict[str, Any]:
+    """Per weight tensor name: a :class:`swat_deploy.onnx_compact.StoredWeight` (format, bytes, value)."""
+    from swat_deploy.onnx_compact import StoredWeight, decode_weights
+
+    try:
+        out = decode_weights(model)
+    except ValueError as e:
+        raise SwatError(f"stored weights cannot be decoded ({e}); the file was edited - re-export it",
+                        exit_code=1) from None
+    missing = [n.input[1] for n in model.graph.node
+               if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] not in out]
+    if missing:
+        consts = onnx_constants(model)
+        for name in missing:
+            if name in consts:
+                v = np.asarray(consts[name])
+                out[name] = StoredWeight(name, "folded", list(v.shape), int(v.nbytes), v)
     return out
 
 
@@ -167,17 +184,63 @@ def load_torchscript(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
 
 def torchscript_layer_weights(module: Any) -> dict[str, np.ndarray]:
-    """Dense weight per training layer name, from parameters/buffers or the stored sparse form."""
+    """Dense weight per training layer name, from parameters/buffers or the stored packed form."""
+    return {layer_name(name): sw.value for name, sw in torchscript_stored_weights(module).items()}
+
+
+def torchscript_stored_weights(module: Any) -> dict[str, Any]:
+    """Per ``net.<layer>.weight``: format (dense | bitmask | csr), stored bytes and dense value.
+
+    Packed layers (``swat_deploy.export.PackedConv2d`` / ``PackedLinear``) hold ``weight_bits``,
+    ``weight_values`` and ``weight_shape`` buffers; they are decoded here with numpy, independently
+    of the scripted unpacking code.
+    """
     import torch
 
-    out: dict[str, np.ndarray] = {}
+    from swat_deploy.onnx_compact import StoredWeight
+
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
+    out: dict[str, Any] = {}
     for name, t in tensors.items():
-        if name.startswith("net.") and name.endswith(".weight") and t.dim() >= 2:
-            w = t.to_dense() if t.layout != torch.strided else t
-            out[layer_name(name)] = w.detach().cpu().numpy()
+        if not name.startswith("net."):
+            continue
+        if name.endswith(".weight") and t.dim() >= 2:
+            if t.layout != torch.strided:
+                out[name] = StoredWeight(name, "csr", list(t.shape), _sparse_nbytes(t),
+                                         t.to_dense().detach().cpu().numpy())
+            else:
+                v = t.detach().cpu().numpy()
+                out[name] = StoredWeight(name, "dense", list(v.shape), int(v.nbytes), v)
+        elif name.endswith(".weight_bits"):
+            prefix = name[: -len("_bits")]
+            values = tensors.get(prefix + "_values")
+            shape = tensors.get(prefix + "_shape")
+            if values is None or shape is None:
+                continue
+            bits = t.detach().cpu().numpy().astype(np.uint8)
+            vals = values.detach().cpu().numpy()
+            dims = [int(d) for d in shape.tolist()]
+            n = int(np.prod(dims)) if dims else 1
+            mask = np.unpackbits(bits)[:n].astype(bool)
+            if mask.size < n or int(mask.sum()) != vals.size:
+                raise SwatError(f"{prefix}: bitmask marks {int(mask.sum())} nonzeros but {vals.size} values "
+                                f"are stored; the file was edited - re-export it", exit_code=1)
+            flat = np.zeros(n, np.float32)
+            flat[mask] = vals
+            out[prefix] = StoredWeight(prefix, "bitmask", dims, int(bits.nbytes + vals.nbytes), flat.reshape(dims))
     return out
+
+
+def _sparse_nbytes(t: Any) -> int:
+    import torch
+
+    if t.layout == torch.sparse_csr:
+        parts = [t.crow_indices(), t.col_indices(), t.values()]
+    else:
+        t = t.coalesce()
+        parts = [t.indices(), t.values()]
+    return int(sum(p.numel() * p.element_size() for p in parts))
 
 
 def torchscript_weights_sha256(module: Any) -> str:

@@ -183,7 +183,7 @@ def time_prepared(runners: dict[str, Prepared], x: torch.Tensor, budget_s: float
             if r == 0:
                 best = {n: min(first[n], times[n][0]) for n in live}
                 floor = min(best.values())
-                live = [n for n in live if best[n] <= 2.5 * floor or n == "dense"]
+                live = [n for n in live if best[n] <= 2.5 * floor or n.split("@")[0] == "dense"]
                 times = {n: times[n] for n in live}
     return {n: statistics.median(v) for n, v in times.items()}
 
@@ -193,21 +193,46 @@ def _example_input(spec: LayerSpec) -> torch.Tensor:
     return torch.rand(tuple(spec.input_shape or ()), generator=g, dtype=torch.float32)
 
 
+class _Serial:
+    """A prepared kernel run with one thread: the same object, timed as its own candidate."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.nbytes = prepared.nbytes
+
+    uses_torch_threads = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with thread_scope(1, torch_threads=False):
+            return self.prepared(x)
+
+
+SERIAL_SUFFIX = "@1"
+
+
 def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None,
-           threads: int | None) -> tuple[str, Prepared]:
-    """Return (kernel name, prepared kernel) for this layer: cached pick, timed pick, or rule."""
+           threads: int | None) -> tuple[str, Prepared, int | None]:
+    """(kernel name, prepared kernel, threads to run it with): cached pick, timed pick, or rule.
+
+    With more than one thread each numba kernel is also timed on one thread ("name@1"): a layer whose
+    work is a few hundred microseconds often loses more to the thread pool's wake-up and
+    barrier than it gains, and on a loaded machine a barrier can wait for a descheduled thread
+    for a whole timeslice. Timing both lets the data decide per layer.
+    """
     if not candidates:
         raise ValueError(f"no kernel supports this {spec.kind} layer with weight {spec.weight_shape}")
     by_name = {k.name: k for k in candidates}
+    n_threads = threads if threads is not None else torch.get_num_threads()
     if spec.input_shape is None or not enabled() or len(candidates) == 1:
         k = rule_choice(spec, candidates)
         with thread_scope(threads):
-            return k.name, k.prepare(weight, bias, spec)
+            return k.name, k.prepare(weight, bias, spec), threads
     cached = lookup(spec, threads)
     if cached is not None and cached["kernel"] in by_name:
         k = by_name[cached["kernel"]]
+        run_threads = 1 if cached.get("serial") else threads
         with thread_scope(threads):
-            return k.name, k.prepare(weight, bias, spec)
+            return k.name, k.prepare(weight, bias, spec), run_threads
 
     with thread_scope(threads):
         prepared = {k.name: k.prepare(weight, bias, spec) for k in candidates}
@@ -224,10 +249,20 @@ def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias
                 warnings.warn(f"kernel {name!r} disagrees with {ref_name!r} on {layer_key(spec)}; not using it",
                               stacklevel=3)
                 del prepared[name]
-    times = time_prepared(prepared, x, _budget_s(), threads)
+    runners: dict[str, Prepared] = dict(prepared)
+    if n_threads > 1:
+        # numba kernels only: a one-thread torch kernel would have to resize torch's team.
+        runners.update({name + SERIAL_SUFFIX: _Serial(p) for name, p in prepared.items()
+                        if not getattr(p, "uses_torch_threads", True)})
+    times = time_prepared(runners, x, _budget_s(), threads)
     best = min(times, key=times.__getitem__)
-    if ref_name in times and best != ref_name and times[best] > DENSE_MARGIN * times[ref_name]:
-        best = ref_name
+    dense_best = min((n for n in times if n.split(SERIAL_SUFFIX)[0] == ref_name), key=times.__getitem__,
+                     default=None)
+    if dense_best is not None and best.split(SERIAL_SUFFIX)[0] != ref_name \
+            and times[best] > DENSE_MARGIN * times[dense_best]:
+        best = dense_best
+    serial = best.endswith(SERIAL_SUFFIX)
+    name = best[: -len(SERIAL_SUFFIX)] if serial else best
     _store(machine_key(threads), layer_key(spec),
-           {"kernel": best, "times_us": {n: round(t * 1e6, 2) for n, t in times.items()}})
-    return best, prepared[best]
+           {"kernel": name, "serial": serial, "times_us": {n: round(t * 1e6, 2) for n, t in times.items()}})
+    return name, prepared[name], 1 if serial else threads

@@ -5,9 +5,10 @@ weights), so every exported file computes what training evaluated, on raw [0, 1]
 
 ONNX opset 18: the newest opset every onnxruntime >= 1.14 and the torch exporter fully support,
 and the first with BitwiseAnd / reduction axes as inputs, which compact weight storage uses.
-"""
-from __future__ import annotations
 
+No ``from __future__ import annotations`` here: TorchScript must see real annotations on the
+packed layer classes below.
+"""
 import contextlib
 import io
 import json
@@ -15,9 +16,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from training.errors import SwatError
 from training.fileio import atomic_write_bytes
@@ -28,6 +32,9 @@ from swat_deploy.prune import SparseModel, prune
 OPSET = 18
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+WEIGHT_MODES = ("sparse", "dense")
+# protobuf cannot serialise a message of 2 GiB or more; leave headroom for the graph and metadata
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
 def target_path(run: Run, fmt: str, out: str | Path | None, force: bool) -> Path:
@@ -39,53 +46,140 @@ def target_path(run: Run, fmt: str, out: str | Path | None, force: bool) -> Path
     return path
 
 
-def export_metadata(sm: SparseModel) -> dict[str, str]:
-    """What a deployed file must carry to be judged on its own: provenance and expectations."""
+def export_metadata(sm: SparseModel, *, weights: str = "sparse", fp16: bool = False) -> dict[str, str]:
+    """What a deployed file must carry to be judged on its own: provenance and expectations.
+
+    Values are strings (ONNX ``metadata_props`` are string pairs); structured ones are JSON.
+    """
+    from training.trainer import SWAT_VERSION
+
     meta = sm.run.meta
     return {
         "producer": "swat",
-        "version": meta.get("producer", "swat"),
+        "version": SWAT_VERSION,
         "model": meta["model"],
         "dataset": meta["dataset"],
         "mode": meta["mode"],
         "sparsity": str(meta["sparsity"]),
         "topk": meta.get("topk", "nchw"),
         "test_accuracy": repr(meta["test_accuracy"]),
+        "train_accuracy_last_epoch": repr(meta.get("train_accuracy_last_epoch")),
         "num_classes": str(meta["num_classes"]),
         "input_shape": json.dumps([None, meta["in_channels"], *meta["image_size"]]),
         "normalization": json.dumps(meta.get("normalization", {})),
         "class_names": json.dumps(meta.get("class_names", [])),
         "layers": json.dumps([{"name": l.name, "shape": l.shape, "sparsity": l.expected_sparsity}
                               for l in sm.layers]),
+        "weights_storage": weights,
+        "fp16": "true" if fp16 else "false",
+        "opset": str(OPSET),
+        # provenance: which run (its weights file hash) and how it was trained
         "run_weights_sha256": meta.get("weights_sha256", ""),
+        "run_producer": str(meta.get("producer", "")),
+        "run_name": sm.run.path.resolve().name,
+        "seed": str(meta.get("seed")),
+        "epochs": str(meta.get("epochs")),
+        "trained_with_torch": str(meta.get("torch", "")),
     }
 
 
-def export_onnx(run_dir: str | Path | Run, out: str | Path | None = None, *, force: bool = False) -> Path:
-    """``swat export RUN --format onnx``: standard ops, ``input`` (dynamic batch) -> ``logits``."""
-    import onnx
+def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
+    if value not in choices:
+        raise SwatError(f"unknown {option} {value!r}; choose one of: {', '.join(choices)}")
 
+
+def export_onnx(run_dir: str | Path | Run, out: str | Path | None = None, *, force: bool = False,
+                weights: str = "sparse", fp16: bool = False,
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """``swat export RUN --format onnx``: standard ops, ``input`` (dynamic batch) -> ``logits``.
+
+    ``weights="sparse"`` stores each layer weight in its smallest form (see
+    :mod:`swat_deploy.onnx_compact`); ``fp16`` stores weight values as float16 and casts them to
+    float32 in-graph, so compute stays float32. A proto larger than ``external_threshold`` bytes
+    (protobuf's hard limit is 2 GB) goes to ``FILE`` + ``FILE.data`` (ONNX external data).
+    """
+    _check_choice(weights, WEIGHT_MODES, "--weights")
     run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
     path = target_path(run, "onnx", out, force)
     sm = prune(run)
-    model = _torch_to_onnx(sm)
-    meta = export_metadata(sm)
+    return write_onnx(torch_to_onnx(sm), sm, path, weights=weights, fp16=fp16,
+                      external_threshold=external_threshold)
+
+
+def write_onnx(base: Any, sm: SparseModel, path: str | Path, *, weights: str = "sparse", fp16: bool = False,
+               external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Encode weights, embed metadata, check and save a copy of ``base`` (torch's export of ``sm``).
+
+    Split from :func:`export_onnx` so one (slow) torch export can be written in several forms.
+    """
+    import onnx
+
+    from swat_deploy import onnx_compact
+
+    _check_choice(weights, WEIGHT_MODES, "--weights")
+    path = Path(path)
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    _strip_debug_info(model)
+    try:
+        onnx_compact.encode(model, weights=weights, fp16=fp16)
+    except ValueError as e:
+        raise SwatError(str(e)) from None
+    meta = export_metadata(sm, weights=weights, fp16=fp16)
     meta["weights_sha256"] = onnx_weights_sha256(model)
     del model.metadata_props[:]
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + k, v
     model.producer_name = "swat"
+    model.producer_version = meta["version"]
     model.doc_string = f"swat {meta['mode']} {meta['model']} on {meta['dataset']}, sparsity {meta['sparsity']}"
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        raise SwatError(f"exported ONNX failed onnx.checker ({str(e).splitlines()[0]}); please report this") from None
-    atomic_write_bytes(path, model.SerializeToString())
+    if model.ByteSize() > external_threshold:
+        _save_external(model, path)
+        _check(str(path))
+    else:
+        _check(model)
+        atomic_write_bytes(path, model.SerializeToString())
     return path
 
 
-def _torch_to_onnx(sm: SparseModel) -> Any:
+def _check(model_or_path: Any) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model_or_path, full_check=True)
+    except Exception as e:
+        raise SwatError(f"exported ONNX failed onnx.checker ({str(e).splitlines()[0]}); please report this") from None
+
+
+def _save_external(model: Any, path: Path) -> None:
+    """Write ``path`` + ``path.data`` (tensor bytes outside the proto), each atomically."""
+    import onnx
+
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        tmp_model = Path(tmp) / path.name
+        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+
+
+def _strip_debug_info(model: Any) -> None:
+    """Drop the exporter's stack traces, doc strings and optional shape hints (local paths, bulk)."""
+    del model.graph.value_info[:]
+    for vi in list(model.graph.input) + list(model.graph.output):
+        del vi.metadata_props[:]
+    for node in model.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    for vi in model.graph.value_info:
+        del vi.metadata_props[:]
+    for t in model.graph.initializer:
+        del t.metadata_props[:]
+
+
+def torch_to_onnx(sm: SparseModel) -> Any:
     """Run torch's exporter quietly into memory; the graph it emits uses standard ops only."""
     import onnx
 
@@ -96,30 +190,45 @@ def _torch_to_onnx(sm: SparseModel) -> Any:
         quiet = logging.getLogger("torch.onnx")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(sm.module, (example,), tmp_path, dynamo=True, opset_version=OPSET,
-                                  input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes={"input": {0: torch.export.Dim("batch")}},
-                                  external_data=False)
-        quiet.setLevel(level)
-        model = onnx.load(tmp_path)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                import warnings
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    # external data: models over 2 GB cannot be one protobuf; loaded back below
+                    torch.onnx.export(sm.module, (example,), tmp_path, dynamo=True, opset_version=OPSET,
+                                      input_names=["input"], output_names=["logits"],
+                                      dynamic_shapes={"input": {0: torch.export.Dim("batch")}},
+                                      external_data=True)
+        finally:
+            quiet.setLevel(level)
+        model = onnx.load(tmp_path, load_external_data=True)
     return model
 
 
-def export_torchscript(run_dir: str | Path | Run, out: str | Path | None = None, *, force: bool = False) -> Path:
-    """``swat export RUN --format torchscript``: loads with ``torch.jit.load`` alone."""
+def export_torchscript(run_dir: str | Path | Run, out: str | Path | None = None, *, force: bool = False,
+                       weights: str = "sparse") -> Path:
+    """``swat export RUN --format torchscript``: loads with ``torch.jit.load`` alone.
+
+    With ``weights="sparse"`` each layer whose bitmask + values form is smaller than its dense
+    weight is replaced by a :class:`PackedConv2d` / :class:`PackedLinear` (buffers
+    ``weight_bits`` / ``weight_values`` / ``weight_shape``), densified once at the first forward.
+    """
+    _check_choice(weights, WEIGHT_MODES, "--weights")
     run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
     path = target_path(run, "torchscript", out, force)
     sm = prune(run)
+    if weights == "sparse":
+        pack_layers(sm)
     try:
         scripted = torch.jit.script(sm.module)
-    except Exception:
+    except Exception:  # fx GraphModules (BN folding) do not script; packed layers stay scripted inside
         scripted = torch.jit.trace(sm.module, torch.rand(*sm.input_shape))
     scripted = scripted.eval()
-    meta = export_metadata(sm)
+    for _, m in scripted.named_modules():  # tracing ran a forward: drop the densified caches again
+        if hasattr(m, "weight_bits"):
+            m._dense = None
+    meta = export_metadata(sm, weights=weights)
     meta["weights_sha256"] = torchscript_weights_sha256(scripted)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf, _extra_files={TS_META_FILE: json.dumps(meta)})
@@ -127,8 +236,97 @@ def export_torchscript(run_dir: str | Path | Run, out: str | Path | None = None,
     return path
 
 
-def export(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, force: bool = False) -> Path:
+# -- TorchScript packed layers --------------------------------------------------------------
+def _unpack(bits: torch.Tensor, values: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Bitmask (MSB first, numpy packbits order) + row-major nonzeros -> dense float32 weight."""
+    dims: List[int] = shape.tolist()
+    n = 1
+    for d in dims:
+        n *= d
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    mask = torch.bitwise_and(torch.bitwise_right_shift(bits.unsqueeze(1), shifts), 1).reshape(-1)[:n].to(torch.bool)
+    flat = torch.zeros(n, dtype=torch.float32)
+    flat = flat.masked_scatter(mask, values.to(torch.float32))
+    return flat.reshape(dims)
+
+
+class _Packed(nn.Module):
+    """Shared storage of a packed layer: the three buffers and a lazily densified weight."""
+
+    _dense: Optional[torch.Tensor]
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        w = weight.detach().to(torch.float32).contiguous()
+        mask = (w != 0).reshape(-1)
+        self.register_buffer("weight_bits", torch.from_numpy(np.packbits(mask.numpy())))
+        self.register_buffer("weight_values", w.reshape(-1)[mask].clone())
+        self.register_buffer("weight_shape", torch.tensor(list(w.shape), dtype=torch.int64))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._dense = None
+
+    def dense_weight(self) -> torch.Tensor:
+        w = self._dense
+        if w is None:
+            w = _unpack(self.weight_bits, self.weight_values, self.weight_shape)
+            self._dense = w
+        return w
+
+
+class PackedConv2d(_Packed):
+    """``nn.Conv2d`` (zero padding) with its weight stored as bitmask + values."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(conv.weight, conv.bias)
+        self.stride: List[int] = list(conv.stride)
+        self.padding: List[int] = list(conv.padding)
+        self.dilation: List[int] = list(conv.dilation)
+        self.groups: int = conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PackedLinear(_Packed):
+    """``nn.Linear`` with its weight stored as bitmask + values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(), self.bias)
+
+
+def _packable(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+
+
+def pack_layers(sm: SparseModel) -> dict[str, str]:
+    """Swap each run.json layer whose packed form is smaller for its Packed twin; format per layer."""
+    from swat_deploy.onnx_compact import choose_format
+
+    net = sm.module.net
+    chosen: dict[str, str] = {}
+    for layer in sm.layers:
+        m = net.get_submodule(layer.name)
+        fmt = choose_format(m.weight.detach().numpy()) if _packable(m) else "dense"
+        if fmt == "dense":  # where coo wins in ONNX, bitmask still beats dense; one packed form here
+            chosen[layer.name] = "dense"
+            continue
+        packed = PackedLinear(m.weight, m.bias) if isinstance(m, nn.Linear) else PackedConv2d(m)
+        packed = torch.jit.script(packed)  # scripted now, so an outer trace keeps its lazy cache
+        parent_name, _, child = layer.name.rpartition(".")
+        setattr(net.get_submodule(parent_name) if parent_name else net, child, packed)
+        chosen[layer.name] = "bitmask"
+    return chosen
+
+
+def export(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, force: bool = False,
+           weights: str = "sparse", fp16: bool = False) -> Path:
     """One entry point for the CLI: dispatch on ``fmt``."""
     if fmt not in FORMATS:
         raise SwatError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    return (export_onnx if fmt == "onnx" else export_torchscript)(run_dir, out, force=force)
+    if fmt == "onnx":
+        return export_onnx(run_dir, out, force=force, weights=weights, fp16=fp16)
+    if fp16:
+        raise SwatError("--fp16 applies to ONNX only; drop it or use --format onnx")
+    return export_torchscript(run_dir, out, force=force, weights=weights)

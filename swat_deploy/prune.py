@@ -121,3 +121,150 @@ def prune(run_dir: str | Path | Run) -> SparseModel:
 def layer_rows(sm: SparseModel) -> list[dict[str, Any]]:
     return [{"name": l.name, "shape": l.shape, "expected_sparsity": l.expected_sparsity,
              "measured_sparsity": l.measured_sparsity} for l in sm.layers]
+
+
+# ------------------------------------------------------------------- sparse.safetensors
+SPARSE_FILE = "sparse.safetensors"
+SPARSE_FORMAT_VERSION = 1
+_DENSE_PREFIX = "dense."    # every other tensor of the InferenceModel, stored as is
+_SPARSE_PREFIX = "sparse."  # prunable weights in their chosen format (see swat_deploy.formats)
+
+
+@dataclass
+class StoredLayer:
+    """One row of ``swat prune``'s table: how a prunable weight is stored on disk."""
+
+    name: str
+    shape: list[int]
+    sparsity: float
+    format: str
+    dense_bytes: int
+    stored_bytes: int
+
+
+def storage_plan(sm: SparseModel) -> list[StoredLayer]:
+    """The format each prunable weight is stored in: the smallest of dense / CSR / BSR blocks.
+
+    Bytes decide (not speed): the kernels re-derive their own layout at load, so the file's
+    only job is to be small and lossless. Unstructured Top-K ends up CSR; block-structured
+    weights BSR; weights that are barely sparse stay dense.
+    """
+    from .formats import choose_format, format_nbytes
+
+    weights = sm.weights()
+    rows = []
+    for layer in sm.layers:
+        w = weights[layer.name]
+        fmt = choose_format(w)
+        rows.append(StoredLayer(layer.name, list(w.shape), sparsity_of(w), fmt,
+                                format_nbytes(w, "dense"), format_nbytes(w, fmt)))
+    return rows
+
+
+def save_sparse(sm: SparseModel, path: str | Path | None = None, *, force: bool = False) -> tuple[Path, list[StoredLayer]]:
+    """``swat prune``: write the pruned model as one safetensors file (default RUN/sparse.safetensors).
+
+    The file holds every tensor of the inference model (prunable weights compressed) and the
+    run's run.json, so `load_sparse` / ``Session(file)`` rebuild the model from it alone.
+    Written atomically; an existing file is kept unless ``force``.
+    """
+    import json
+
+    from training.fileio import save_tensors
+
+    from .formats import to_format
+
+    path = Path(path) if path is not None else sm.run.path / SPARSE_FILE
+    if path.exists() and not force:
+        raise SwatError(f"{path} already exists; pass --force to overwrite it")
+    plan = storage_plan(sm)
+    prunable = {f"net.{row.name}.weight": row for row in plan}
+    tensors: dict[str, torch.Tensor] = {}
+    headers: dict[str, Any] = {}
+    for key, value in sm.module.state_dict().items():
+        row = prunable.get(key)
+        if row is None:
+            tensors[_DENSE_PREFIX + key] = value
+            continue
+        stored, header = to_format(value.detach(), row.format).to_state(_SPARSE_PREFIX + key + ".")
+        tensors.update(stored)
+        headers[key] = header
+    missing = set(prunable) - set(headers)
+    if missing:
+        raise SwatError(f"layers {sorted(missing)} of run.json are not in the pruned model; the run dir is "
+                        "inconsistent - retrain it")
+    meta = {"format": "swat-sparse", "version": str(SPARSE_FORMAT_VERSION),
+            "run_json": json.dumps(sm.run.meta), "weights": json.dumps(headers)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, tensors, metadata=meta)
+    except OSError as e:
+        raise SwatError(f"cannot write {path} ({e.strerror}); choose a writable path") from None
+    return path, plan
+
+
+def load_sparse(path: str | Path) -> SparseModel:
+    """Rebuild the `SparseModel` that `save_sparse` wrote, from the file alone (no run dir needed)."""
+    import json
+
+    from training.fileio import load_tensors
+    from training.rundir import build_model
+    from training.swatify import unswatify
+
+    from .formats import load_state
+
+    path = Path(path)
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != "swat-sparse":
+        raise SwatError(f"{path} is not a swat sparse model (no 'swat-sparse' header); write one with `swat prune RUN`")
+    if int(meta.get("version", "0")) > SPARSE_FORMAT_VERSION:
+        raise SwatError(f"{path} has sparse format version {meta['version']}, newer than this swat reads; upgrade swat")
+    try:
+        run_meta = json.loads(meta["run_json"])
+        headers = json.loads(meta["weights"])
+    except (KeyError, json.JSONDecodeError):
+        raise SwatError(f"{path} has a damaged header; re-create it with `swat prune RUN --force`") from None
+    run = Run(path=path.parent, meta=run_meta)
+    net = fold_batchnorm(unswatify(build_model(run.config, run_meta["num_classes"], run_meta["in_channels"])))
+    norm = run_meta.get("normalization") or {"mean": [0.0], "std": [1.0]}
+    module = InferenceModel(net, norm["mean"], norm["std"]).eval()
+    state = {k[len(_DENSE_PREFIX):]: v for k, v in tensors.items() if k.startswith(_DENSE_PREFIX)}
+    try:
+        for key, header in headers.items():
+            state[key] = load_state(tensors, header, _SPARSE_PREFIX + key + ".").to_dense()
+        module.load_state_dict(state, strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SwatError(f"{path} does not fit model {run_meta.get('model')!r} ({first}); "
+                        "re-create it with `swat prune RUN --force`") from None
+    params = dict(module.net.named_parameters())
+    layers = [SparseLayer(l["name"], list(params[f"{l['name']}.weight"].shape), float(l["sparsity"]),
+                          sparsity_of(params[f"{l['name']}.weight"])) for l in run.layers]
+    return SparseModel(module=module, run=run, layers=layers)
+
+
+def to_onnx_model(sm: SparseModel) -> Any:
+    """The pruned model as an in-memory ONNX ModelProto (plain initializers, dynamic batch).
+
+    Why the TorchScript-based exporter: it needs no disk round trip beyond a temp file and takes
+    ~2 s for a ResNet-18, and the Session only needs a correct graph, not the compact encoding
+    `swat export` writes for distribution.
+    """
+    import contextlib
+    import io
+    import os
+    import tempfile
+    import warnings
+
+    import onnx
+
+    example = torch.rand(*sm.input_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "model.onnx")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(sm.module, (example,), out, dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        return onnx.load(out)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import statistics
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,6 +25,7 @@ import torch
 from training.errors import SwatError
 
 from .onnx_ops import REGISTRY, BuildContext, Graph, Node, ValueInfo, graph_from_onnx, optimize
+from .kernels.base import torch_thread_cap
 from .onnx_ops.base import to_numpy, to_torch
 
 
@@ -73,12 +77,21 @@ def _load_graph(source: Any) -> Graph:
                             "pass a .onnx file path or a ModelProto") from exc
     if not isinstance(source, (str, Path)):
         raise SwatError(f"Session() takes a path, an onnx.ModelProto or a Graph, not {type(source).__name__}; "
-                        "pass the .onnx file path")
+                        "pass a .onnx file, a run dir or a sparse.safetensors path")
     path = Path(source)
     if path.is_dir():
-        raise SwatError(f"{path} is a directory; pass the ONNX file inside it (e.g. {path / 'model.onnx'})")
+        if not (path / "run.json").is_file():
+            raise SwatError(f"{path} is a directory but not a run dir (no run.json); pass a run dir, "
+                            "a .onnx file or a sparse.safetensors file")
+        from .prune import prune  # late: prune pulls in models / training
+
+        return _from_sparse_model(prune(path))
     if not path.is_file():
-        raise SwatError(f"{path} not found; check the path to the .onnx file")
+        raise SwatError(f"{path} not found; check the path to the .onnx file, run dir or sparse.safetensors")
+    if path.suffix == ".safetensors":
+        from .prune import load_sparse
+
+        return _from_sparse_model(load_sparse(path))
     try:
         model = onnx.load(str(path))
     except Exception as exc:
@@ -86,6 +99,13 @@ def _load_graph(source: Any) -> Graph:
         raise SwatError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {msg}); "
                         "re-export it with `swat export`") from exc
     return graph_from_onnx(model)
+
+
+def _from_sparse_model(sm: Any) -> Graph:
+    """A pruned model (run dir or sparse.safetensors) -> graph, via an in-memory ONNX export."""
+    from .prune import to_onnx_model
+
+    return graph_from_onnx(to_onnx_model(sm))
 
 
 class Session:
@@ -112,13 +132,18 @@ class Session:
         self.metadata: dict[str, str] = dict(source.metadata)
         self._graph = optimize(source, REGISTRY)
         self._threads = threads
-        self._ctx = BuildContext(kernel=kernel, threads=threads)
+        # One explicit thread count for the whole run (the process default when none is given):
+        # torch's count stays fixed while the graph runs, see kernels.base.thread_scope.
+        self._ctx = BuildContext(kernel=kernel, threads=threads if threads is not None else torch.get_num_threads())
         self._inputs = list(self._graph.inputs)
         self._outputs = list(self._graph.outputs)
         self._const_t = {}  # constants that runtime steps read, converted to torch once
         self._steps = [self._make_step(n) for n in self._graph.nodes]
         self._programs: dict[tuple[str, ...], tuple[list[_Step], list[list[str]]]] = {}
         self._lock = threading.Lock()
+        self._caps: dict[Any, int] = {}
+        # SWAT_SESSION_TUNE_THREADS=0 keeps torch at `threads` always (no per-shape timing).
+        self._tune_threads = os.environ.get("SWAT_SESSION_TUNE_THREADS", "1").strip() not in ("0", "off", "false")
 
     # ------------------------------------------------------------------ onnxruntime API
 
@@ -133,24 +158,58 @@ class Session:
         names = tuple(output_names) if output_names else tuple(v.name for v in self._outputs)
         steps, frees = self._program(names)
         env = self._feed(input_feed)
-        with torch.no_grad(), _torch_threads(self._threads):
-            for step, free in zip(steps, frees):
-                args = [env[ref] if kind == "value" else ref if kind == "const" else None
-                        for kind, ref in step.inputs]
-                try:
-                    outs = step.fn(args)
-                except SwatError:
-                    raise
-                except Exception as exc:  # name the node; torch's messages are multi-line
-                    msg = " ".join(str(exc).split())[:300]
-                    raise SwatError(f"ONNX {step.node.op_type} node '{step.node.label()}' failed "
-                                    f"({type(exc).__name__}: {msg}); check the input shapes against "
-                                    "get_inputs()") from exc
-                for name, value in zip(step.outputs, outs):
-                    if name:
-                        env[name] = value
-                for name in free:
-                    env.pop(name, None)
+        cap = self._torch_cap(names, env)
+        with torch.no_grad(), _torch_threads(cap), torch_thread_cap(cap):
+            return self._execute(names, steps, frees, env)
+
+    def _torch_cap(self, names: tuple[str, ...], env: dict[str, torch.Tensor]) -> int:
+        """torch's thread count for this input shape: all threads, or 1 if that is measured faster.
+
+        Why: torch's OpenMP team needs every thread at each barrier; on a busy 2-core machine
+        one descheduled thread stalls every torch op (measured: dense resnet18 at batch 1 went
+        from 12 ms to 550 ms), while one thread never waits. Which wins depends on the load
+        and the shapes, so the first run of each input shape times whole runs both ways
+        (interleaved, median of 3) and keeps the faster. The cap holds for numba kernels too
+        (numba's OpenMP pool has the same wake-up stalls).
+        """
+        threads = self._ctx.threads
+        if threads <= 1 or self._tune_threads is False:
+            return threads
+        key = (names,) + tuple((k, tuple(v.shape)) for k, v in sorted(env.items()))
+        cap = self._caps.get(key)
+        if cap is not None:
+            return cap
+        steps, frees = self._program(names)
+        timing: dict[int, list[float]] = {threads: [], 1: []}
+        for r in range(4):
+            for c in ((threads, 1) if r % 2 == 0 else (1, threads)):
+                with torch.no_grad(), _torch_threads(c), torch_thread_cap(c):
+                    t0 = time.perf_counter()
+                    self._execute(names, steps, frees, dict(env))
+                    if r:  # round 0 warms up (kernel builds, autotuning)
+                        timing[c].append(time.perf_counter() - t0)
+        cap = 1 if statistics.median(timing[1]) < statistics.median(timing[threads]) else threads
+        self._caps[key] = cap
+        return cap
+
+    def _execute(self, names: tuple[str, ...], steps: list, frees: list, env: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        for step, free in zip(steps, frees):
+            args = [env[ref] if kind == "value" else ref if kind == "const" else None
+                    for kind, ref in step.inputs]
+            try:
+                outs = step.fn(args)
+            except SwatError:
+                raise
+            except Exception as exc:  # name the node; torch's messages are multi-line
+                msg = " ".join(str(exc).split())[:300]
+                raise SwatError(f"ONNX {step.node.op_type} node '{step.node.label()}' failed "
+                                f"({type(exc).__name__}: {msg}); check the input shapes against "
+                                "get_inputs()") from exc
+            for name, value in zip(step.outputs, outs):
+                if name:
+                    env[name] = value
+            for name in free:
+                env.pop(name, None)
         result = []
         for name in names:
             value = env[name] if name in env else self._graph.constants[name]

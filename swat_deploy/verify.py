@@ -5,6 +5,15 @@ Each artefact is judged by its own bytes in its own runtime (stock onnxruntime f
 dir: integrity hash vs embedded metadata, provenance vs run.json, per-layer sparsity counted from
 the stored weights, accuracy on the run's test split and top-1 agreement / max logit difference
 with the trained model. Every check is a row with its threshold, so a failure names itself.
+
+Exit codes (CLI): 0 every row passed; 1 a row failed (including a file whose stored weights no
+longer decode or that its runtime refuses); 2 the file cannot be judged at all - missing,
+truncated or not ONNX / TorchScript, built for another model (layer shapes or input shape differ
+from run.json), or the test split is unavailable - reported as one line naming the fix.
+
+Thresholds: accuracy within 0.001 of run.json, top-1 agreement >= 0.999, max |logit diff|
+<= 1e-3 (float32 weights) or <= 5e-2 for ``--fp16`` exports (float16 keeps ~3 significant
+digits; logits of O(10) then move by up to ~1e-2), per-layer sparsity within 0.005.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ ACCURACY_TOL = 0.001
 AGREEMENT_MIN = 0.999
 SPARSITY_TOL = 0.005
 LOGIT_TOL = 1e-3
+LOGIT_TOL_FP16 = 5e-2
 BATCH = 256
 
 
@@ -81,14 +91,21 @@ class Report:
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def _test_images(run: Run, data_dir: str | None, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = datasets.load(run.meta["dataset"], "test", data_dir or run.config.data_dir)
+def _test_images(run: Run, data_dir: str | None, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    name = run.meta["dataset"]
+    try:
+        ds = datasets.load(name, "test", data_dir or run.config.data_dir)
+    except SwatError as e:  # its message already names the files and the --data-dir fix
+        raise SwatError(f"cannot verify: test split of {name!r} unavailable: {e}") from None
+    except (OSError, ValueError) as e:
+        raise SwatError(f"test split of {name!r} unavailable ({type(e).__name__}: {e}); pass --data-dir DIR "
+                        f"where it is stored") from None
     n = len(ds) if limit is None else min(limit, len(ds))
     xs, ys = [], []
     for x, y in iterate_batches(ds, torch.arange(n), BATCH):
         xs.append(x)
         ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs), torch.cat(ys), ds.info
 
 
 def _predict(fn: Runner, x: torch.Tensor) -> np.ndarray:
@@ -101,10 +118,7 @@ def _onnxruntime_runner(path: Path) -> Runner:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise SwatError(f"onnxruntime cannot load {path} ({str(e).splitlines()[0][:200]}); re-export it") from None
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: sess.run(["logits"], {"input": x})[0]
 
 
@@ -134,15 +148,84 @@ def _find_artifacts(run: Run, model: str | Path | None) -> list[Path]:
     return found
 
 
+def _metadata_claims(meta: dict[str, str], run: Run) -> list[str]:
+    """Keys whose embedded claim disagrees with run.json (the file describes another run or was edited)."""
+    rm = run.meta
+    bad = []
+    for key in ("model", "dataset", "mode", "topk"):
+        if key in meta and meta[key] != str(rm.get(key)):
+            bad.append(key)
+    for key, want in (("sparsity", rm.get("sparsity")), ("test_accuracy", rm.get("test_accuracy")),
+                      ("num_classes", rm.get("num_classes"))):
+        try:
+            if key not in meta or abs(float(meta[key]) - float(want)) > 1e-9:
+                bad.append(key)
+        except (TypeError, ValueError):
+            bad.append(key)
+    try:
+        claimed = {l["name"]: (list(l["shape"]), float(l["sparsity"])) for l in json.loads(meta.get("layers", "[]"))}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        claimed = None
+    expected = {l["name"]: (list(l["shape"]), float(l["sparsity"])) for l in run.layers}
+    if claimed is None or claimed.keys() != expected.keys() or any(
+            claimed[k][0] != expected[k][0] or abs(claimed[k][1] - expected[k][1]) > 1e-9 for k in expected):
+        bad.append("layers")
+    return bad
+
+
+def _check_same_model(path: Path, run: Run, weights: dict[str, np.ndarray] | None,
+                      meta: dict[str, str] | None) -> None:
+    """A file of another architecture cannot be judged against this run: one-line error (exit 2)."""
+    shapes = {l["name"]: list(l["shape"]) for l in run.layers}
+    if weights:
+        for name, w in weights.items():
+            if name in shapes and list(w.shape) != shapes[name]:
+                raise SwatError(f"{path} comes from another model: layer {name} has shape {list(w.shape)}, "
+                                f"run.json says {shapes[name]}; verify it against the run dir it was exported from")
+    if meta and "input_shape" in meta:
+        want = [None, run.meta["in_channels"], *run.meta["image_size"]]
+        try:
+            got = json.loads(meta["input_shape"])
+        except json.JSONDecodeError:
+            got = None
+        if got is not None and got != want:
+            raise SwatError(f"{path} takes input {got[1:]} but run.json's model takes {want[1:]}; "
+                            f"verify it against the run dir it was exported from")
+
+
 def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: str | None = None,
-           limit: int | None = None, backend: bool = True) -> Report:
-    """Check every exported artefact of ``run_dir`` (or ``model``) against the run; see module doc."""
+           limit: int | None = None, backend: bool = True, pruned: bool = True) -> Report:
+    """Check every exported artefact of ``run_dir`` (or ``model``) against the run; see module doc.
+
+    ``backend``: also run ONNX files in our sparse ``Session``; ``pruned``: also judge the pruned
+    model of :func:`swat_deploy.prune.prune` (what the exports were made from).
+    """
     run = read_run(run_dir)
     paths = _find_artifacts(run, model)
     if limit is not None and limit < 1:
         raise SwatError(f"--limit {limit} must be a positive number of test images")
-    x, y = _test_images(run, data_dir, limit)
-    info = datasets.load(run.meta["dataset"], "test", data_dir or run.config.data_dir).info
+    # parse every file first: a missing / truncated / foreign file is a one-line error up front
+    loaded = []
+    for path in paths:
+        kind = art.artifact_kind(path)
+        if kind == "onnx":
+            proto = art.load_onnx(path)
+            meta = {k[len(art.META_PREFIX):]: v for k, v in art.onnx_metadata(proto).items()
+                    if k.startswith(art.META_PREFIX)}
+            loaded.append((kind, path, proto, meta))
+            get = lambda proto=proto: art.onnx_layer_weights(proto)  # noqa: E731
+        else:
+            module, meta = art.load_torchscript(path)
+            loaded.append((kind, path, module, meta))
+            get = lambda module=module: art.torchscript_layer_weights(module)  # noqa: E731
+        try:
+            weights = get()
+        except SwatError as e:
+            if e.exit_code != 1:  # 1: stored weights do not decode - reported as a FAIL row
+                raise
+            weights = None
+        _check_same_model(path, run, weights, meta)
+    x, y, info = _test_images(run, data_dir, limit)
     reference = load_trained_model(run)
     with torch.no_grad():
         ref_logits = np.concatenate([reference(datasets.normalize(x[i:i + BATCH], info)).numpy()
@@ -156,16 +239,26 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
     report = Report(str(run.path), float(run.meta["test_accuracy"]), ref_acc, len(labels))
     expected = {l["name"]: float(l["sparsity"]) for l in run.layers}
 
-    def judge(name: str, path: Path, runner: Runner, weights: dict[str, np.ndarray] | None,
-              meta: dict[str, str] | None, actual_hash: str | None) -> None:
+    def judge(name: str, path: Path, make_runner: Callable[[], Runner | None],
+              get_weights: Callable[[], dict[str, np.ndarray]] | None,
+              meta: dict[str, str] | None, actual_hash: str | None, tol: float = LOGIT_TOL) -> None:
         res = ArtifactResult(name, str(path))
         add = lambda check, value, threshold, ok: report.checks.append(Check(name, check, value, threshold, bool(ok)))
         if meta is not None:
             claimed = meta.get("weights_sha256")
-            add("integrity (weights hash vs metadata)", (actual_hash or "")[:16], "equal", claimed == actual_hash)
+            add("integrity (weights hash vs metadata)", (actual_hash or "")[:16], f"= {(claimed or 'missing')[:16]}",
+                claimed == actual_hash)
             origin = meta.get("run_weights_sha256")
-            add("provenance (run id vs run.json)", (origin or "missing")[:16], "equal",
-                origin == run.meta.get("weights_sha256"))
+            add("provenance (run weights hash vs run.json)", (origin or "missing")[:16],
+                f"= {str(run.meta.get('weights_sha256'))[:16]}", origin == run.meta.get("weights_sha256"))
+            bad = _metadata_claims(meta, run)
+            add("metadata claims vs run.json", ", ".join(bad) or "consistent", "all equal", not bad)
+        weights = None
+        if get_weights is not None:
+            try:
+                weights = get_weights()
+            except SwatError as e:
+                add("stored weights decode", str(e)[:80], "decodes", False)
         if weights is not None:
             missing = sorted(set(expected) - set(weights))
             if missing:
@@ -179,9 +272,16 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
                 add(f"sparsity {lname}", round(measured, 4), f"{exp:.4f} +/- {SPARSITY_TOL}",
                     abs(measured - exp) <= SPARSITY_TOL)
         try:
+            runner = make_runner()
+        except Exception as e:
+            add("loads in its runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                "loads", False)
+            report.artifacts.append(res)
+            return
+        if runner is None:
+            return
+        try:
             logits = _predict(runner, x)
-        except SwatError:
-            raise
         except Exception as e:
             add("runs on the test split", f"{type(e).__name__}: {str(e)[:80]}", "no error", False)
             report.artifacts.append(res)
@@ -198,26 +298,29 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
             abs(res.accuracy - target_acc) <= ACCURACY_TOL)
         add("top-1 agreement with trained model", round(res.agreement, 5), f">= {AGREEMENT_MIN}",
             res.agreement >= AGREEMENT_MIN)
-        add("max |logit diff|", float(f"{res.max_abs_diff:.3g}"), f"<= {LOGIT_TOL}", res.max_abs_diff <= LOGIT_TOL)
+        add("max |logit diff|", float(f"{res.max_abs_diff:.3g}"), f"<= {tol:g}", res.max_abs_diff <= tol)
         report.artifacts.append(res)
 
-    for path in paths:
-        kind = art.artifact_kind(path)
+    for kind, path, obj, meta in loaded:
         if kind == "onnx":
-            proto = art.load_onnx(path)
-            meta = {k[len(art.META_PREFIX):]: v for k, v in art.onnx_metadata(proto).items()
-                    if k.startswith(art.META_PREFIX)}
-            weights = art.onnx_layer_weights(proto)
-            digest = art.onnx_weights_sha256(proto)
-            judge("onnxruntime", path, _onnxruntime_runner(path), weights, meta, digest)
+            def onnx_weights(proto: Any = obj) -> dict[str, np.ndarray]:
+                return art.onnx_layer_weights(proto)
+            tol = LOGIT_TOL_FP16 if meta.get("fp16") == "true" else LOGIT_TOL
+            judge("onnxruntime", path, lambda p=path: _onnxruntime_runner(p), onnx_weights, meta,
+                  art.onnx_weights_sha256(obj), tol)
             if backend:
-                runner = _session_runner(path)
-                if runner is not None:
-                    judge("swat Session", path, runner, None, None, None)
+                judge("swat Session", path, lambda p=path: _session_runner(p), None, None, None, tol)
         else:
-            module, meta = art.load_torchscript(path)
-            judge("torchscript", path, _torchscript_runner(module), art.torchscript_layer_weights(module),
-                  meta, art.torchscript_weights_sha256(module))
+            def ts_weights(module: Any = obj) -> dict[str, np.ndarray]:
+                return art.torchscript_layer_weights(module)
+            judge("torchscript", path, lambda m=obj: _torchscript_runner(m), ts_weights, meta,
+                  art.torchscript_weights_sha256(obj))
+    if pruned and model is None:
+        from swat_deploy.prune import prune
+
+        sm = prune(run)
+        judge("pruned model", run.path, lambda: _torchscript_runner(sm.module),
+              lambda: {k: v.numpy() for k, v in sm.weights().items()}, None, None)
     return report
 
 

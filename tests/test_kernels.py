@@ -180,7 +180,14 @@ def test_autotune_picks_a_kernel_and_caches_it(monkeypatch) -> None:  # noqa: AN
     entries = data["machines"][autotune.machine_key(None)]
     (key, entry), = entries.items()
     assert entry["kernel"] == op.kernel_name and key.startswith("conv2d|") and "in=1x16x8x8" in key
-    assert set(entry["times_us"]) <= set(kernel_names()) and "dense" in entry["times_us"]
+    timed = {n.split(autotune.SERIAL_SUFFIX)[0] for n in entry["times_us"]}
+    assert timed <= set(kernel_names()) and "dense" in entry["times_us"]
+    # With several threads every kernel is also timed on one thread; the pick records which won.
+    assert (torch.get_num_threads() == 1) or ("dense" + autotune.SERIAL_SUFFIX in entry["times_us"])
+    assert op.threads == (1 if entry["serial"] else None)
+    fastest = min(entry["times_us"], key=entry["times_us"].get)
+    if fastest.split(autotune.SERIAL_SUFFIX)[0] != "dense" and not entry["kernel"] == "dense":
+        assert fastest == entry["kernel"] + (autotune.SERIAL_SUFFIX if entry["serial"] else "")
 
     def no_timing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a cached layer must not be timed again")

@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 
 from torch import nn
 
-from training.topk import check_sparsity
+from training.topk import SwatValueError, check_sparsity
 
 __all__ = ["BUDGETS", "layer_sparsities", "prunable_layers", "match_any"]
 
@@ -44,8 +44,8 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         if not _convertible(m):
-            raise ValueError(f"layer {name!r} is a {type(m).__name__} with its own forward(), which SWAT "
-                             f"cannot convert; add it to exclude (e.g. exclude=[{name!r}])")
+            raise SwatValueError(f"layer {name!r} is a {type(m).__name__} with its own forward(), which "
+                                 f"SWAT cannot convert; add it to exclude (e.g. exclude=[{name!r}])")
         out.append((name, m))
     return out
 
@@ -61,12 +61,12 @@ def _check_patterns(model: nn.Module, exclude: Sequence[str]) -> list[str]:
     pats = list(exclude)
     for p in pats:
         if not isinstance(p, str) or not p:
-            raise ValueError(f"exclude entries must be module names or globs, got {p!r}")
+            raise SwatValueError(f"exclude entries must be module names or globs, got {p!r}")
     names = [n for n, _ in model.named_modules() if n]
     for p in pats:
         if not any(match_any(n, [p]) for n in names):
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ValueError(f"exclude pattern {p!r} matches no module; module names look like: {sample}")
+            raise SwatValueError(f"exclude pattern {p!r} matches no module; module names look like: {sample}")
     return pats
 
 
@@ -97,7 +97,7 @@ def layer_sparsities(model: nn.Module, sparsity: float, budget: str = "uniform",
     """Sparsity per convertible, non-excluded layer (module name -> s in [0, 1))."""
     s = check_sparsity(sparsity)
     if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; choose one of: {', '.join(BUDGETS)}")
+        raise SwatValueError(f"unknown budget {budget!r}; choose one of: {', '.join(BUDGETS)}")
     pats = _check_patterns(model, exclude)
     layers = [(n, m) for n, m in prunable_layers(model) if not match_any(n, pats)]
     shapes = {n: tuple(m.weight.shape) for n, m in layers}
@@ -109,6 +109,6 @@ def layer_sparsities(model: nn.Module, sparsity: float, budget: str = "uniform",
         if name not in shapes:
             all_names = [n for n, _ in prunable_layers(model)]
             why = "it is excluded" if name in all_names else "no such Conv2d/Linear layer"
-            raise ValueError(f"per_layer names {name!r} but {why}; convertible layers: {', '.join(all_names)}")
+            raise SwatValueError(f"per_layer names {name!r} but {why}; convertible layers: {', '.join(all_names)}")
         result[name] = check_sparsity(value)
     return result

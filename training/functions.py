@@ -56,61 +56,72 @@ def _conv_grads(g: Tensor, x: Optional[Tensor], w: Optional[Tensor], x_shape: to
     return (gi if need[0] else None, gw if need[1] else None, gb if need[2] else None)
 
 
+def _expand_activation(vals: Tensor, bits: Tensor, outer: Tensor, shape: torch.Size) -> Tensor:
+    """Dense TopK(a); ``outer`` (non-empty) means ``bits`` is nested in a ReLU's mask."""
+    if outer.numel():
+        bits = memory.unnest_bits(outer, bits, int(torch.Size(shape).numel()))
+    return memory.expand(vals, bits, shape)
+
+
 class _SwatConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], w_fwd: Tensor,  # type: ignore[override]
-                a_vals: Tensor, a_bits: Tensor, w_vals: Tensor, w_bits: Tensor, geo: ConvGeometry) -> Tensor:
+                a_vals: Tensor, a_bits: Tensor, a_outer: Tensor, w_vals: Tensor, w_bits: Tensor,
+                geo: ConvGeometry) -> Tensor:
         out = F.conv2d(x, w_fwd, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
-        ctx.save_for_backward(a_vals, a_bits, w_vals, w_bits)
+        ctx.save_for_backward(a_vals, a_bits, a_outer, w_vals, w_bits)
         ctx.x_shape, ctx.w_shape, ctx.geo = x.shape, weight.shape, geo
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        a_vals, a_bits, w_vals, w_bits = ctx.saved_tensors
+        a_vals, a_bits, a_outer, w_vals, w_bits = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         g = g.contiguous()
-        x_s = memory.expand(a_vals, a_bits, ctx.x_shape) if need[1] else None
+        x_s = _expand_activation(a_vals, a_bits, a_outer, ctx.x_shape) if need[1] else None
         w_s = memory.expand(w_vals, w_bits, ctx.w_shape) if need[0] else None
         gi, gw, gb = _conv_grads(g, x_s, w_s, ctx.x_shape, ctx.w_shape, ctx.geo, need)
-        return gi, gw, gb, None, None, None, None, None, None
+        return gi, gw, gb, None, None, None, None, None, None, None
 
 
 class _SwatLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], w_fwd: Tensor,  # type: ignore[override]
-                a_vals: Tensor, a_bits: Tensor, w_vals: Tensor, w_bits: Tensor) -> Tensor:
+                a_vals: Tensor, a_bits: Tensor, a_outer: Tensor, w_vals: Tensor, w_bits: Tensor) -> Tensor:
         out = F.linear(x, w_fwd, bias)
-        ctx.save_for_backward(a_vals, a_bits, w_vals, w_bits)
+        ctx.save_for_backward(a_vals, a_bits, a_outer, w_vals, w_bits)
         ctx.x_shape, ctx.w_shape = x.shape, weight.shape
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        a_vals, a_bits, w_vals, w_bits = ctx.saved_tensors
+        a_vals, a_bits, a_outer, w_vals, w_bits = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2 = g.reshape(-1, g.shape[-1])
         gi = gw = gb = None
         if need_x:
             gi = (g2 @ memory.expand(w_vals, w_bits, ctx.w_shape)).view(ctx.x_shape)
         if need_w:
-            x_s = memory.expand(a_vals, a_bits, ctx.x_shape).view(-1, ctx.x_shape[-1])
+            x_s = _expand_activation(a_vals, a_bits, a_outer, ctx.x_shape).view(-1, ctx.x_shape[-1])
             gw = g2.t() @ x_s
         if need_b:
             gb = g2.sum(0)
-        return gi, gw, gb, None, None, None, None, None
+        return gi, gw, gb, None, None, None, None, None, None
 
 
 def swat_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], w_fwd: Tensor, a_vals: Tensor, a_bits: Tensor,
-                w_vals: Tensor, w_bits: Tensor, geo: ConvGeometry) -> Tensor:
-    """SWAT/SAW conv: forward with ``w_fwd``; backward from the compact TopK(a_in) and TopK(W)."""
-    return _SwatConv2dFn.apply(x, weight, bias, w_fwd, a_vals, a_bits, w_vals, w_bits, geo)
+                a_outer: Tensor, w_vals: Tensor, w_bits: Tensor, geo: ConvGeometry) -> Tensor:
+    """SWAT/SAW conv: forward with ``w_fwd``; backward from the compact TopK(a_in) and TopK(W).
+
+    ``a_outer``: empty, or the ReLU bitmask that ``a_bits`` is nested in (memory.nest_bits).
+    """
+    return _SwatConv2dFn.apply(x, weight, bias, w_fwd, a_vals, a_bits, a_outer, w_vals, w_bits, geo)
 
 
 def swat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], w_fwd: Tensor, a_vals: Tensor, a_bits: Tensor,
-                w_vals: Tensor, w_bits: Tensor) -> Tensor:
+                a_outer: Tensor, w_vals: Tensor, w_bits: Tensor) -> Tensor:
     """SWAT/SAW linear layer; ``x`` may have any number of leading dims."""
-    return _SwatLinearFn.apply(x, weight, bias, w_fwd, a_vals, a_bits, w_vals, w_bits)
+    return _SwatLinearFn.apply(x, weight, bias, w_fwd, a_vals, a_bits, a_outer, w_vals, w_bits)
 
 
 # --------------------------------------------------------------------------------- meProp

@@ -23,7 +23,9 @@ the other modes, with no activation work: exactly what :func:`training.topk.topk
 and pruning reproduce.
 
 In swat / saw mode ``nn.ReLU`` and ``nn.MaxPool2d`` are swapped too (:mod:`training.memory`),
-so the dense ReLU output is not kept alive behind the compact copy.
+so the dense ReLU output is not kept alive behind the compact copy; with
+``memory.NEST_IN_RELU_MASK`` a layer fed by such a ReLU stores its activation bitmask nested
+in the ReLU's (1 bit per positive entry, not per entry).
 
 Threshold caching (``refresh_every=N``): the K-th magnitude of a layer's input is computed
 exactly on every N-th training step of that layer; in between the layer keeps
@@ -43,7 +45,7 @@ from torch import Tensor, nn
 from training import memory
 from training.budget import BUDGETS, layer_sparsities, match_any, prunable_layers
 from training.functions import ConvGeometry, MePropSpec, meprop_conv2d, meprop_linear, swat_conv2d, swat_linear
-from training.topk import Selection, check_topk, select_bits, topk_weight
+from training.topk import SwatValueError, check_topk, select_bits, topk_weight
 
 __all__ = ["MODES", "swatify", "unswatify", "swat_layers", "layer_table", "layer_stats", "swat_state_dict",
            "load_swat_state_dict", "SwatConv2d", "SwatLinear"]
@@ -52,6 +54,8 @@ MODES = ("dense", "swat", "saw", "meprop")
 
 # (input tensor identity, settings, step) -> weak refs to the compact TopK copy made for it
 _SHARED: dict[tuple, tuple] = {}
+# "no outer mask": one shared empty tensor (saved by many layers, costs nothing)
+_NO_OUTER = torch.empty(0, dtype=torch.uint8)
 
 _ATTRS = ("swat_mode", "swat_sparsity", "swat_topk", "swat_refresh_every", "swat_step", "_swat_orig_class",
           "_swat_rng_state", "_swat_act_last", "_swat_act_sum", "_swat_act_n", "_swat_grad_last",
@@ -107,12 +111,15 @@ class _SwatLayerMixin:
         w_fwd = memory.expand(vals, sel.bits, w.shape) if self.swat_mode == "swat" else w.detach()
         return w_fwd, vals, sel.bits
 
-    def _swat_activation(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Compact TopK(x) for backward; refreshes or reuses the cached threshold.
+    def _swat_activation(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Compact TopK(x) for backward: (values, bitmask, outer ReLU bitmask or empty).
 
-        When another layer with the same settings already sparsified this very tensor in
-        this step (a ResNet block input feeds conv1 and the 1x1 shortcut), its compact copy is
-        reused: one TopK per activation tensor, stored once.
+        Refreshes or reuses the cached threshold.  When another layer with the same settings
+        already sparsified this very tensor in this step (a ResNet block input feeds conv1 and
+        the 1x1 shortcut), its compact copy is reused: one TopK per activation tensor, stored
+        once.  When ``x`` came straight from a SwatReLU (and memory.NEST_IN_RELU_MASK is on), the
+        bitmask is stored nested in the ReLU's mask of positives (which the ReLU keeps
+        anyway): 1 bit per positive entry.
         """
         s, topk = self.swat_sparsity, self.swat_topk
         key = None
@@ -121,10 +128,10 @@ class _SwatLayerMixin:
                    self.swat_refresh_every, self.swat_step)
             hit = _SHARED.get(key)
             if hit is not None:
-                src, vals, bits, density = (hit[0](), hit[1](), hit[2](), hit[3])
-                if src is x and vals is not None and bits is not None:
+                src, vals, bits, outer, density = (hit[0](), hit[1](), hit[2](), hit[3](), hit[4])
+                if src is x and vals is not None and bits is not None and outer is not None:
                     self._swat_note_density(density)
-                    return vals, bits
+                    return vals, bits, outer
         if topk == "random":
             g = self._swat_generator()
             sel = select_bits(x, s, "random", drop_zeros=True, generator=g)
@@ -141,13 +148,18 @@ class _SwatLayerMixin:
         density = sel.count / x.numel() if x.numel() else 0.0
         self._swat_note_density(density)
         vals, bits = memory.compact(x, sel.bits, sel.count), sel.bits
+        outer = memory.relu_mask_of(x)
+        if outer is not None:  # TopK never keeps zeros, so it lies inside the ReLU's positives
+            bits = memory.nest_bits(outer, bits, x.numel())
+        else:
+            outer = _NO_OUTER
         if key is not None:
             if len(_SHARED) > 1024:  # only if callers keep very many graphs alive; sharing is optional
                 _SHARED.clear()
             # weak references only: the entry leaves with the graph that keeps the copy alive
             _SHARED[key] = (weakref.ref(x), weakref.ref(vals, lambda _r, k=key: _SHARED.pop(k, None)),
-                            weakref.ref(bits), density)
-        return vals, bits
+                            weakref.ref(bits), weakref.ref(outer), density)
+        return vals, bits, outer
 
     def _swat_note_density(self, density: float) -> None:
         self._swat_act_last = density
@@ -165,15 +177,15 @@ class _SwatLayerMixin:
                           self._swat_generator if rnd else None, self._swat_commit_generator if rnd else None,
                           self._swat_record_grad)
 
-    def _swat_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _swat_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Everything a swat/saw training step hands to its autograd Function (advances the step)."""
         w_fwd, w_vals, w_bits = self._swat_weights()
         if self.weight.requires_grad:
-            a_vals, a_bits = self._swat_activation(x)
+            a_vals, a_bits, a_outer = self._swat_activation(x)
         else:  # frozen weight: grad_W is never computed, so TopK(a) need not be kept
-            a_vals = a_bits = x.new_empty(0)
+            a_vals = a_bits = a_outer = x.new_empty(0)
         self.swat_step += 1
-        return w_fwd, a_vals, a_bits, w_vals, w_bits
+        return w_fwd, a_vals, a_bits, a_outer, w_vals, w_bits
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -267,7 +279,7 @@ def unswatify(model: nn.Module) -> nn.Module:
 
 def _check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+        raise SwatValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
     return value
 
 
@@ -284,7 +296,8 @@ def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: s
     check_topk(topk)
     _check_choice("budget", budget, BUDGETS)
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-        raise ValueError(f"refresh_every must be an integer >= 1 (1 = exact Top-K every step), got {refresh_every!r}")
+        raise SwatValueError(f"refresh_every must be an integer >= 1 (1 = exact Top-K every step), "
+                             f"got {refresh_every!r}")
     # validate everything before touching the model, so a bad call leaves it as it was
     plan = layer_sparsities(model, sparsity, budget, exclude, per_layer)
     pats = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -387,19 +400,19 @@ def load_swat_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Inverse of :func:`swat_state_dict`, into a model swatified the same way."""
     layers = dict(swat_layers(model))
     if state and not layers:
-        raise ValueError("model has no SWAT layers; call swatify(model, ...) with the run's settings first")
+        raise SwatValueError("model has no SWAT layers; call swatify(model, ...) with the run's settings first")
     for key, value in state.items():
         name, _, field = key.rpartition(".")
         m = layers.get(name)
         if m is None or field not in ("swat_step", "swat_threshold", "swat_rng"):
-            raise ValueError(f"SWAT state key {key!r} does not fit this model; it was saved from a model "
-                             "swatified with different layers (check model name, exclude and mode)")
+            raise SwatValueError(f"SWAT state key {key!r} does not fit this model; it was saved from a model "
+                                 "swatified with different layers (check model name, exclude and mode)")
         if field == "swat_step":
             m.swat_step = int(value.item())
         elif field == "swat_threshold":
             m.swat_threshold = value.detach().to(device=m.weight.device, dtype=torch.float32).clone()
         else:
             if m.swat_topk != "random":
-                raise ValueError(f"SWAT state key {key!r} holds an RNG state but layer {name!r} uses "
-                                 f"topk={m.swat_topk!r}; swatify with topk='random' as the saved run did")
+                raise SwatValueError(f"SWAT state key {key!r} holds an RNG state but layer {name!r} uses "
+                                     f"topk={m.swat_topk!r}; swatify with topk='random' as the saved run did")
             m._swat_rng_state = value.detach().to("cpu", torch.uint8).clone()

@@ -35,16 +35,22 @@ import torch
 from torch import Tensor
 
 from training import memory
+from training.errors import SwatError
 
-__all__ = ["TOPK_VARIANTS", "keep_count", "topk_mask", "topk_weight", "kth_magnitude", "group_layout",
+__all__ = ["SwatValueError", "TOPK_VARIANTS", "keep_count", "topk_mask", "topk_weight", "kth_magnitude", "group_layout",
            "Selection", "select_bits", "check_sparsity", "check_topk"]
 
 TOPK_VARIANTS = ("nchw", "chw", "hw", "random")
 
 
+class SwatValueError(SwatError, ValueError):
+    """A bad SWAT argument: a ValueError to API callers, a one-line error (exit 2) to the CLI,
+    whose ``handled`` wrapper turns SwatError - not ValueError - into a message."""
+
+
 def check_topk(topk: str) -> str:
     if topk not in TOPK_VARIANTS:
-        raise ValueError(f"unknown topk variant {topk!r}; choose one of: {', '.join(TOPK_VARIANTS)}")
+        raise SwatValueError(f"unknown topk variant {topk!r}; choose one of: {', '.join(TOPK_VARIANTS)}")
     return topk
 
 
@@ -53,7 +59,7 @@ def check_sparsity(sparsity: float, *, allow_one: bool = False) -> float:
     hi_ok = ok and (sparsity <= 1.0 if allow_one else sparsity < 1.0)
     if not (ok and sparsity >= 0.0 and hi_ok):
         rng = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(f"sparsity must be a number in {rng} (fraction of zeros), got {sparsity!r}; e.g. 0.7")
+        raise SwatValueError(f"sparsity must be a number in {rng} (fraction of zeros), got {sparsity!r}; e.g. 0.7")
     return float(sparsity)
 
 
@@ -63,7 +69,7 @@ def keep_count(n: int, sparsity: float) -> int:
     At least one survivor keeps every group (a 1x1 kernel slice, a tiny row) trainable.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        raise SwatValueError(f"n must be a non-negative integer, got {n!r}")
     s = check_sparsity(sparsity, allow_one=True)
     k = int(math.floor((1.0 - s) * n + 0.5))
     if n > 0 and s < 1.0:
@@ -163,7 +169,7 @@ def _cached(x: Tensor, threshold: Tensor) -> Selection:
     tail = int(np.prod(x.shape[1 + t.dim():])) if t.dim() else x.numel()
     period = t.numel() if t.dim() else 1
     if t.dim() and tuple(t.shape) != tuple(x.shape[1:1 + t.dim()]):
-        raise ValueError(f"cached threshold shape {tuple(t.shape)} does not fit input {tuple(x.shape)}")
+        raise SwatValueError(f"cached threshold shape {tuple(t.shape)} does not fit input {tuple(x.shape)}")
     k_mod = memory.kernels_for(x)
     if k_mod is not None:
         tn = t.reshape(-1).numpy()
@@ -232,7 +238,7 @@ def kth_magnitude(x: Tensor, sparsity: float, topk: str = "nchw") -> Tensor:
     These are the thresholds the layers cache between refreshes and the traces plot.
     """
     if topk == "random":
-        raise ValueError("topk 'random' selects by chance and has no magnitude threshold; "
+        raise SwatValueError("topk 'random' selects by chance and has no magnitude threshold; "
                          "use nchw, chw or hw")
     sel = select_bits(x, sparsity, topk)
     return sel.thresholds.to(x.dtype)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import data as datasets
+from training import distributed as ddp
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.errors import SwatError
@@ -40,6 +41,7 @@ class TrainResult:
     test_accuracy: float
     seconds: float
     meta: dict[str, Any]
+    is_main: bool = True  # False on the other ranks of a distributed run (they write nothing)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -74,13 +76,16 @@ def iterate_batches(ds: Any, order: torch.Tensor, batch_size: int, workers: int 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Any, info: Any, device: torch.device, batch_size: int = EVAL_BATCH,
-             return_logits: bool = False) -> dict[str, Any]:
-    """Loss and top-1 accuracy of ``model`` in eval mode: the model's inference form."""
+             return_logits: bool = False, indices: torch.Tensor | None = None) -> dict[str, Any]:
+    """Loss and top-1 accuracy of ``model`` in eval mode: the model's inference form.
+
+    ``indices``: evaluate only these samples (a rank's shard); the sums come back too so shards add up.
+    """
     was_training = model.training
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     chunks = []
-    for x, y in iterate_batches(ds, torch.arange(len(ds)), batch_size):
+    for x, y in iterate_batches(ds, torch.arange(len(ds)) if indices is None else indices, batch_size):
         x, y = datasets.normalize(x.to(device), info), y.to(device)
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -89,38 +94,61 @@ def evaluate(model: nn.Module, ds: Any, info: Any, device: torch.device, batch_s
         if return_logits:
             chunks.append(logits.cpu())
     model.train(was_training)
-    out: dict[str, Any] = {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+    out: dict[str, Any] = {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total,
+                           "correct": correct, "loss_sum": loss_sum}
     if return_logits:
         out["logits"] = torch.cat(chunks) if chunks else torch.empty(0)
     return out
 
 
 class Trainer:
-    """Owns one run: data, model, optimizer and the run dir it writes."""
+    """Owns one run: data, model, optimizer and the run dir it writes.
+
+    With ``dist`` (one rank of a DDP group, see :mod:`training.distributed`) the model is wrapped
+    in DistributedDataParallel, each rank trains on its shard of the global batch, and only rank 0
+    writes; ``check_every_step`` compares every rank's weights + SWAT state after each step.
+    """
 
     def __init__(self, config: TrainConfig, out: str | Path, *, log: Logger = print_logger,
-                 progress: bool | None = None, is_main: bool = True) -> None:
+                 progress: bool | None = None, is_main: bool = True, dist: ddp.DistContext | None = None,
+                 check_every_step: bool = False) -> None:
+        self.dist = dist
+        if dist is not None:
+            is_main = dist.is_main
         self.config = config.validate()
         self.out = Path(out)
         self.log = log if is_main else (lambda line: None)
         self.progress = progress if is_main else False
         self.is_main = is_main
-        self.device = resolve_device(config.device)
+        self.device = dist.device if dist is not None else resolve_device(config.device)
         options = {"limit": config.limit} if config.limit else {}
         self.train_ds = datasets.load(config.dataset, "train", config.data_dir, **options)
         self.test_ds = datasets.load(config.dataset, "test", config.data_dir)
         self.info = self.train_ds.info
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.info.num_classes, self.info.in_channels).to(self.device)
+        self.net: nn.Module = self.model  # what the training step calls: the model, or its DDP wrapper
+        if dist is not None:
+            ddp.check_world(int(config.batch_size), dist.world_size, len(self.train_ds))
+            # buffers are not broadcast from rank 0 each forward: BN running stats are averaged
+            # over ranks after each step instead (ddp.sync_step), so every rank holds the same
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                **ddp.no_forward_buffer_sync())
+        self.check_every_step = check_every_step and dist is not None
+        self.steps_checked = 0
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
 
     # -- resume ---------------------------------------------------------------------------
-    def restore(self) -> None:
-        """Continue from RUN/checkpoint.safetensors; the epoch in flight when it died is redone."""
-        ckpt = self.out / CHECKPOINT
+    def restore(self, checkpoint: str | Path | None = None) -> None:
+        """Continue from RUN/checkpoint.safetensors; the epoch in flight when it died is redone.
+
+        ``checkpoint``: read this copy instead (a rank on another machine gets rank 0's bytes).
+        """
+        ckpt = Path(checkpoint) if checkpoint is not None else self.out / CHECKPOINT
         if not ckpt.is_file():
             raise SwatError(f"{self.out} has no {CHECKPOINT} to resume from; start a new run with --out")
         header, swat = load_checkpoint(ckpt, self.model, self.optimizer)
@@ -142,32 +170,62 @@ class Trainer:
         torch.manual_seed(seed)  # any global draw inside SWAT layers (random Top-K) is replayable
         gen = torch.Generator().manual_seed(seed)
         order = self.epoch_order(gen)
+        aug_gen, batch = gen, int(cfg.batch_size)
+        if self.dist is not None:  # same permutation on every rank; each takes its slice of every batch
+            order = ddp.shard_order(order, batch, self.dist.rank, self.dist.world_size)
+            batch //= self.dist.world_size
+            aug_gen = torch.Generator().manual_seed(ddp.rank_seed(seed, self.dist.rank))
         self.model.train()
-        n_batches = math.ceil(len(order) / cfg.batch_size)
+        n_batches = math.ceil(len(order) / batch)
         bar = EpochProgress(n_batches, f"epoch {epoch + 1}/{cfg.epochs}", enabled=self.progress)
         loss_sum, correct, seen = 0.0, 0, 0
-        for i, (x, y) in enumerate(iterate_batches(self.train_ds, order, cfg.batch_size, cfg.workers)):
-            x = datasets.augment(self.info, x, gen)
+        for i, (x, y) in enumerate(iterate_batches(self.train_ds, order, batch, cfg.workers)):
+            x = datasets.augment(self.info, x, aug_gen)
             x, y = datasets.normalize(x.to(self.device), self.info), y.to(self.device)
-            logits = self.model(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if not finite and self.dist is None:
                 bar.close()
                 raise SwatError(f"loss became {loss.item()} at epoch {epoch + 1} batch {i + 1}; lower --lr "
                                 f"(now {cfg.lr}) or the sparsity; checkpoints of earlier epochs are kept",
                                 exit_code=1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.dist is not None:
+                # every rank learns here whether any rank's loss blew up, so all stop together
+                bad = ddp.sync_step(self.model, finite, self.dist)
+                if bad:
+                    bar.close()
+                    raise SwatError(f"loss became non-finite on rank {', '.join(map(str, bad))} of "
+                                    f"{self.dist.world_size} at epoch {epoch + 1} batch {i + 1}; lower --lr "
+                                    f"(now {cfg.lr}) or the sparsity, or check that rank's data; "
+                                    f"checkpoints of earlier epochs are kept", exit_code=1)
             self.optimizer.step()
+            if self.check_every_step:
+                ddp.check_identical(self.model, self.dist, f"after epoch {epoch + 1} step {i + 1}")
+                self.steps_checked += 1
             loss_sum += loss.item() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum().item()
             seen += y.numel()
             bar.update(i + 1, loss_sum / seen)
         bar.close()
+        if self.dist is not None:
+            loss_sum, correct, seen = ddp.all_reduce_sum([loss_sum, correct, seen], self.dist)
         return {"lr": lr, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
     def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randperm(len(self.train_ds), generator=gen)
+
+    def evaluate_test(self) -> dict[str, Any]:
+        """Per-epoch test metrics; distributed, each rank scores its slice and the sums are added."""
+        if self.dist is None:
+            return evaluate(self.model, self.test_ds, self.info, self.device)
+        d = self.dist
+        part = evaluate(self.model, self.test_ds, self.info, self.device,
+                        indices=ddp.shard_range(len(self.test_ds), d.rank, d.world_size))
+        loss_sum, correct, n = ddp.all_reduce_sum([part["loss_sum"], part["correct"], part["n"]], d)
+        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": int(n)}
 
     # -- the whole run --------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -176,7 +234,9 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             row = self.train_epoch(epoch)
-            test = evaluate(self.model, self.test_ds, self.info, self.device)
+            if self.dist is not None:  # cheap insurance before a checkpoint is written from rank 0
+                ddp.check_identical(self.model, self.dist, f"after epoch {epoch + 1}")
+            test = self.evaluate_test()
             row = {"epoch": epoch + 1, **row, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                    "seconds": round(time.perf_counter() - t0, 3), "layers": layer_stats(self.model)}
             self.history.append(row)
@@ -195,7 +255,19 @@ class Trainer:
         cfg = self.config
         final = evaluate(self.model, self.test_ds, self.info, self.device)
         meta: dict[str, Any] = {}
-        if self.is_main:
+        if self.dist is not None:
+            # every rank evaluated its own (identical) copy: the saved model is any rank's model
+            ddp.check_identical(self.model, self.dist, "at the end of training")
+            scores = ddp.all_gather_floats([final["accuracy"], final["loss"]], self.dist)
+            if any(s != scores[0] for s in scores):
+                raise SwatError(f"ranks disagree on the final evaluation ({scores}) although their weights "
+                                f"match; report this with the command you ran", exit_code=1)
+            if self.check_every_step:
+                self.log(f"sync check: weights, BN buffers and SWAT state identical on all "
+                         f"{self.dist.world_size} ranks after each of {self.steps_checked} steps")
+
+        def write() -> None:
+            nonlocal meta
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             save_tensors(self.out / WEIGHTS, state, metadata={"producer": "swat", "model": cfg.model})
             save_tensors(self.out / SWAT_STATE, swat_state_dict(self.model))
@@ -207,7 +279,12 @@ class Trainer:
             except Exception as e:  # a plot must never cost the user a finished run
                 self.log(f"warning: plots not written ({e})")
             self.log(f"done: test accuracy {final['accuracy']:.4f} on {final['n']} images; run dir {self.out}")
-        return TrainResult(self.out, final["accuracy"], seconds, meta)
+
+        if self.dist is not None:
+            ddp.run_on_main(write, self.dist)  # a failed write on rank 0 ends every rank
+        elif self.is_main:
+            write()
+        return TrainResult(self.out, final["accuracy"], seconds, meta, self.is_main)
 
     def run_json(self, final: dict[str, Any], seconds: float) -> dict[str, Any]:
         cfg, info = self.config, self.info
@@ -234,35 +311,79 @@ class Trainer:
             "weights": WEIGHTS,
             "weights_sha256": sha256_file(self.out / WEIGHTS),
             "train_seconds": round(seconds, 2),
+            "world_size": self.dist.world_size if self.dist is not None else 1,
             "torch": torch.__version__,
             "machine": platform.machine(),
             "config": cfg.to_json(),
         }
 
 
+def _from_worker(res: dict[str, Any]) -> TrainResult:
+    return TrainResult(Path(res["run_dir"]), float(res["test_accuracy"]), float(res["seconds"]), res["meta"] or {},
+                       bool(res.get("is_main", True)))
+
+
+def _check_nproc(nproc: int) -> None:
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise SwatError(f"--nproc {nproc!r} must be an integer >= 1 (the number of training processes)")
+    if nproc != 1 and ddp.launched_by_torchrun():
+        raise SwatError("--nproc starts processes itself, but this process was started by torchrun; "
+                        "leave --nproc out (torchrun's --nproc-per-node sets the count)")
+
+
 def train(config: TrainConfig, out: str | Path, *, force: bool = False, log: Logger = print_logger,
-          progress: bool | None = None) -> TrainResult:
-    """``swat train``: a new run in ``out`` (refuses a non-empty dir unless ``force``)."""
+          progress: bool | None = None, nproc: int = 1) -> TrainResult:
+    """``swat train``: a new run in ``out`` (refuses a non-empty dir unless ``force``).
+
+    ``nproc > 1`` trains on that many local processes (DDP; ``config.batch_size`` is the global
+    batch); under torchrun this process is one rank of torchrun's group. Spawned ranks print
+    their own log lines (``log`` is used in this process only).
+    """
     config.validate()
+    _check_nproc(nproc)
+    if ddp.launched_by_torchrun():
+        spec = {"config": config.to_json(), "out": str(out), "force": force, "progress": progress}
+        return _from_worker(ddp.run_from_env(spec, config.device, log))
+    if nproc > 1:
+        ddp.check_world(int(config.batch_size), nproc)
+        out = prepare_out_dir(out, force)
+        spec = {"config": config.to_json(), "out": str(out), "prepared": True, "progress": progress}
+        return _from_worker(ddp.spawn(spec, nproc, config.device))
     out = prepare_out_dir(out, force)
     trainer = Trainer(config, out, log=log, progress=progress)
     return trainer.fit()
 
 
-def resume(run_dir: str | Path, *, log: Logger = print_logger, progress: bool | None = None,
-           epochs: int | None = None) -> TrainResult:
-    """``swat train --resume RUN``: continue from the last checkpoint (optionally to more epochs)."""
-    run_dir = Path(run_dir)
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.is_file():
-        raise SwatError(f"no {CHECKPOINT} in {run_dir}; nothing to resume (start a run with --out {run_dir})")
+def checkpoint_config(ckpt: str | Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was written with."""
     _, meta = load_tensors(ckpt)
     try:
-        cfg = TrainConfig.from_json(json.loads(meta["header"])["config"])
+        return TrainConfig.from_json(json.loads(meta["header"])["config"])
     except (KeyError, json.JSONDecodeError):
         raise SwatError(f"{ckpt} has no readable config; it was not written by swat train") from None
+
+
+def resume(run_dir: str | Path, *, log: Logger = print_logger, progress: bool | None = None,
+           epochs: int | None = None, nproc: int = 1) -> TrainResult:
+    """``swat train --resume RUN``: continue from the last checkpoint (optionally to more epochs).
+
+    A run may be resumed with another ``nproc`` than it started with (the global batch stays).
+    """
+    _check_nproc(nproc)
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT
+    spec = {"resume": True, "out": str(run_dir), "epochs": epochs, "progress": progress}
+    if ddp.launched_by_torchrun():  # rank 0 reads the checkpoint and sends it to the others
+        device = checkpoint_config(ckpt).device if ckpt.is_file() else "auto"
+        return _from_worker(ddp.run_from_env(spec, device, log))
+    if not ckpt.is_file():
+        raise SwatError(f"no {CHECKPOINT} in {run_dir}; nothing to resume (start a run with --out {run_dir})")
+    cfg = checkpoint_config(ckpt)
     if epochs is not None:
         cfg.epochs = epochs
+    if nproc > 1:
+        ddp.check_world(int(cfg.validate().batch_size), nproc)
+        return _from_worker(ddp.spawn(spec, nproc, cfg.device))
     trainer = Trainer(cfg, run_dir, log=log, progress=progress)
     trainer.restore()
     return trainer.fit()

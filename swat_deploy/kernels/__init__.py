@@ -89,8 +89,8 @@ def _build(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
     from .. import autotune  # late: autotune imports kernels.base, keep the import graph acyclic
 
     candidates = [k for k in KERNELS if k.supports(spec)]
-    name, prepared = autotune.choose(spec, candidates, weight, bias, threads)
-    return Op(name, prepared, spec, threads)
+    name, prepared, run_threads = autotune.choose(spec, candidates, weight, bias, threads)
+    return Op(name, prepared, spec, run_threads)
 
 
 def make_conv2d(weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -50,9 +50,13 @@ def available() -> bool:
     return numba is not None
 
 
-# Below this many multiply-adds a call runs serially: waking the thread pool costs ~5-20 us
-# (more when another runtime's OpenMP threads are still spinning on the two cores).
-PARALLEL_MIN_WORK = 200_000
+# Below this many multiply-adds (~1 ms on one core) a call runs serially. Waking the thread
+# pool costs ~5-20 us on an idle machine, but numba's OpenMP pool is a second runtime next to
+# torch's: when its worker has gone to sleep between regions and the 2 cores are busy, the
+# wake-up waits for a timeslice. Measured on the shared 2-core box (load 4-8) with resnet18
+# at batch 1: a parallel 0.3 ms layer took 26-60 ms as its median. Above the threshold the
+# work is long enough (and, at batch 64, the regions frequent enough) for threads to pay.
+PARALLEL_MIN_WORK = 8_000_000
 
 
 def parallel(work: int) -> bool:

@@ -8,6 +8,7 @@ same way (thread scoping, input checks, bookkeeping attributes) so a kernel file
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -61,23 +62,48 @@ class Kernel(Protocol):
     def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> Prepared: ...
 
 
+_cap = threading.local()
+
+
 @contextlib.contextmanager
-def thread_scope(threads: int | None) -> Iterator[None]:
-    """Run a block with `threads` intra-op threads in torch and numba, then restore both.
+def torch_thread_cap(cap: int | None) -> Iterator[None]:
+    """Within the block, ops never use more than `cap` threads, torch or numba (this thread only).
+
+    The Session uses it to run a whole graph on one thread when that is measured faster (a
+    loaded machine), without each dense op resizing torch's OpenMP team back up.
+    """
+    old = getattr(_cap, "value", None)
+    _cap.value = cap
+    try:
+        yield
+    finally:
+        _cap.value = old
+
+
+@contextlib.contextmanager
+def thread_scope(threads: int | None, torch_threads: bool = True) -> Iterator[None]:
+    """Run a block with `threads` intra-op threads in numba (and torch unless `torch_threads`
+    is False), then restore them.
 
     The settings are process-global (torch) or thread-local (numba); restoring them keeps one
-    op's choice from leaking into the caller or into the next op.
+    op's choice from leaking into the caller or into the next op. numba-only kernels leave
+    torch alone: changing torch's OpenMP team size between ops makes the next parallel region
+    wake (or re-create) a worker, which on a loaded 2-core machine was measured to stall each
+    op for 30-60 ms.
     """
     if threads is None:
         yield
         return
-    old_torch = torch.get_num_threads()
+    cap = getattr(_cap, "value", None)
+    want_torch = threads if cap is None else min(threads, cap)
+    old_torch = torch.get_num_threads() if torch_threads else want_torch
     nb = _numba_threads_module()
     old_numba = nb.get_num_threads() if nb is not None else None
-    if old_torch != threads:
-        torch.set_num_threads(threads)
-    if nb is not None and old_numba != threads:
-        nb.set_num_threads(min(threads, nb.config.NUMBA_NUM_THREADS))
+    if old_torch != want_torch:
+        torch.set_num_threads(want_torch)
+    want_numba = want_torch if cap is not None else threads
+    if nb is not None and old_numba != want_numba:
+        nb.set_num_threads(min(want_numba, nb.config.NUMBA_NUM_THREADS))
     try:
         yield
     finally:
@@ -111,6 +137,8 @@ class Op:
         self.nbytes = int(prepared.nbytes)
         self.threads = threads
         self._call: Callable[[torch.Tensor], torch.Tensor] = prepared
+        # numba kernels set ``uses_torch_threads = False``: only numba's count is scoped for them.
+        self._torch_threads = bool(getattr(prepared, "uses_torch_threads", True))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -119,7 +147,7 @@ class Op:
             x = x.contiguous()
         if self.threads is None:
             return self._call(x)
-        with thread_scope(self.threads):
+        with thread_scope(self.threads, self._torch_threads):
             return self._call(x)
 
     def __repr__(self) -> str:

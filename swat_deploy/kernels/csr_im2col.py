@@ -40,6 +40,8 @@ class _Geometry:
 
 
 class _CsrIm2colConv:
+    uses_torch_threads = False  # numba loops; see base.thread_scope
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> None:
         self.w = CsrConvWeights(weight, bias, spec)
         self.nbytes = self.w.nbytes

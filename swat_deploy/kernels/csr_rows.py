@@ -19,6 +19,8 @@ _LANES = 16
 
 
 class _CsrLinear:
+    uses_torch_threads = False  # numba loops; see base.thread_scope
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> None:
         self.csr = to_csr(weight)
         self.nbytes = self.csr.nbytes

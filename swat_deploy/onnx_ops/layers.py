@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import BuildContext, Node, OpDef, resolve_pads, spatial_attrs, to_torch
+from .optimize import FUSED_RELU, FUSED_RESIDUAL
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MAX_CACHED_SHAPES = 8  # per layer; more shape classes than this evicts the oldest
@@ -35,6 +36,17 @@ def _conv_geometry(node: Node, weight_shape: tuple[int, ...], spatial: tuple[int
     return strides, dilations, begins, ends
 
 
+def _epilogue(node: Node, y: torch.Tensor, xs: list) -> torch.Tensor:
+    """The Add / Relu a fused Conv absorbed (see `optimize.fuse_conv_epilogue`), in place on
+    the conv's fresh output where the shapes allow."""
+    if node.attrs.get(FUSED_RESIDUAL):
+        r = xs[3]
+        y = y.add_(r) if r.shape == y.shape and r.dtype == y.dtype else y + r
+    if node.attrs.get(FUSED_RELU):
+        y = y.relu_()
+    return y
+
+
 def _t_conv(node: Node, xs: list) -> list:
     """Plain torch convolution: non-constant weights, non-float32 data, constant folding."""
     x, w = xs[0], xs[1]
@@ -48,7 +60,7 @@ def _t_conv(node: Node, xs: list) -> list:
         for bb, ee in zip(reversed(begins), reversed(ends)):
             flat += [bb, ee]
         x = F.pad(x, flat)
-    return [_CONV[nd](x, w, b, strides, 0, dilations, int(node.attr("group", 1)))]
+    return [_epilogue(node, _CONV[nd](x, w, b, strides, 0, dilations, int(node.attr("group", 1))), xs)]
 
 
 def _t_gemm(node: Node, xs: list) -> list:
@@ -141,6 +153,10 @@ class ConvLayer(_Layer):
         self.nd = weight.ndim - 2
         self.groups = int(node.attr("group", 1))
         self.weight4 = self.weight if self.nd == 2 else self.weight.unsqueeze(2)  # 1-D runs as 2-D
+        self.residual = bool(node.attrs.get(FUSED_RESIDUAL))
+        self.relu = bool(node.attrs.get(FUSED_RELU))
+        # input shape -> built op: the per-run path is one dict lookup, not a pads resolution.
+        self._by_shape: dict[tuple[int, ...], Any] = {}
 
     def _make(self, input_shape: tuple[int, ...] | None, pads4, strides, dilations) -> Any:
         from swat_deploy.kernels import make_conv2d
@@ -162,9 +178,23 @@ class ConvLayer(_Layer):
 
     def __call__(self, xs: list) -> list:
         x = xs[0]
+        op = self._by_shape.get(x.shape) if self.nd == 2 and x.dtype == torch.float32 else None
+        if op is None:
+            return self._slow_call(xs)
+        self._last = op
+        y = op(x)
+        if self.residual:
+            r = xs[3]
+            y = y.add_(r) if r.shape == y.shape and r.dtype == y.dtype else y + r
+        if self.relu:
+            y = y.relu_()
+        return [y]
+
+    def _slow_call(self, xs: list) -> list:
+        x = xs[0]
         if x.dtype != torch.float32:
             return _t_conv(self.node, [x, self.weight.to(x.dtype),
-                                       None if self.bias is None else self.bias.to(x.dtype)])
+                                       None if self.bias is None else self.bias.to(x.dtype)] + list(xs[3:]))
         if x.dim() != self.nd + 2:
             raise self.node.error(f"input of rank {x.dim()} given to a {self.nd}-D conv",
                                   f"feed a rank-{self.nd + 2} tensor")
@@ -174,8 +204,13 @@ class ConvLayer(_Layer):
         shape = tuple(int(d) for d in x4.shape)
         key = (_batch_bucket(shape[0]),) + shape[1:] + tuple(pads4)
         op = self._get(key, lambda: self._make(shape, pads4, strides, dilations))
+        if self.nd == 2:
+            with self._lock:
+                if len(self._by_shape) >= 4 * _MAX_CACHED_SHAPES:
+                    self._by_shape.clear()
+                self._by_shape[x.shape] = op
         y = op(x4)
-        return [y if self.nd == 2 else y.squeeze(2)]
+        return [_epilogue(self.node, y if self.nd == 2 else y.squeeze(2), xs)]
 
 
 class LinearLayer(_Layer):

@@ -1,5 +1,5 @@
 """Load-time graph rewrites: support check, topological order, constant folding, Conv+BN
-fusion, dead-node removal.
+fusion, dead-node removal, Conv+Add+Relu epilogue fusion.
 
 Folding is what turns the exporter's compressed weights (values + packed bitmask expanded
 with BitShift / CumSum / ScatterND / ...) back into a dense-shaped, mostly-zero constant, so
@@ -135,6 +135,75 @@ def fuse_conv_bn(graph: Graph) -> None:
         graph.nodes = [replaced.get(id(n), n) for n in graph.nodes if replaced.get(id(n), n) is not None]
 
 
+# Attribute keys of a fused Conv (a Conv node carrying its epilogue): they start with "swat." so
+# they can never clash with ONNX's own Conv attributes. Input 3 is the residual when present.
+FUSED_RESIDUAL = "swat.residual"
+FUSED_RELU = "swat.relu"
+
+
+def fuse_conv_epilogue(graph: Graph) -> None:
+    """Conv [-> Add(other)] [-> Relu] becomes one Conv step with an in-place epilogue; in place.
+
+    Why: at batch 1 a ResNet's Add and Relu steps are half the graph's steps, each a Python
+    dispatch plus a pass over memory (and a thread-pool wake-up when torch splits it). Folded
+    into the conv they cost one in-place pass on the freshly written, cache-hot output. Only a
+    conv output used by nothing else is fused; the fused node takes the place of the last node
+    it absorbs, where every input it reads (the residual too) is already computed.
+    """
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            if name:
+                uses[name] = uses.get(name, 0) + 1
+    for vi in graph.outputs:
+        uses[vi.name] = uses.get(vi.name, 0) + 1
+    consumer: dict[str, Node] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            if name:
+                consumer[name] = node
+    out_names = {vi.name for vi in graph.outputs}
+
+    def single_consumer(name: str, op_type: str) -> Node | None:
+        node = consumer.get(name)
+        if node is None or uses.get(name) != 1 or name in out_names or node.op_type != op_type:
+            return None
+        return node if node.domain in DEFAULT_DOMAINS else None
+
+    replaced: dict[int, Node | None] = {}
+    for conv in graph.nodes:
+        if conv.op_type != "Conv" or FUSED_RELU in conv.attrs or len(conv.outputs) != 1:
+            continue
+        ins = list(conv.inputs) + [""] * (3 - len(conv.inputs))
+        absorbed: list[Node] = []
+        out = conv.outputs[0]
+        residual = ""
+        add = single_consumer(out, "Add")
+        if add is not None and len(add.inputs) == 2 and id(add) not in replaced:
+            other = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
+            # A constant addend broadcasts (e.g. a bias of another shape): leave it to the Add.
+            if other and other != out and other not in graph.constants:
+                residual, out = other, add.outputs[0]
+                absorbed.append(add)
+        relu = single_consumer(out, "Relu")
+        if relu is not None and id(relu) not in replaced:
+            out = relu.outputs[0]
+            absorbed.append(relu)
+        if not absorbed:
+            continue
+        attrs = dict(conv.attrs)
+        attrs[FUSED_RELU] = int(relu is not None and relu in absorbed)
+        attrs[FUSED_RESIDUAL] = int(bool(residual))
+        fused = Node("Conv", ins[:3] + ([residual] if residual else []), [out], attrs,
+                     conv.name, conv.domain, conv.opset)
+        replaced[id(conv)] = None
+        for node in absorbed[:-1]:
+            replaced[id(node)] = None
+        replaced[id(absorbed[-1])] = fused
+    if replaced:
+        graph.nodes = [replaced.get(id(n), n) for n in graph.nodes if replaced.get(id(n), n) is not None]
+
+
 def _fresh(graph: Graph, base: str) -> str:
     taken = set(graph.constants) | {o for n in graph.nodes for o in n.outputs}
     name, k = base, 1
@@ -156,7 +225,7 @@ def remove_dead(graph: Graph) -> None:
     graph.constants = {k: v for k, v in graph.constants.items() if k in needed}
 
 
-def optimize(graph: Graph, registry: Mapping[str, OpDef]) -> Graph:
+def optimize(graph: Graph, registry: Mapping[str, OpDef], fuse_epilogues: bool = True) -> Graph:
     """The load-time pipeline; returns a new Graph (the argument is not modified)."""
     check_supported(graph, registry)
     g = graph.copy()
@@ -164,4 +233,6 @@ def optimize(graph: Graph, registry: Mapping[str, OpDef]) -> Graph:
     fold_constants(g, registry)
     fuse_conv_bn(g)
     remove_dead(g)
+    if fuse_epilogues:
+        fuse_conv_epilogue(g)
     return g

@@ -1,0 +1,360 @@
+"""``swat bench``: how fast the sparse model runs, next to the dense runtimes, on this machine.
+
+Every engine sees the same model and the same input in one process, and the calls are
+interleaved round by round (engine order reversed every other round) so that frequency
+changes and other load hit all engines alike; each number is a median of repeats. Ratios are
+against dense onnxruntime, the runtime a user would otherwise deploy with, and sit next to the
+FLOP ideal 1 / (1 - s), the speed-up that skipping every zero multiply would give.
+
+onnxruntime runs with ``session.intra_op.allow_spinning=0``: its default keeps worker threads
+spinning after each call, which on a 2-core machine steals the cores from whatever runs next
+(including onnxruntime's own next call when the machine is loaded); measured here it was the
+faster setting for onnxruntime itself.
+
+Library only (returns data); ``cli/bench.py`` formats and prints.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from training.errors import SwatError
+
+ENGINES = ("torch", "onnxruntime", "swat", "torchscript")
+DEFAULT_SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    batch: int
+    median_ms: float
+    throughput: float            # images per second
+    vs_onnxruntime: float | None  # onnxruntime time / this engine's time (> 1: faster)
+    repeats: int
+
+
+@dataclass
+class LayerResult:
+    name: str
+    op: str
+    weight_shape: list[int]
+    input_shape: list[int] | None
+    sparsity: float
+    kernel: str
+    dense_us: float
+    chosen_us: float
+    speedup: float
+    ideal: float
+
+
+@dataclass
+class SweepPoint:
+    sparsity: float
+    batch: int
+    onnxruntime_ms: float
+    swat_ms: float
+    speedup: float
+    ideal: float
+
+
+@dataclass
+class BenchReport:
+    target: str
+    model: str
+    threads: int
+    sparsity: float      # fraction of zero weights over all Conv / Gemm / MatMul weights
+    ideal: float         # 1 / (1 - sparsity)
+    load: tuple[float, float, float]  # os.getloadavg() when the timing started
+    results: list[EngineResult] = field(default_factory=list)
+    layers: list[LayerResult] = field(default_factory=list)
+    sweep: list[SweepPoint] = field(default_factory=list)
+    sweep_png: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------- loading
+@dataclass
+class _Target:
+    label: str
+    model_name: str
+    onnx_bytes: bytes
+    torch_module: torch.nn.Module | None
+    torchscript: Path | None
+    input_shape: tuple[int, ...]  # (C, H, W)
+
+
+def _load_target(target: str | Path) -> _Target:
+    """A run dir, a sparse.safetensors or an .onnx file -> the things each engine runs."""
+    import onnx
+
+    path = Path(target)
+    if not path.exists():
+        raise SwatError(f"{path} not found; pass a run dir, a sparse.safetensors or a .onnx file")
+    if path.is_dir() or path.suffix == ".safetensors":
+        from .prune import load_sparse, prune, to_onnx_model
+
+        sm = load_sparse(path) if path.is_file() else prune(path)
+        run_dir = sm.run.path
+        exported = run_dir / "model.onnx" if path.is_dir() else None
+        # The user's exported file when there is one (what they deploy), else an in-memory export.
+        proto = onnx.load(str(exported)) if exported is not None and exported.is_file() else to_onnx_model(sm)
+        ts = run_dir / "model.pt" if path.is_dir() and (run_dir / "model.pt").is_file() else None
+        return _Target(str(path), str(sm.run.meta.get("model", "?")), proto.SerializeToString(), sm.module,
+                       ts, tuple(sm.input_shape[1:]))
+    if path.suffix != ".onnx":
+        raise SwatError(f"{path} is neither a run dir, a .safetensors nor a .onnx file; pass one of those")
+    proto = onnx.load(str(path))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.dim_value > 0 else 0 for d in dims)[1:]
+    if not shape or any(d == 0 for d in shape):
+        raise SwatError(f"{path}: the input's non-batch dims {shape} are not all fixed; export with a fixed "
+                        "image size")
+    return _Target(str(path), path.stem, proto.SerializeToString(), None, None, shape)
+
+
+def _ort_session(model_bytes: bytes, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------- timing
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, budget_s: float = 20.0) -> dict[str, tuple[float, int]]:
+    """name -> (median seconds, rounds): every function once per round, order alternating.
+
+    One warm-up call each; the round count is cut to fit `budget_s` (at least 3 rounds).
+    """
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    rounds = max(3, min(repeats, int(budget_s / max(sum(first.values()), 1e-6))))
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {n: (statistics.median(v), rounds) for n, v in times.items()}
+
+
+def _weight_sparsity(sess: Any) -> float:
+    layers = sess.layers()
+    total = sum(int(np.prod(l["weight_shape"])) for l in layers)
+    zeros = sum(l["sparsity"] * int(np.prod(l["weight_shape"])) for l in layers)
+    return zeros / total if total else 0.0
+
+
+def _ideal(s: float) -> float:
+    return 1.0 / max(1.0 - s, 1e-9)
+
+
+# ------------------------------------------------------------------------------- entry
+def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 2, *, repeats: int = 30,
+          engines: Sequence[str] = ENGINES, layers: bool = False, sweep: bool = False,
+          sweep_sparsities: Sequence[float] = DEFAULT_SWEEP, sweep_png: str | Path | None = None,
+          seed: int = 0) -> BenchReport:
+    """Time the model at `target` on every engine and batch size; see the module docstring.
+
+    ``layers`` adds a per-layer table (our kernel vs dense on each layer's real input);
+    ``sweep`` re-prunes the model by magnitude to each of `sweep_sparsities`, times our Session
+    against onnxruntime and, with `sweep_png`, writes the plot there (atomically).
+    """
+    from .session import Session
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise SwatError(f"--threads must be a positive integer, got {threads!r}; e.g. --threads 2")
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise SwatError(f"--batch-size must be positive integers, got {list(batch_sizes)}; e.g. --batch-size 1,64")
+    if repeats < 1:
+        raise SwatError(f"--repeats must be >= 1, got {repeats}")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise SwatError(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
+    t = _load_target(target)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ort_sess = _ort_session(t.onnx_bytes, threads)
+        sess = Session(t.onnx_bytes, threads=threads)
+        s = _weight_sparsity(sess)
+        report = BenchReport(t.label, t.model_name, threads, s, _ideal(s), os.getloadavg())
+        ts_module = None
+        if "torchscript" in engines and t.torchscript is not None:
+            ts_module = torch.jit.load(str(t.torchscript)).eval()
+        elif "torchscript" in engines:
+            report.notes.append("torchscript: no model.pt in the run dir (swat export RUN --format torchscript)")
+        if "torch" in engines and t.torch_module is None:
+            report.notes.append("torch: only for a run dir or sparse.safetensors (an .onnx file has no torch model)")
+        gen = np.random.default_rng(seed)
+        for b in batch_sizes:
+            x = gen.random((b,) + t.input_shape, dtype=np.float32)
+            xt = torch.from_numpy(x)
+            fns: dict[str, Callable[[], Any]] = {}
+            if "torch" in engines and t.torch_module is not None:
+                fns["torch"] = lambda m=t.torch_module: m(xt)
+            if "onnxruntime" in engines or "swat" in engines:
+                fns["onnxruntime"] = lambda: ort_sess.run(None, {"input": x})
+            if "swat" in engines:
+                fns["swat"] = lambda: sess.run(None, {"input": x})
+            if ts_module is not None:
+                fns["torchscript"] = lambda: ts_module(xt)
+            with torch.inference_mode():
+                if "swat" in fns:  # a wrong fast answer is no answer: check before timing
+                    ref, got = fns["onnxruntime"]()[0], fns["swat"]()[0]
+                    if not np.allclose(got, ref, rtol=1e-4, atol=1e-4):
+                        raise SwatError(f"the sparse Session disagrees with onnxruntime on {t.label} "
+                                        f"(max diff {float(np.abs(got - ref).max()):.3g}); please report this",
+                                        exit_code=1)
+                timed = time_interleaved(fns, repeats)
+            ort_ms = timed["onnxruntime"][0] * 1e3 if "onnxruntime" in timed else None
+            for name in [e for e in ENGINES if e in timed]:
+                if name == "onnxruntime" and "onnxruntime" not in engines:
+                    continue
+                sec, rounds = timed[name]
+                report.results.append(EngineResult(name, b, sec * 1e3, b / sec,
+                                                   None if ort_ms is None else ort_ms / (sec * 1e3), rounds))
+        if layers:
+            report.layers = layer_table(sess)
+        if sweep:
+            import onnx
+
+            report.sweep = sweep_sparsity(onnx.load_from_string(t.onnx_bytes), t.input_shape, batch_sizes,
+                                          threads, sweep_sparsities, repeats)
+            if sweep_png is not None:
+                report.sweep_png = str(plot_sweep(report.sweep, sweep_png, f"{t.model_name}, {threads} threads"))
+        return report
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+# ------------------------------------------------------------------------------- per layer
+def layer_table(sess: Any, repeats: int = 15) -> list[LayerResult]:
+    """Per Conv / Gemm layer of a Session that has run: its kernel vs dense on its real input."""
+    from .kernels import make_conv2d, make_linear
+
+    rows = []
+    for layer in sess._ctx.layers:
+        op = layer._last
+        if op is None or op.spec.input_shape is None:
+            continue
+        spec = op.spec
+        w = layer.weight4 if spec.kind == "conv2d" else layer.weight
+        if spec.kind == "conv2d":
+            dense = make_conv2d(w, layer.bias, spec.stride, spec.padding, spec.dilation, spec.groups,
+                                input_shape=spec.input_shape, kernel="dense", threads=op.threads)
+        else:
+            dense = make_linear(w, layer.bias, input_shape=spec.input_shape, kernel="dense", threads=op.threads)
+        x = torch.rand(spec.input_shape)
+        with torch.inference_mode():
+            timed = time_interleaved({"dense": lambda: dense(x), "chosen": lambda: op(x)}, repeats, budget_s=2.0)
+        d, c = timed["dense"][0] * 1e6, timed["chosen"][0] * 1e6
+        rows.append(LayerResult(layer.name, layer.op_type, list(spec.weight_shape), list(spec.input_shape),
+                                op.weight_sparsity, op.kernel_name, d, c, d / c, _ideal(op.weight_sparsity)))
+    return rows
+
+
+# ------------------------------------------------------------------------------- sweep
+def magnitude_prune_onnx(model: Any, sparsity: float) -> Any:
+    """A copy of `model` whose Conv / Gemm / MatMul weight initializers keep only their largest
+    |w| (per tensor), so the sweep needs nothing but the ONNX file."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    weights = {n.input[1] for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
+    found = 0
+    for init in out.graph.initializer:
+        if init.name not in weights:
+            continue
+        w = numpy_helper.to_array(init)
+        if w.dtype != np.float32 or w.ndim < 2:
+            continue
+        k = int(round(sparsity * w.size))
+        if k > 0:
+            flat = w.reshape(-1).copy()
+            flat[np.argpartition(np.abs(flat), k - 1)[:k]] = 0.0
+            w = flat.reshape(w.shape)
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+        found += 1
+    if not found:
+        raise SwatError("the model's Conv / Gemm weights are not plain initializers (compact encoding?); "
+                        "run the sweep on the run dir instead of the exported file")
+    return out
+
+
+def sweep_sparsity(model: Any, input_shape: tuple[int, ...], batch_sizes: Sequence[int], threads: int,
+                   sparsities: Sequence[float], repeats: int = 20) -> list[SweepPoint]:
+    """Session vs onnxruntime on magnitude-pruned copies of `model` at each sparsity."""
+    from .session import Session
+
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise SwatError(f"sweep sparsity {s} is not in [0, 1); e.g. 0.9")
+    points = []
+    gen = np.random.default_rng(0)
+    for s in sparsities:
+        data = magnitude_prune_onnx(model, s).SerializeToString()
+        ort_sess, sess = _ort_session(data, threads), Session(data, threads=threads)
+        for b in batch_sizes:
+            x = gen.random((b,) + tuple(input_shape), dtype=np.float32)
+            timed = time_interleaved({"onnxruntime": lambda: ort_sess.run(None, {"input": x}),
+                                      "swat": lambda: sess.run(None, {"input": x})}, repeats, budget_s=8.0)
+            o, w = timed["onnxruntime"][0] * 1e3, timed["swat"][0] * 1e3
+            points.append(SweepPoint(float(s), int(b), o, w, o / w, _ideal(_weight_sparsity(sess))))
+    return points
+
+
+def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str) -> Path:
+    """Speed-up over onnxruntime vs sparsity, one line per batch size, plus the FLOP ideal; atomic write."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for b in sorted({p.batch for p in points}):
+        pts = sorted((p for p in points if p.batch == b), key=lambda p: p.sparsity)
+        ax.plot([p.sparsity for p in pts], [p.speedup for p in pts], "o-", label=f"swat Session, batch {b}")
+    ideal = sorted({(p.sparsity, p.ideal) for p in points})
+    ax.plot([s for s, _ in ideal], [i for _, i in ideal], "k--", label="FLOP ideal 1/(1-s)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("weight sparsity")
+    ax.set_ylabel("speed-up vs dense onnxruntime")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sweep.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,106 @@
+"""`swat_deploy.bench` and `swat bench`: what is timed, how, and what comes back (no speed asserts)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from swat_deploy.bench import bench, magnitude_prune_onnx, time_interleaved
+from training.errors import SwatError
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SWAT_AUTOTUNE", "0")
+    monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
+
+
+@pytest.fixture(scope="module")
+def cnn_onnx(tmp_path_factory) -> Path:
+    """A small CNN exported elsewhere with torch.onnx.export, 80 % magnitude-pruned."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    path = tmp_path_factory.mktemp("bench") / "cnn.onnx"
+    torch.onnx.export(net, (torch.rand(1, 3, 12, 12),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "b"}})
+    model = magnitude_prune_onnx(onnx.load(str(path)), 0.8)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_time_interleaved_alternates_order_and_counts_rounds() -> None:
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    out = time_interleaved(fns, repeats=4)
+    assert {n: r for n, (_, r) in out.items()} == {"a": 4, "b": 4, "c": 4}
+    timed = calls[3:]  # after one warm-up call each
+    assert timed[:3] == ["a", "b", "c"] and timed[3:6] == ["c", "b", "a"]
+    assert all(t >= 0 for t, _ in out.values())
+
+
+def test_magnitude_prune_hits_the_sparsity_on_weights_only(cnn_onnx: Path) -> None:
+    model = onnx.load(str(cnn_onnx))
+    pruned = magnitude_prune_onnx(model, 0.9)
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for init in pruned.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim >= 2:
+            assert abs(float((w == 0).mean()) - 0.9) < 0.01, init.name
+            kept = w != 0  # the largest magnitudes are the ones kept
+            assert np.abs(before[init.name][kept]).min() >= np.abs(before[init.name][~kept]).max() - 1e-7
+        else:
+            np.testing.assert_array_equal(w, before[init.name])  # biases untouched
+
+
+def test_bench_onnx_file_reports_engines_layers_and_sweep(cnn_onnx: Path, tmp_path: Path) -> None:
+    png = tmp_path / "sweep.png"
+    report = bench(cnn_onnx, [1, 3], threads=1, repeats=3, layers=True, sweep=True,
+                   sweep_sparsities=[0.5, 0.9], sweep_png=png)
+    engines = {(r.engine, r.batch) for r in report.results}
+    assert engines == {("onnxruntime", 1), ("swat", 1), ("onnxruntime", 3), ("swat", 3)}
+    for r in report.results:
+        assert r.median_ms > 0 and r.throughput == pytest.approx(r.batch / (r.median_ms / 1e3))
+        if r.engine == "onnxruntime":
+            assert r.vs_onnxruntime == pytest.approx(1.0)
+    assert report.sparsity == pytest.approx(0.8, abs=0.01) and report.ideal == pytest.approx(5.0, rel=0.05)
+    assert [l.op for l in report.layers] == ["Conv", "Conv", "Gemm"]
+    assert [l.input_shape for l in report.layers][:2] == [[3, 3, 12, 12], [3, 16, 12, 12]]  # last run: batch 3
+    assert all(l.dense_us > 0 and l.chosen_us > 0 for l in report.layers)
+    assert [(p.sparsity, p.batch) for p in report.sweep] == [(0.5, 1), (0.5, 3), (0.9, 1), (0.9, 3)]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".sweep.*"))  # no temp file left behind
+    assert any("torch" in n for n in report.notes)  # an .onnx file has no torch model to time
+    json.dumps(report.to_dict())
+
+
+def test_bench_rejects_bad_arguments(cnn_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(SwatError, match="batch-size"):
+        bench(cnn_onnx, [0])
+    with pytest.raises(SwatError, match="threads"):
+        bench(cnn_onnx, [1], threads=0)
+    with pytest.raises(SwatError, match="not found"):
+        bench(tmp_path / "nope.onnx")
+
+
+@pytest.mark.slow  # three `swat` subprocesses (~7 s)
+def test_swat_bench_cli_json_and_errors(cnn_onnx: Path) -> None:
+    env = dict(os.environ, MPLBACKEND="Agg", SWAT_AUTOTUNE="0")
+    base = [sys.executable, "-m", "cli", "bench", str(cnn_onnx), "--threads", "1", "--repeats", "3"]
+    ok = subprocess.run(base + ["--json"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert {r["engine"] for r in data["results"]} == {"onnxruntime", "swat"} and data["threads"] == 1
+    table = subprocess.run(base + ["--layers"], capture_output=True, text=True, env=env)
+    assert table.returncode == 0 and "vs ORT" in table.stdout and "kernel" in table.stdout
+    bad = subprocess.run(base + ["--batch-size", "1,x"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--batch-size" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,78 @@
+"""Forward-only weight sparsification: the paper's Figure 2a ablation.
+
+The forward pass computes with TopK(W); the backward pass is the *dense* one (grad_input from
+the dense W, grad_W from the dense input), so only the forward is perturbed.  ``swatify``
+cannot express this: its swat mode ties the weight and the activation sparsity of a layer
+together and sparsifies the backward too.
+
+Implemented with stock ops only: ``dense + (sparse - dense).detach()`` has the value of the
+sparse product and the gradient of the dense one.  It costs a second forward GEMM, which the
+small study models can afford; it is an ablation, not a training mode to deploy.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.budget import layer_sparsities, prunable_layers
+from training.topk import check_topk, topk_weight
+
+__all__ = ["forward_only", "ForwardOnlyConv2d", "ForwardOnlyLinear"]
+
+
+class _ForwardOnlyMixin:
+    fo_sparsity: float
+    fo_topk: str
+    weight: Tensor
+    bias: Optional[Tensor]
+    training: bool
+
+    def _fo_combine(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        return dense + (sparse - dense).detach()
+
+
+class ForwardOnlyConv2d(_ForwardOnlyMixin, nn.Conv2d):
+    """Conv2d whose forward uses TopK(W) and whose backward is dense."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w_s = topk_weight(self.weight, self.fo_sparsity, self.fo_topk)
+        if not (self.training and torch.is_grad_enabled()):
+            return self._conv_forward(x, w_s, self.bias)
+        dense = self._conv_forward(x, self.weight, self.bias)
+        with torch.no_grad():
+            sparse = self._conv_forward(x, w_s, self.bias)
+        return self._fo_combine(dense, sparse)
+
+
+class ForwardOnlyLinear(_ForwardOnlyMixin, nn.Linear):
+    """Linear layer whose forward uses TopK(W) and whose backward is dense."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w_s = topk_weight(self.weight, self.fo_sparsity, self.fo_topk)
+        if not (self.training and torch.is_grad_enabled()):
+            return F.linear(x, w_s, self.bias)
+        dense = F.linear(x, self.weight, self.bias)
+        with torch.no_grad():
+            sparse = F.linear(x, w_s, self.bias)
+        return self._fo_combine(dense, sparse)
+
+
+def forward_only(model: nn.Module, sparsity: float, topk: str = "nchw") -> nn.Module:
+    """Make every plain Conv2d / Linear of ``model`` forward-sparse (in place; returns model).
+
+    Parameters are untouched, so an optimizer built before the call keeps working.  The model
+    must not be swatified (call :func:`training.swatify.unswatify` first).
+    """
+    check_topk(topk)
+    plan = layer_sparsities(model, sparsity)
+    for name, m in prunable_layers(model):
+        if getattr(type(m), "_swat_layer", False):
+            raise ValueError(f"layer {name!r} is a SWAT layer; call training.unswatify(model) before "
+                             "forward_only(model, ...)")
+        m.__class__ = ForwardOnlyConv2d if isinstance(m, nn.Conv2d) else ForwardOnlyLinear
+        m.fo_sparsity = plan[name]
+        m.fo_topk = topk
+    return model

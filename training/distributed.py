@@ -29,7 +29,6 @@ What stays identical on every rank, and why (checked, see :func:`check_identical
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import signal
@@ -48,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from training.errors import SwatError
+from training.fileio import sha256_tensors
 
 TIMEOUT_ENV = "SWAT_DIST_TIMEOUT"
 CHECK_ENV = "SWAT_DIST_CHECK"
@@ -292,12 +292,7 @@ def state_digest(model: nn.Module) -> bytes:
 
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"swat/{k}": v for k, v in swat_state_dict(model).items()})
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{k}|{t.dtype}|{tuple(tensors[k].shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.digest()
+    return bytes.fromhex(sha256_tensors(tensors))
 
 
 def check_identical(model: nn.Module, ctx: DistContext, where: str) -> None:

@@ -30,34 +30,32 @@ class _ForwardOnlyMixin:
     bias: Optional[Tensor]
     training: bool
 
-    def _fo_combine(self, dense: Tensor, sparse: Tensor) -> Tensor:
+    def _fo_op(self, x: Tensor, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        w_s = topk_weight(self.weight, self.fo_sparsity, self.fo_topk)
+        if not (self.training and torch.is_grad_enabled()):
+            return self._fo_op(x, w_s)
+        dense = self._fo_op(x, self.weight)
+        with torch.no_grad():
+            sparse = self._fo_op(x, w_s)
+        # the value of the sparse forward, the gradient of the dense one
         return dense + (sparse - dense).detach()
 
 
 class ForwardOnlyConv2d(_ForwardOnlyMixin, nn.Conv2d):
     """Conv2d whose forward uses TopK(W) and whose backward is dense."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        w_s = topk_weight(self.weight, self.fo_sparsity, self.fo_topk)
-        if not (self.training and torch.is_grad_enabled()):
-            return self._conv_forward(x, w_s, self.bias)
-        dense = self._conv_forward(x, self.weight, self.bias)
-        with torch.no_grad():
-            sparse = self._conv_forward(x, w_s, self.bias)
-        return self._fo_combine(dense, sparse)
+    def _fo_op(self, x: Tensor, w: Tensor) -> Tensor:
+        return self._conv_forward(x, w, self.bias)
 
 
 class ForwardOnlyLinear(_ForwardOnlyMixin, nn.Linear):
     """Linear layer whose forward uses TopK(W) and whose backward is dense."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        w_s = topk_weight(self.weight, self.fo_sparsity, self.fo_topk)
-        if not (self.training and torch.is_grad_enabled()):
-            return F.linear(x, w_s, self.bias)
-        dense = F.linear(x, self.weight, self.bias)
-        with torch.no_grad():
-            sparse = F.linear(x, w_s, self.bias)
-        return self._fo_combine(dense, sparse)
+    def _fo_op(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.linear(x, w, self.bias)
 
 
 def forward_only(model: nn.Module, sparsity: float, topk: str = "nchw") -> nn.Module:

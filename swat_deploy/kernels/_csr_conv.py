@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ..formats import to_csr
+from . import _numba_common as nc
 from .base import LayerSpec
 
 
@@ -41,3 +42,18 @@ class CsrConvWeights:
         if h_out < 1 or w_out < 1:
             raise ValueError(f"conv input {h}x{w} is smaller than the dilated kernel; check the model's input size")
         return h_out, w_out
+
+    def multiply_unpack(self, packed: np.ndarray, g, n: int, row_width: int, par: bool) -> torch.Tensor:
+        """CSR x packed input chunks, then back to NCHW; the step both conv layouts end with.
+
+        ``row_width`` is the width of one output row in the packed result (the padded input width
+        for the direct kernel, ``w_out`` for im2col).
+        """
+        out = nc.workspace(1, g.nb * self.o * g.run)
+        nc.csr_shift_rows(par)(self.indptr, g.offs, self.vals, self.bias, packed, g.chunk_in, out, g.run, g.nb)
+        yn = np.empty((n, self.o, g.h_out, g.w_out), np.float32)
+        if g.nchunk == 1:
+            nc.unpack1(par)(out, yn.reshape(-1), n * self.o, g.h_out, g.w_out, row_width, g.run)
+        else:
+            nc.unpack(par)(out, yn, g.nchunk, row_width, g.run)
+        return torch.from_numpy(yn)

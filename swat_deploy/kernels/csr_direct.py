@@ -18,7 +18,6 @@ The row loop (one output channel per task) parallelises over channels x chunks w
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,14 +107,7 @@ class _CsrDirectConv:
         else:
             packed = nc.workspace(0, g.nb * g.chunk_in)
             nc.pack(par)(x.numpy(), packed, g.nchunk, sh, sw, pt, pl, g.hq, g.wq, g.chunk_in)
-        out = nc.workspace(1, g.nb * wt.o * g.run)
-        nc.csr_shift_rows(par)(wt.indptr, g.offs, wt.vals, wt.bias, packed, g.chunk_in, out, g.run, g.nb)
-        yn = np.empty((n, wt.o, g.h_out, g.w_out), np.float32)
-        if g.nchunk == 1:
-            nc.unpack1(par)(out, yn.reshape(-1), n * wt.o, g.h_out, g.w_out, g.wq, g.run)
-        else:
-            nc.unpack(par)(out, yn, g.nchunk, g.wq, g.run)
-        return torch.from_numpy(yn)
+        return wt.multiply_unpack(packed, g, n, g.wq, par)
 
 
 class CsrDirectKernel:

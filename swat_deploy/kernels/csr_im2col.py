@@ -80,14 +80,7 @@ class _CsrIm2colConv:
         par = nc.parallel(wt.vals.size * g.run * g.nb)
         packed = nc.workspace(0, g.nb * g.chunk_in)
         nc.im2col(par)(x.numpy(), packed, g.nchunk, wt.kh, wt.kw, sh, sw, dh, dw, pt, pl, g.h_out, g.w_out, g.run)
-        out = nc.workspace(1, g.nb * wt.o * g.run)
-        nc.csr_shift_rows(par)(wt.indptr, g.offs, wt.vals, wt.bias, packed, g.chunk_in, out, g.run, g.nb)
-        yn = np.empty((n, wt.o, g.h_out, g.w_out), np.float32)
-        if g.nchunk == 1:
-            nc.unpack1(par)(out, yn.reshape(-1), n * wt.o, g.h_out, g.w_out, g.w_out, g.run)
-        else:
-            nc.unpack(par)(out, yn, g.nchunk, g.w_out, g.run)
-        return torch.from_numpy(yn)
+        return wt.multiply_unpack(packed, g, n, g.w_out, par)
 
 
 class CsrIm2colKernel:

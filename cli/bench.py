@@ -56,7 +56,9 @@ def bench(
     typer.echo(f"{'engine':<12} {'batch':>5} {'median ms':>10} {'img/s':>10} {'vs ORT':>7} {'rounds':>6}")
     for r in report.results:
         ratio = "" if r.vs_onnxruntime is None else f"{r.vs_onnxruntime:.2f}x"
-        typer.echo(f"{r.engine:<12} {r.batch:>5} {r.median_ms:>10.3f} {r.throughput:>10.1f} {ratio:>7} {r.repeats:>6}")
+        plan = f"  ({r.plan})" if r.plan else ""
+        typer.echo(f"{r.engine:<12} {r.batch:>5} {r.median_ms:>10.3f} {r.throughput:>10.1f} {ratio:>7} "
+                   f"{r.repeats:>6}{plan}")
     if report.layers:
         typer.echo("")
         typer.echo(f"{'layer':<34} {'weight':<16} {'input':<16} {'sparsity':>8} {'kernel':<11} "
@@ -69,8 +71,9 @@ def bench(
         typer.echo("")
         typer.echo(f"{'sparsity':>8} {'batch':>5} {'ORT ms':>9} {'swat ms':>9} {'speedup':>7} {'ideal':>6}")
         for p in report.sweep:
+            plan = f"  ({p.plan})" if p.plan else ""
             typer.echo(f"{p.sparsity:>8.2f} {p.batch:>5} {p.onnxruntime_ms:>9.3f} {p.swat_ms:>9.3f} "
-                       f"{p.speedup:>6.2f}x {p.ideal:>5.1f}x")
+                       f"{p.speedup:>6.2f}x {p.ideal:>5.1f}x{plan}")
     if report.sweep_png:
         typer.echo(f"wrote {report.sweep_png}")
     for note in report.notes:

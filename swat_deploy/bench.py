@@ -6,19 +6,14 @@ changes and other load hit all engines alike; each number is a median of repeats
 against dense onnxruntime, the runtime a user would otherwise deploy with, and sit next to the
 FLOP ideal 1 / (1 - s), the speed-up that skipping every zero multiply would give.
 
-onnxruntime runs with ``session.intra_op.allow_spinning=0``: its default keeps worker threads
-spinning after each call, which on a 2-core machine steals the cores from whatever runs next
-(including onnxruntime's own next call when the machine is loaded); measured here it was the
-faster setting for onnxruntime itself.
+onnxruntime runs as `swat_deploy.ort.ort_session` opens it (no spinning worker threads).
 
 Library only (returns data); ``cli/bench.py`` formats and prints.
 """
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +22,9 @@ import numpy as np
 import torch
 
 from training.errors import SwatError
+
+from .ort import ort_session
+from .timing import time_interleaved
 
 ENGINES = ("torch", "onnxruntime", "swat", "torchscript")
 DEFAULT_SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -40,6 +38,7 @@ class EngineResult:
     throughput: float            # images per second
     vs_onnxruntime: float | None  # onnxruntime time / this engine's time (> 1: faster)
     repeats: int
+    plan: str | None = None       # swat only: what the Session chose, e.g. "kernels, 2 threads"
 
 
 @dataclass
@@ -64,6 +63,7 @@ class SweepPoint:
     swat_ms: float
     speedup: float
     ideal: float
+    plan: str | None = None
 
 
 @dataclass
@@ -124,44 +124,20 @@ def _load_target(target: str | Path) -> _Target:
     return _Target(str(path), path.stem, proto.SerializeToString(), None, None, shape)
 
 
-def _ort_session(model_bytes: bytes, threads: int) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-
-
 # ------------------------------------------------------------------------------- timing
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, budget_s: float = 20.0) -> dict[str, tuple[float, int]]:
-    """name -> (median seconds, rounds): every function once per round, order alternating.
-
-    One warm-up call each; the round count is cut to fit `budget_s` (at least 3 rounds).
-    """
-    first = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - t0
-    rounds = max(3, min(repeats, int(budget_s / max(sum(first.values()), 1e-6))))
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {n: (statistics.median(v), rounds) for n, v in times.items()}
-
-
 def _weight_sparsity(sess: Any) -> float:
     layers = sess.layers()
     total = sum(int(np.prod(l["weight_shape"])) for l in layers)
     zeros = sum(l["sparsity"] * int(np.prod(l["weight_shape"])) for l in layers)
     return zeros / total if total else 0.0
+
+
+def _plan_label(sess: Any, batch: int) -> str | None:
+    """What the Session runs batches of `batch` on, for the report."""
+    for p in sess.plans():
+        if next(iter(p["inputs"].values()), [None])[0] == batch:
+            return "onnxruntime fallback" if p["engine"] == "onnxruntime" else f"kernels, {p['threads']} threads"
+    return None
 
 
 def _ideal(s: float) -> float:
@@ -194,7 +170,7 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ort_sess = _ort_session(t.onnx_bytes, threads)
+        ort_sess = ort_session(t.onnx_bytes, threads)
         sess = Session(t.onnx_bytes, threads=threads)
         s = _weight_sparsity(sess)
         report = BenchReport(t.label, t.model_name, threads, s, _ideal(s), os.getloadavg())
@@ -232,7 +208,8 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
                     continue
                 sec, rounds = timed[name]
                 report.results.append(EngineResult(name, b, sec * 1e3, b / sec,
-                                                   None if ort_ms is None else ort_ms / (sec * 1e3), rounds))
+                                                   None if ort_ms is None else ort_ms / (sec * 1e3), rounds,
+                                                   _plan_label(sess, b) if name == "swat" else None))
         if layers:
             report.layers = layer_table(sess)
         if sweep:
@@ -315,13 +292,14 @@ def sweep_sparsity(model: Any, input_shape: tuple[int, ...], batch_sizes: Sequen
     gen = np.random.default_rng(0)
     for s in sparsities:
         data = magnitude_prune_onnx(model, s).SerializeToString()
-        ort_sess, sess = _ort_session(data, threads), Session(data, threads=threads)
+        ort_sess, sess = ort_session(data, threads), Session(data, threads=threads)
         for b in batch_sizes:
             x = gen.random((b,) + tuple(input_shape), dtype=np.float32)
             timed = time_interleaved({"onnxruntime": lambda: ort_sess.run(None, {"input": x}),
                                       "swat": lambda: sess.run(None, {"input": x})}, repeats, budget_s=8.0)
             o, w = timed["onnxruntime"][0] * 1e3, timed["swat"][0] * 1e3
-            points.append(SweepPoint(float(s), int(b), o, w, o / w, _ideal(_weight_sparsity(sess))))
+            points.append(SweepPoint(float(s), int(b), o, w, o / w, _ideal(_weight_sparsity(sess)),
+                                     _plan_label(sess, b)))
     return points
 
 

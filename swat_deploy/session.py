@@ -12,12 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import statistics
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,16 +60,18 @@ class _Step:
     outputs: list[str]
 
 
-def _load_graph(source: Any) -> Graph:
+def _load_graph(source: Any) -> tuple[Graph, Callable[[], bytes | str] | None]:
+    """The graph, and how to get the same model as onnxruntime input (None for a bare Graph)."""
     if isinstance(source, Graph):
-        return source
+        return source, None
     import onnx
 
     if isinstance(source, onnx.ModelProto):
-        return graph_from_onnx(source)
+        return graph_from_onnx(source), source.SerializeToString
     if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
         try:
-            return graph_from_onnx(onnx.load_from_string(bytes(source)))
+            return graph_from_onnx(onnx.load_from_string(data)), lambda: data
         except Exception as exc:
             raise SwatError(f"the bytes given are not an ONNX model ({type(exc).__name__}); "
                             "pass a .onnx file path or a ModelProto") from exc
@@ -98,14 +98,25 @@ def _load_graph(source: Any) -> Graph:
         msg = " ".join(str(exc).split())[:200]
         raise SwatError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {msg}); "
                         "re-export it with `swat export`") from exc
-    return graph_from_onnx(model)
+    return graph_from_onnx(model), lambda: str(path)
 
 
-def _from_sparse_model(sm: Any) -> Graph:
+def _from_sparse_model(sm: Any) -> tuple[Graph, Callable[[], bytes]]:
     """A pruned model (run dir or sparse.safetensors) -> graph, via an in-memory ONNX export."""
     from .prune import to_onnx_model
 
-    return graph_from_onnx(to_onnx_model(sm))
+    model = to_onnx_model(sm)
+    return graph_from_onnx(model), model.SerializeToString
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one class of runs (requested outputs + input shapes) executes, as measured at its
+    first run: our kernels on ``threads`` threads, or stock onnxruntime (``engine``)."""
+
+    engine: str           # "swat" | "onnxruntime"
+    threads: int
+    ms: dict[str, float]  # median ms of each candidate timed ({} when there was nothing to choose)
 
 
 class Session:
@@ -115,10 +126,18 @@ class Session:
     every kernel; ``kernel`` forces one kernel for every layer (tests, benchmarks). ``run`` is
     safe to call from several Python threads, but thread counts are process-wide in torch, so
     sessions with different ``threads`` should not run concurrently.
+
+    The first run of each input shape times the whole graph on our kernels with all threads,
+    with one thread, and (``fallback``, on by default unless ``kernel`` is forced) on stock
+    onnxruntime, and keeps the fastest for that shape (see `plans`). Per-layer autotuning
+    already falls back to dense torch where sparse kernels lose; the whole-graph fallback
+    exists because onnxruntime's dense convs are faster than torch's at batch 1, so a model
+    that is sparse only in a few layers (or ~50 % everywhere) is never slower than the
+    runtime it replaces.
     """
 
     def __init__(self, path_or_model: str | Path | Any, threads: int | None = None,
-                 kernel: str | None = None) -> None:
+                 kernel: str | None = None, fallback: bool = True) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise SwatError(f"threads must be a positive integer or None, got {threads!r}; e.g. threads=2")
         if kernel is not None and not isinstance(kernel, str):
@@ -128,7 +147,7 @@ class Session:
 
             if kernel not in kernel_names():
                 raise SwatError(f"unknown kernel {kernel!r}; choose one of: {', '.join(kernel_names())}")
-        source = _load_graph(path_or_model)
+        source, onnx_source = _load_graph(path_or_model)
         self.metadata: dict[str, str] = dict(source.metadata)
         self._graph = optimize(source, REGISTRY)
         self._threads = threads
@@ -141,8 +160,10 @@ class Session:
         self._steps = [self._make_step(n) for n in self._graph.nodes]
         self._programs: dict[tuple[str, ...], tuple[list[_Step], list[list[str]]]] = {}
         self._lock = threading.Lock()
-        self._caps: dict[Any, int] = {}
-        # SWAT_SESSION_TUNE_THREADS=0 keeps torch at `threads` always (no per-shape timing).
+        self._plans: dict[Any, Plan] = {}
+        self._onnx_source = onnx_source if fallback and kernel is None else None
+        self._ort: Any = None  # onnxruntime session, opened when a plan first times it
+        # SWAT_SESSION_TUNE_THREADS=0 keeps torch at `threads` always (no one-thread candidate).
         self._tune_threads = os.environ.get("SWAT_SESSION_TUNE_THREADS", "1").strip() not in ("0", "off", "false")
 
     # ------------------------------------------------------------------ onnxruntime API
@@ -158,39 +179,78 @@ class Session:
         names = tuple(output_names) if output_names else tuple(v.name for v in self._outputs)
         steps, frees = self._program(names)
         env = self._feed(input_feed)
-        cap = self._torch_cap(names, env)
-        with torch.no_grad(), _torch_threads(cap), torch_thread_cap(cap):
+        plan = self._plan(names, env)
+        if plan.engine == "onnxruntime":
+            return self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
+        with torch.no_grad(), _torch_threads(plan.threads), torch_thread_cap(plan.threads):
             return self._execute(names, steps, frees, env)
 
-    def _torch_cap(self, names: tuple[str, ...], env: dict[str, torch.Tensor]) -> int:
-        """torch's thread count for this input shape: all threads, or 1 if that is measured faster.
+    def _plan(self, names: tuple[str, ...], env: dict[str, torch.Tensor]) -> Plan:
+        """How runs of this output set and input shape execute; timed on the first such run.
 
-        Why: torch's OpenMP team needs every thread at each barrier; on a busy 2-core machine
-        one descheduled thread stalls every torch op (measured: dense resnet18 at batch 1 went
-        from 12 ms to 550 ms), while one thread never waits. Which wins depends on the load
-        and the shapes, so the first run of each input shape times whole runs both ways
-        (interleaved, median of 3) and keeps the faster. The cap holds for numba kernels too
-        (numba's OpenMP pool has the same wake-up stalls).
+        Candidates: our kernels with all threads, with one thread, and onnxruntime. One thread
+        is a candidate because torch's OpenMP team needs every thread at each barrier; on a
+        busy 2-core machine one descheduled thread stalls every op (measured: dense resnet18 at
+        batch 1 went from 12 ms to 550 ms), while one thread never waits. The cap holds for
+        numba kernels too (numba's OpenMP pool has the same wake-up stalls). Candidates run
+        interleaved, median of repeats; onnxruntime must win by 5 % to be picked, since our
+        kernels hold the sparse weights and onnxruntime the dense ones.
         """
-        threads = self._ctx.threads
-        if threads <= 1 or self._tune_threads is False:
-            return threads
         key = (names,) + tuple((k, tuple(v.shape)) for k, v in sorted(env.items()))
-        cap = self._caps.get(key)
-        if cap is not None:
-            return cap
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        threads = self._ctx.threads
         steps, frees = self._program(names)
-        timing: dict[int, list[float]] = {threads: [], 1: []}
-        for r in range(4):
-            for c in ((threads, 1) if r % 2 == 0 else (1, threads)):
+        runs: dict[str, Callable[[], Any]] = {}
+
+        def ours(c: int) -> Callable[[], Any]:
+            def go() -> Any:
                 with torch.no_grad(), _torch_threads(c), torch_thread_cap(c):
-                    t0 = time.perf_counter()
-                    self._execute(names, steps, frees, dict(env))
-                    if r:  # round 0 warms up (kernel builds, autotuning)
-                        timing[c].append(time.perf_counter() - t0)
-        cap = 1 if statistics.median(timing[1]) < statistics.median(timing[threads]) else threads
-        self._caps[key] = cap
-        return cap
+                    return self._execute(names, steps, frees, dict(env))
+            return go
+
+        runs[f"swat/{threads}"] = ours(threads)
+        if threads > 1 and self._tune_threads:
+            runs["swat/1"] = ours(1)
+        if self._ort_ready(names):
+            feed = {k: v.numpy() for k, v in env.items()}
+            runs["onnxruntime"] = lambda: self._ort.run(list(names), feed)
+        if len(runs) == 1:
+            plan = Plan("swat", threads, {})
+        else:
+            ms = _time_candidates(runs)
+            best = min((k for k in ms if k != "onnxruntime"), key=ms.__getitem__)
+            if "onnxruntime" in ms and ms["onnxruntime"] < 0.95 * ms[best]:
+                plan = Plan("onnxruntime", threads, ms)
+            else:
+                plan = Plan("swat", int(best.split("/")[1]), ms)
+        with self._lock:
+            self._plans[key] = plan
+            if self._ort is not None and all(p.engine != "onnxruntime" for p in self._plans.values()):
+                self._ort = None  # not used by any plan: free its dense weights (reopened if needed)
+        return plan
+
+    def _ort_ready(self, names: tuple[str, ...]) -> bool:
+        """Open onnxruntime on the same model if a fallback is possible for these outputs."""
+        if self._onnx_source is None or not set(names) <= {v.name for v in self._outputs}:
+            return False
+        if self._ort is None:
+            from .ort import ort_session
+
+            try:
+                self._ort = ort_session(self._onnx_source(), self._ctx.threads)
+            except Exception:  # a model onnxruntime cannot load still runs here, without fallback
+                self._onnx_source = None
+                return False
+        return True
+
+    def plans(self) -> list[dict]:
+        """Per class of runs so far: outputs, input shapes, the engine and threads chosen, and
+        the median ms of each candidate timed."""
+        return [{"outputs": list(key[0]), "inputs": {k: list(shape) for k, shape in key[1:]},
+                 "engine": p.engine, "threads": p.threads, "ms": dict(p.ms)}
+                for key, p in self._plans.items()]
 
     def _execute(self, names: tuple[str, ...], steps: list, frees: list, env: dict[str, torch.Tensor]) -> list[np.ndarray]:
         for step, free in zip(steps, frees):
@@ -313,3 +373,10 @@ def _check_input(vi: ValueInfo, value: Any) -> torch.Tensor:
                 raise SwatError(f"input '{vi.name}' dim {i} must be {dim} (shape {vi.shape}), "
                                 f"got shape {list(arr.shape)}; resize the input")
     return to_torch(arr)
+
+
+def _time_candidates(runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """name -> median ms over a short interleaved timing (about half a second)."""
+    from .timing import time_interleaved
+
+    return {k: sec * 1e3 for k, (sec, _) in time_interleaved(runs, repeats=9, budget_s=0.5).items()}

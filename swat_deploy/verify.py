@@ -114,11 +114,9 @@ def _predict(fn: Runner, x: torch.Tensor) -> np.ndarray:
 
 
 def _onnxruntime_runner(path: Path) -> Runner:
-    import onnxruntime as ort
+    from .ort import ort_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     return lambda x: sess.run(["logits"], {"input": x})[0]
 
 
@@ -127,7 +125,7 @@ def _session_runner(path: Path) -> Runner | None:
         from swat_deploy.session import Session
     except ImportError:
         return None
-    sess = Session(path)
+    sess = Session(path, fallback=False)  # the proof is about our kernels, not onnxruntime's
     return lambda x: sess.run(None, {"input": x})[0]
 
 

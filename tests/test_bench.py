@@ -38,14 +38,29 @@ def cnn_onnx(tmp_path_factory) -> Path:
     return path
 
 
-def test_time_interleaved_alternates_order_and_counts_rounds() -> None:
+def test_time_interleaved_alternates_order_in_turns_and_counts_rounds() -> None:
     calls: list[str] = []
     fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
-    out = time_interleaved(fns, repeats=4)
+    out = time_interleaved(fns, repeats=4, per_turn=2)
     assert {n: r for n, (_, r) in out.items()} == {"a": 4, "b": 4, "c": 4}
     timed = calls[3:]  # after one warm-up call each
-    assert timed[:3] == ["a", "b", "c"] and timed[3:6] == ["c", "b", "a"]
+    assert len(timed) == 4 * 3 * 2
+    assert timed[:6] == ["a", "a", "b", "b", "c", "c"] and timed[6:12] == ["c", "c", "b", "b", "a", "a"]
     assert all(t >= 0 for t, _ in out.values())
+
+
+def test_time_interleaved_drops_the_first_call_of_each_turn() -> None:
+    import time
+
+    last = {"who": None}
+
+    def engine(name: str) -> None:  # slow right after the other engine ran (cold cache), fast after
+        time.sleep(0.02 if last["who"] != name else 0.0)
+        last["who"] = name
+
+    fns = {n: (lambda n=n: engine(n)) for n in ("a", "b")}
+    assert all(m < 0.01 for m, _ in time_interleaved(fns, repeats=3, per_turn=3).values())
+    assert all(m >= 0.02 for m, _ in time_interleaved(fns, repeats=3, per_turn=1).values())
 
 
 def test_magnitude_prune_hits_the_sparsity_on_weights_only(cnn_onnx: Path) -> None:

@@ -121,7 +121,7 @@ def test_our_session_runs_the_compact_file(lenet: dict) -> None:
     from swat_deploy.session import Session
 
     x = np.random.default_rng(1).random((4, 1, 8, 8), dtype=np.float32)
-    out = Session(lenet["sparse"]).run(None, {"input": x})[0]
+    out = Session(lenet["sparse"], fallback=False).run(None, {"input": x})[0]
     np.testing.assert_allclose(out, _ort(lenet["dense"], x), atol=1e-4, rtol=0)
 
 

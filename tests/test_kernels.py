@@ -243,3 +243,13 @@ def test_thread_scope_restores_settings() -> None:
     op = make_linear(torch.randn(8, 8), None, kernel="csr_rows", threads=1)
     op(torch.randn(2, 8))
     assert torch.get_num_threads() == t0 and numba.get_num_threads() == n0
+
+
+def test_cache_of_an_older_kernel_version_is_retimed_silently(recwarn) -> None:  # noqa: ANN001
+    path = autotune.cache_path()
+    stale = {"version": autotune.CACHE_VERSION - 1, "machines": {"m": {"k": {"kernel": "dense"}}}}
+    path.write_text(json.dumps(stale))
+    make_linear(_sparse((64, 64), 0.9, 14), None, input_shape=(4, 64))
+    data = json.loads(path.read_text())
+    assert data["version"] == autotune.CACHE_VERSION and "m" not in data["machines"]
+    assert not [w for w in recwarn if "autotune" in str(w.message)]

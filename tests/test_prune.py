@@ -92,7 +92,7 @@ def test_session_runs_run_dir_and_sparse_file_like_onnxruntime(run_dir: Path, tm
     ref = ort.InferenceSession(to_onnx_model(sm).SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     for source in (run_dir, path):
-        sess = Session(source, threads=1)
+        sess = Session(source, threads=1, fallback=False)
         assert [i.name for i in sess.get_inputs()] == ["input"]
         np.testing.assert_allclose(sess.run(None, {"input": x})[0], ref, rtol=1e-4, atol=1e-4)
 

@@ -87,6 +87,7 @@ def _ort(model: Path | onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _assert_matches_ort(model: Path | onnx.ModelProto, feeds: list[dict], **session_kw) -> Session:
+    session_kw.setdefault("fallback", False)  # compare our kernels, never onnxruntime with itself
     ours, ref = Session(model, **session_kw), _ort(model)
     for feed in feeds:
         got, want = ours.run(None, feed), ref.run(None, feed)
@@ -223,7 +224,7 @@ def test_inputs_outputs_metadata(rescat_onnx: Path) -> None:
 
 def test_threads_are_scoped_and_reach_the_kernels(rescat_onnx: Path) -> None:
     before = torch.get_num_threads()
-    sess = Session(rescat_onnx, threads=1)
+    sess = Session(rescat_onnx, threads=1, fallback=False)
     feed = _images(RESCAT_SHAPE, batches=(2,))[0]
     out = sess.run(["logits"], feed)[0]
     assert torch.get_num_threads() == before
@@ -604,17 +605,72 @@ def test_misc_ops_run_and_fold_like_onnxruntime() -> None:
 
 def test_thread_cap_is_measured_once_per_shape_and_restored(rescat_onnx: Path, monkeypatch) -> None:  # noqa: ANN001
     before = torch.get_num_threads()
-    sess = Session(rescat_onnx, threads=2)
+    sess = Session(rescat_onnx, threads=2, fallback=False)
     feed = _images(RESCAT_SHAPE, batches=(2,))[0]
     ref = _ort(rescat_onnx).run(None, feed)[0]
     np.testing.assert_allclose(sess.run(None, feed)[0], ref, rtol=1e-4, atol=1e-4)
-    assert list(sess._caps.values()) in ([1], [2])  # one timed decision for this input shape
+    (plan,) = sess.plans()  # one timed decision for this input shape
+    assert plan["engine"] == "swat" and plan["threads"] in (1, 2) and set(plan["ms"]) == {"swat/2", "swat/1"}
+    assert plan["inputs"] == {"input": [2, 3, 16, 16]}
     np.testing.assert_allclose(sess.run(None, feed)[0], ref, rtol=1e-4, atol=1e-4)
-    assert len(sess._caps) == 1 and torch.get_num_threads() == before
+    assert len(sess.plans()) == 1 and torch.get_num_threads() == before
     monkeypatch.setenv("SWAT_SESSION_TUNE_THREADS", "0")
-    fixed = Session(rescat_onnx, threads=2)
+    fixed = Session(rescat_onnx, threads=2, fallback=False)
     np.testing.assert_allclose(fixed.run(None, feed)[0], ref, rtol=1e-4, atol=1e-4)
-    assert fixed._caps == {}
+    assert fixed.plans()[0] == {**fixed.plans()[0], "engine": "swat", "threads": 2, "ms": {}}
+
+
+def _fake_timing(winner: str):  # noqa: ANN202
+    """A `_time_candidates` that runs every candidate once and declares `winner` fastest."""
+    def timing(runs: dict) -> dict:
+        for fn in runs.values():
+            fn()
+        return {k: (1.0 if k == winner else 10.0) for k in runs}
+    return timing
+
+
+def test_whole_graph_falls_back_to_onnxruntime_when_that_is_faster(rescat_onnx: Path, monkeypatch) -> None:  # noqa: ANN001
+    import swat_deploy.session as session_mod
+
+    feeds = _images(RESCAT_SHAPE, batches=(2, 3))
+    ref = _ort(rescat_onnx)
+    monkeypatch.setattr(session_mod, "_time_candidates", _fake_timing("onnxruntime"))
+    sess = Session(rescat_onnx, threads=2)
+    for feed in feeds:
+        np.testing.assert_allclose(sess.run(None, feed)[0], ref.run(None, feed)[0], rtol=1e-5, atol=1e-5)
+    assert [p["engine"] for p in sess.plans()] == ["onnxruntime", "onnxruntime"]
+    assert "swat/2" in sess.plans()[0]["ms"] and "swat/1" in sess.plans()[0]["ms"]
+    # an intermediate value is not an onnxruntime output: those runs stay on our kernels
+    inner = next(n.outputs[0] for n in sess.graph.nodes if n.op_type == "Conv")
+    sess.run([inner], feeds[0])
+    assert sess.plans()[-1]["engine"] == "swat" and "onnxruntime" not in sess.plans()[-1]["ms"]
+
+    monkeypatch.setattr(session_mod, "_time_candidates", _fake_timing("swat/2"))
+    ours = Session(rescat_onnx, threads=2)
+    ours.run(None, feeds[0])
+    assert ours.plans()[0]["engine"] == "swat" and "onnxruntime" in ours.plans()[0]["ms"]
+    assert ours._ort is None  # no plan uses it: its dense weights are freed
+    # no fallback when asked not to, or when one kernel is forced (benchmarks of that kernel)
+    for kw in ({"fallback": False}, {"kernel": "dense"}):
+        monkeypatch.setattr(session_mod, "_time_candidates", _fake_timing("onnxruntime"))
+        s = Session(rescat_onnx, threads=2, **kw)
+        s.run(None, feeds[0])
+        assert s.plans()[0]["engine"] == "swat" and "onnxruntime" not in s.plans()[0]["ms"]
+
+
+def test_fallback_is_skipped_when_onnxruntime_cannot_load_the_model(rescat_onnx: Path, monkeypatch) -> None:  # noqa: ANN001
+    import swat_deploy.ort as ort_mod
+    import swat_deploy.session as session_mod
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("onnxruntime refuses this model")
+
+    monkeypatch.setattr(ort_mod, "ort_session", broken)
+    monkeypatch.setattr(session_mod, "_time_candidates", _fake_timing("onnxruntime"))
+    sess = Session(rescat_onnx, threads=2)
+    feed = _images(RESCAT_SHAPE, batches=(2,))[0]
+    np.testing.assert_allclose(sess.run(None, feed)[0], _ort(rescat_onnx).run(None, feed)[0], rtol=1e-4, atol=1e-4)
+    assert sess.plans()[0]["engine"] == "swat"
 
 
 def test_residual_add_and_relu_fuse_into_the_conv() -> None:

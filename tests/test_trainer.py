@@ -106,3 +106,14 @@ def test_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
 def test_resume_without_checkpoint_is_clear(tmp_path: Path) -> None:
     proc = subprocess.run(_swat("train", "--resume", str(tmp_path)), capture_output=True, text=True)
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+
+
+def test_small_images_get_the_cifar_stem_unless_the_user_chose() -> None:
+    from training.trainer import _adapt_to_image_size
+
+    cfg = TrainConfig(model="resnet18")
+    assert _adapt_to_image_size(cfg, (32, 32)).model_cfg == {"stem": "cifar"}
+    assert _adapt_to_image_size(cfg, (224, 224)).model_cfg == {}
+    mine = TrainConfig(model="resnet18", model_cfg={"stem": "imagenet"})
+    assert _adapt_to_image_size(mine, (32, 32)).model_cfg == {"stem": "imagenet"}
+    assert _adapt_to_image_size(TrainConfig(model="resnet20"), (32, 32)).model_cfg == {}

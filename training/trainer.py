@@ -7,11 +7,12 @@ and ends with bit-identical weights on CPU.
 """
 from __future__ import annotations
 
+
 import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -101,6 +102,24 @@ def evaluate(model: nn.Module, ds: Any, info: Any, device: torch.device, batch_s
     return out
 
 
+SMALL_IMAGE = 32  # largest side for which ImageNet-layout families get their CIFAR stem/head
+
+
+def _adapt_to_image_size(config: TrainConfig, image_size: tuple[int, int]) -> TrainConfig:
+    """Small images get the CIFAR stem/head unless the user set ``model_cfg`` themselves.
+
+    A stride-4 ImageNet stem turns a 32x32 image into 8x8 before the first block, which wastes
+    most of resnet18's capacity; the choice is written to run.json with the rest of the config,
+    so export/verify rebuild the same network.
+    """
+    import models
+
+    if config.model_cfg or max(image_size) > SMALL_IMAGE:
+        return config
+    cfg = models.small_input_cfg(config.model)
+    return replace(config, model_cfg=cfg) if cfg else config
+
+
 class Trainer:
     """Owns one run: data, model, optimizer and the run dir it writes.
 
@@ -125,6 +144,7 @@ class Trainer:
         self.train_ds = datasets.load(config.dataset, "train", config.data_dir, **options)
         self.test_ds = datasets.load(config.dataset, "test", config.data_dir)
         self.info = self.train_ds.info
+        self.config = config = _adapt_to_image_size(self.config, self.info.image_size)
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.info.num_classes, self.info.in_channels).to(self.device)
         self.net: nn.Module = self.model  # what the training step calls: the model, or its DDP wrapper

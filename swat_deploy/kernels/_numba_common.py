@@ -50,13 +50,14 @@ def available() -> bool:
     return numba is not None
 
 
-# Below this many multiply-adds (~1 ms on one core) a call runs serially. Waking the thread
-# pool costs ~5-20 us on an idle machine, but numba's OpenMP pool is a second runtime next to
-# torch's: when its worker has gone to sleep between regions and the 2 cores are busy, the
-# wake-up waits for a timeslice. Measured on the shared 2-core box (load 4-8) with resnet18
-# at batch 1: a parallel 0.3 ms layer took 26-60 ms as its median. Above the threshold the
-# work is long enough (and, at batch 64, the regions frequent enough) for threads to pay.
-PARALLEL_MIN_WORK = 8_000_000
+# Below this many multiply-adds (~10 us on one core) a call runs serially: entering a
+# parallel region costs ~2 us on an idle machine. Measured on an idle 2-core box, the CSR row
+# loop of a batch-1 64x64x3x3 conv at 95 % sparsity (2 M multiply-adds) went from 78 us to
+# 43 us with two threads. On a loaded box a parallel region can stall for a timeslice (a
+# 0.3 ms layer took 26-60 ms as its median at load 4-8); that is not decided here: the
+# Session times whole runs with all threads and with one (`Session.plans`) and keeps the
+# faster, and the per-layer autotuner times a serial candidate too.
+PARALLEL_MIN_WORK = 250_000
 
 
 def parallel(work: int) -> bool:

@@ -1,0 +1,36 @@
+"""Timing several ways of doing the same work fairly on a small, shared, noisy machine."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, budget_s: float = 20.0,
+                     per_turn: int = 3) -> dict[str, tuple[float, int]]:
+    """name -> (median seconds, rounds): every function `per_turn` times per round, engine
+    order alternating between rounds; the first call of each turn is not timed.
+
+    Why turns: engines interfere. The first call after another engine ran finds its weights
+    evicted from cache and its thread pool asleep (measured: onnxruntime 6.8 ms alone, 9.9 ms
+    when every call alternated with ours), which is not how a deployed model runs. The untimed
+    call absorbs the switch; alternating rounds still spread drift and load over all engines.
+    One warm-up call each first; rounds are cut to fit `budget_s` (at least 3).
+    """
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    per_turn = max(per_turn, 1)
+    rounds = max(3, min(repeats, int(budget_s / max(per_turn * sum(first.values()), 1e-6))))
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            for i in range(per_turn):
+                t0 = time.perf_counter()
+                fns[name]()
+                if i or per_turn == 1:
+                    times[name].append(time.perf_counter() - t0)
+    return {n: (statistics.median(v), rounds) for n, v in times.items()}

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from swat_deploy import autotune
-from swat_deploy.kernels import kernel_names, make_conv2d, make_linear
-from swat_deploy.kernels.base import thread_scope
+from swat_deploy.kernels import get_kernel, kernel_names, make_conv2d, make_linear
+from swat_deploy.kernels.base import LayerSpec, thread_scope
 
-CONV_KERNELS = ["dense", "csr_direct", "torch_csr"]
-LINEAR_KERNELS = ["dense", "csr_rows", "torch_csr"]
+# Every registered kernel gets the same checks: a new kernel file is tested by registering it.
+CONV_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("conv2d", (4, 4, 3, 3)))]
+LINEAR_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("linear", (4, 4)))]
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +96,27 @@ def test_conv_parallel_path_matches() -> None:
         x = torch.randn(n, 32, 16, 16)
         op = make_conv2d(weight, b, 1, 1, kernel="csr_direct", threads=2)
         torch.testing.assert_close(op(x), F.conv2d(x, weight, b, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", CONV_KERNELS)
+@pytest.mark.parametrize("n,threads", [(1, 1), (1, 2), (5, 1), (5, 2)])
+def test_fused_residual_and_relu_match_torch(kernel: str, n: int, threads: int, monkeypatch) -> None:  # noqa: ANN001
+    from swat_deploy.kernels import _numba_common
+
+    monkeypatch.setattr(_numba_common, "PARALLEL_MIN_WORK", 1)  # threads=2 takes the prange builds
+    weight = _sparse((16, 8, 3, 3), 0.8, 21)
+    b = torch.randn(16)
+    x = torch.randn(n, 8, 9, 21)  # rows of 21: the 16-lane vector loop and the scalar tail
+    op = make_conv2d(weight, b, 1, 1, kernel=kernel, threads=threads)
+    ref = F.conv2d(x, weight, b, 1, 1)
+    r = torch.randn_like(ref)
+    r[0, 0, 0, :2] = r[0, 0, 1, -2:] = float("nan")  # ReLU keeps NaN, as torch does
+    for residual, relu in [(None, False), (None, True), (r, False), (r, True), (r[:1, :, :1], True)]:
+        want = ref if residual is None else ref + residual
+        want = want.relu() if relu else want
+        got = op.fused(x, residual, relu)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert torch.equal(x, x.clone()) and r.isnan().sum() == 4  # inputs untouched
 
 
 LINEAR_CASES = [(10, 512, 1), (10, 512, 5), (7, 33, 17), (64, 48, 1), (64, 48, 64), (3, 1, 2)]

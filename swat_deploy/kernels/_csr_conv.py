@@ -43,17 +43,32 @@ class CsrConvWeights:
             raise ValueError(f"conv input {h}x{w} is smaller than the dilated kernel; check the model's input size")
         return h_out, w_out
 
-    def multiply_unpack(self, packed: np.ndarray, g, n: int, row_width: int, par: bool) -> torch.Tensor:
+    def multiply_unpack(self, packed: np.ndarray, g, n: int, row_width: int, par: bool,
+                        residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         """CSR x packed input chunks, then back to NCHW; the step both conv layouts end with.
 
         ``row_width`` is the width of one output row in the packed result (the padded input width
-        for the direct kernel, ``w_out`` for im2col).
+        for the direct kernel, ``w_out`` for im2col). ``residual`` (NCHW like the output) and
+        ``relu`` are applied while unpacking (see `fused_epilogue`).
         """
         out = nc.workspace(1, g.nb * self.o * g.run)
         nc.csr_shift_rows(par)(self.indptr, g.offs, self.vals, self.bias, packed, g.chunk_in, out, g.run, g.nb)
         yn = np.empty((n, self.o, g.h_out, g.w_out), np.float32)
+        if not epilogue_ok(yn.shape, residual):  # a broadcast residual: add it in torch
+            y = self.multiply_unpack(packed, g, n, row_width, par)
+            y = y + residual
+            return y.relu_() if relu else y
+        mode = (1 if residual is not None else 0) | (2 if relu else 0)
+        res = yn if residual is None else residual.numpy()
         if g.nchunk == 1:
-            nc.unpack1(par)(out, yn.reshape(-1), n * self.o, g.h_out, g.w_out, row_width, g.run)
+            nc.unpack1(par)(out, yn.reshape(-1), n * self.o, g.h_out, g.w_out, row_width, g.run,
+                            res.reshape(-1), mode)
         else:
-            nc.unpack(par)(out, yn, g.nchunk, row_width, g.run)
+            nc.unpack(par)(out, yn, g.nchunk, row_width, g.run, res, mode)
         return torch.from_numpy(yn)
+
+
+def epilogue_ok(y_shape: tuple[int, ...], residual: torch.Tensor | None) -> bool:
+    """Whether a residual can be added inside the unpack loop (same shape, float32, contiguous)."""
+    return residual is None or (tuple(residual.shape) == tuple(y_shape) and residual.dtype == torch.float32
+                                and residual.is_contiguous())

@@ -41,9 +41,27 @@ def workspace(slot: int, size: int) -> np.ndarray:
     return buf[:size]
 
 
+def zeroed_workspace(key: object, size: int) -> np.ndarray:
+    """A float32 array of `size` owned by `key` on this thread, zero when first made.
+
+    For zero-padded inputs: a caller that only ever writes the interior gets padding that
+    stays zero, so each call copies the data and never clears or re-pads the borders.
+    """
+    bufs = getattr(_workspace, "zeroed", None)
+    if bufs is None:
+        bufs = _workspace.zeroed = {}
+    buf = bufs.get(key)
+    if buf is None or buf.size != size:
+        if len(bufs) >= 256:  # many layers x shapes: start over rather than grow without bound
+            bufs.clear()
+        buf = bufs[key] = np.zeros(size, np.float32)
+    return buf
+
+
 def release_workspace() -> None:
     """Free this thread's scratch buffers (they are re-created on the next call)."""
     _workspace.bufs = {}
+    _workspace.zeroed = {}
 
 
 def available() -> bool:
@@ -80,7 +98,7 @@ def warm_up(prepared: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple
 
 
 if numba is not None:
-    from ._simd import LANES, vadd, vfma, vload, vsplat, vstore
+    from ._simd import LANES, vadd, vfma, vload, vrelu, vsplat, vstore
 
     # ------------------------------------------------------------------ CSR x shifted rows
     @njit(cache=True, inline="always")
@@ -253,6 +271,33 @@ if numba is not None:
                                 img = b * nchunk + nn
                                 dst[nn] = x[img, c, hrow, col] if img < n else 0.0
 
+    # ------------------------------------------------------------------ copy into a padded buffer
+    @njit(cache=True, inline="always")
+    def _pad_interior_one(t, x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
+        # Plane t = (image, channel) of x into rows pt.. / columns pl.. of plane t of buf.
+        h = x.shape[2]
+        w = x.shape[3]
+        src = x.reshape(-1)
+        for i in range(h):
+            s0 = (t * h + i) * w
+            d0 = (t * hq + pt + i) * wq + pl
+            j = 0
+            while j + LANES <= w:
+                vstore(buf, d0 + j, vload(src, s0 + j))
+                j += LANES
+            for k in range(j, w):
+                buf[d0 + k] = src[s0 + k]
+
+    @njit(cache=True)
+    def _pad_interior_serial(x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
+        for t in range(x.shape[0] * x.shape[1]):
+            _pad_interior_one(t, x, buf, pt, pl, hq, wq)
+
+    @njit(cache=True, parallel=True)
+    def _pad_interior_parallel(x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
+        for t in prange(x.shape[0] * x.shape[1]):
+            _pad_interior_one(t, x, buf, pt, pl, hq, wq)
+
     @njit(cache=True)
     def _pack_serial(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
         nb = (x.shape[0] + nchunk - 1) // nchunk
@@ -305,34 +350,51 @@ if numba is not None:
             _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run)
 
     # ------------------------------------------------------------------ unpacking, Nc = 1
+    # Unpacking is also the conv's epilogue: `mode` bit 1 adds `res` (same layout as y: a
+    # fused residual Add), bit 2 applies ReLU, so the result is written once and the graph
+    # runs no separate Add / Relu op over it. With mode 0, `res` is unused (pass y).
     @njit(cache=True, inline="always")
-    def _unpack1_one(t, out, y, h_out, w_out, wq, run):  # noqa: ANN001, ANN202
+    def _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
         # Row t = (image, channel): h_out rows of pitch wq -> w_out floats each, vector copies.
+        add = (mode & 1) != 0
+        relu = (mode & 2) != 0
         for oh in range(h_out):
             src = t * run + oh * wq
             dst = (t * h_out + oh) * w_out
             ow = 0
             while ow + LANES <= w_out:
-                vstore(y, dst + ow, vload(out, src + ow))
+                v = vload(out, src + ow)
+                if add:
+                    v = vadd(v, vload(res, dst + ow))
+                if relu:
+                    v = vrelu(v)
+                vstore(y, dst + ow, v)
                 ow += LANES
             for k in range(ow, w_out):
-                y[dst + k] = out[src + k]
+                a = out[src + k]
+                if add:
+                    a += res[dst + k]
+                if relu and a < 0.0:
+                    a = np.float32(0.0)
+                y[dst + k] = a
 
     @njit(cache=True)
-    def _unpack1_serial(out, y, rows, h_out, w_out, wq, run):  # noqa: ANN001, ANN202
+    def _unpack1_serial(out, y, rows, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
         for t in range(rows):
-            _unpack1_one(t, out, y, h_out, w_out, wq, run)
+            _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode)
 
     @njit(cache=True, parallel=True)
-    def _unpack1_parallel(out, y, rows, h_out, w_out, wq, run):  # noqa: ANN001, ANN202
+    def _unpack1_parallel(out, y, rows, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
         for t in prange(rows):
-            _unpack1_one(t, out, y, h_out, w_out, wq, run)
+            _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode)
 
     # ------------------------------------------------------------------ unpacking
     @njit(cache=True, inline="always")
-    def _unpack_one(t, out, y, nchunk, wq, run):  # noqa: ANN001, ANN202
+    def _unpack_one(t, out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
         # Row t = (chunk b, channel o) of the (H_out, Wq, Nc) grid -> y[img, o], junk dropped.
         n, n_out, h_out, w_out = y.shape
+        add = (mode & 1) != 0
+        relu = (mode & 2) != 0
         b = t // n_out
         o = t - b * n_out
         for nn in range(nchunk):
@@ -340,22 +402,28 @@ if numba is not None:
             if img >= n:
                 break
             dst = y[img, o]
+            r = res[img, o]
             for oh in range(h_out):
                 src = t * run + oh * wq * nchunk + nn
                 for ow in range(w_out):
-                    dst[oh, ow] = out[src + ow * nchunk]
+                    a = out[src + ow * nchunk]
+                    if add:
+                        a += r[oh, ow]
+                    if relu and a < 0.0:
+                        a = np.float32(0.0)
+                    dst[oh, ow] = a
 
     @njit(cache=True)
-    def _unpack_serial(out, y, nchunk, wq, run):  # noqa: ANN001, ANN202
+    def _unpack_serial(out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
         nb = (y.shape[0] + nchunk - 1) // nchunk
         for t in range(nb * y.shape[1]):
-            _unpack_one(t, out, y, nchunk, wq, run)
+            _unpack_one(t, out, y, nchunk, wq, run, res, mode)
 
     @njit(cache=True, parallel=True)
-    def _unpack_parallel(out, y, nchunk, wq, run):  # noqa: ANN001, ANN202
+    def _unpack_parallel(out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
         nb = (y.shape[0] + nchunk - 1) // nchunk
         for t in prange(nb * y.shape[1]):
-            _unpack_one(t, out, y, nchunk, wq, run)
+            _unpack_one(t, out, y, nchunk, wq, run, res, mode)
 
 
 def csr_shift_rows(par: bool) -> Any:
@@ -367,6 +435,11 @@ def csr_shift_rows(par: bool) -> Any:
 
 def pack(par: bool) -> Any:
     return _pack_parallel if par else _pack_serial
+
+
+def pad_interior(par: bool) -> Any:
+    """buf planes (hq x wq, flat) get x's planes at row pt / column pl; the rest is not touched."""
+    return _pad_interior_parallel if par else _pad_interior_serial
 
 
 def unpack(par: bool) -> Any:
@@ -389,5 +462,6 @@ def im2col(par: bool) -> Any:
 
 
 def unpack1(par: bool) -> Any:
-    """y_flat[(t*h_out + oh)*w_out + ow] = out[t*run + oh*wq + ow] for every row t (one image per chunk)."""
+    """y_flat[(t*h_out + oh)*w_out + ow] = out[t*run + oh*wq + ow] for every row t (one image per
+    chunk), plus the residual and / or ReLU that `mode` asks for."""
     return _unpack1_parallel if par else _unpack1_serial

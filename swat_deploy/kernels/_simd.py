@@ -8,8 +8,8 @@ overhead per non-zero. With an explicit vector value the accumulators are SSA re
 a non-zero costs one broadcast, T/16 unaligned loads and T/16 FMAs: measured 2-4x faster for
 T <= 64. On AVX2-only CPUs LLVM splits each 16-lane op into two 8-lane ones.
 
-Only four operations are provided: splat, unaligned load, unaligned store, fused
-multiply-add (plus add). Loads and stores do no bounds checks - callers guarantee the range.
+Only a few operations are provided: splat, unaligned load, unaligned store, fused
+multiply-add, add, and ReLU (for fused conv epilogues). Loads and stores do no bounds checks - callers guarantee the range.
 """
 from __future__ import annotations
 
@@ -112,3 +112,17 @@ def vadd(typingctx, a, b):  # noqa: ANN001, ANN201
         return builder.fadd(args[0], args[1])
 
     return f32vec(a, b), codegen
+
+
+@intrinsic
+def vrelu(typingctx, a):  # noqa: ANN001, ANN201
+    """max(a, 0) lane-wise; NaN stays NaN, as in torch.relu (an unordered compare keeps it)."""
+    if a != f32vec:
+        return None
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        zero = ir.Constant(_VT, [0.0] * LANES)
+        keep = builder.fcmp_unordered(">=", args[0], zero)
+        return builder.select(keep, args[0], zero)
+
+    return f32vec(a), codegen

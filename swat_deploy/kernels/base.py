@@ -139,6 +139,7 @@ class Op:
         self._call: Callable[[torch.Tensor], torch.Tensor] = prepared
         # numba kernels set ``uses_torch_threads = False``: only numba's count is scoped for them.
         self._torch_threads = bool(getattr(prepared, "uses_torch_threads", True))
+        self._fuses = bool(getattr(prepared, "fuses_epilogue", False))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -149,6 +150,22 @@ class Op:
             return self._call(x)
         with thread_scope(self.threads, self._torch_threads):
             return self._call(x)
+
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        """relu(op(x) + residual): inside the kernel's output loop when it offers that
+        (``fuses_epilogue``; saves a pass over the output and two graph ops per conv), else
+        in torch after it. ``residual`` may broadcast; None adds nothing."""
+        if self._fuses and x.dtype == torch.float32:
+            if not x.is_contiguous():
+                x = x.contiguous()
+            if self.threads is None:
+                return self._call(x, residual, relu)
+            with thread_scope(self.threads, self._torch_threads):
+                return self._call(x, residual, relu)
+        y = self(x)
+        if residual is not None:
+            y = y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype else y + residual
+        return y.relu_() if relu else y
 
     def __repr__(self) -> str:
         return (f"Op({self.spec.kind}, kernel={self.kernel_name!r}, weight={tuple(self.spec.weight_shape)}, "

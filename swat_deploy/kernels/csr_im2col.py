@@ -41,6 +41,7 @@ class _Geometry:
 
 class _CsrIm2colConv:
     uses_torch_threads = False  # numba loops; see base.thread_scope
+    fuses_epilogue = True  # __call__ takes residual / relu (see Op.fused)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> None:
         self.w = CsrConvWeights(weight, bias, spec)
@@ -69,7 +70,7 @@ class _CsrIm2colConv:
         self._geo[(n, h, w)] = g
         return g
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         wt = self.w
         wt.check_input(x)
         n, _, h, w = x.shape
@@ -80,7 +81,7 @@ class _CsrIm2colConv:
         par = nc.parallel(wt.vals.size * g.run * g.nb)
         packed = nc.workspace(0, g.nb * g.chunk_in)
         nc.im2col(par)(x.numpy(), packed, g.nchunk, wt.kh, wt.kw, sh, sw, dh, dw, pt, pl, g.h_out, g.w_out, g.run)
-        return wt.multiply_unpack(packed, g, n, g.w_out, par)
+        return wt.multiply_unpack(packed, g, n, g.w_out, par, residual, relu)
 
 
 class CsrIm2colKernel:

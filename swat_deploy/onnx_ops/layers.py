@@ -182,13 +182,7 @@ class ConvLayer(_Layer):
         if op is None:
             return self._slow_call(xs)
         self._last = op
-        y = op(x)
-        if self.residual:
-            r = xs[3]
-            y = y.add_(r) if r.shape == y.shape and r.dtype == y.dtype else y + r
-        if self.relu:
-            y = y.relu_()
-        return [y]
+        return [op.fused(x, xs[3] if self.residual else None, self.relu)]
 
     def _slow_call(self, xs: list) -> list:
         x = xs[0]

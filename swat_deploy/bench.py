@@ -93,6 +93,7 @@ class _Target:
     torch_module: torch.nn.Module | None
     torchscript: Path | None
     input_shape: tuple[int, ...]  # (C, H, W)
+    plain: Any = None  # the model with plain weight initializers (what a sweep re-prunes)
 
 
 def _load_target(target: str | Path) -> _Target:
@@ -112,7 +113,7 @@ def _load_target(target: str | Path) -> _Target:
         proto = onnx.load(str(exported)) if exported is not None and exported.is_file() else to_onnx_model(sm)
         ts = run_dir / "model.pt" if path.is_dir() and (run_dir / "model.pt").is_file() else None
         return _Target(str(path), str(sm.run.meta.get("model", "?")), proto.SerializeToString(), sm.module,
-                       ts, tuple(sm.input_shape[1:]))
+                       ts, tuple(sm.input_shape[1:]), plain=to_onnx_model(sm))
     if path.suffix != ".onnx":
         raise SwatError(f"{path} is neither a run dir, a .safetensors nor a .onnx file; pass one of those")
     proto = onnx.load(str(path))
@@ -121,7 +122,7 @@ def _load_target(target: str | Path) -> _Target:
     if not shape or any(d == 0 for d in shape):
         raise SwatError(f"{path}: the input's non-batch dims {shape} are not all fixed; export with a fixed "
                         "image size")
-    return _Target(str(path), path.stem, proto.SerializeToString(), None, None, shape)
+    return _Target(str(path), path.stem, proto.SerializeToString(), None, None, shape, plain=proto)
 
 
 # ------------------------------------------------------------------------------- timing
@@ -167,6 +168,11 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
     if unknown:
         raise SwatError(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
     t = _load_target(target)
+    if sweep:  # fail before the timing, not after it
+        for sp in sweep_sparsities:
+            if not 0.0 <= sp < 1.0:
+                raise SwatError(f"sweep sparsity {sp} is not in [0, 1); e.g. 0.9")
+        magnitude_prune_onnx(t.plain, 0.0)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -213,10 +219,7 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
         if layers:
             report.layers = layer_table(sess)
         if sweep:
-            import onnx
-
-            report.sweep = sweep_sparsity(onnx.load_from_string(t.onnx_bytes), t.input_shape, batch_sizes,
-                                          threads, sweep_sparsities, repeats)
+            report.sweep = sweep_sparsity(t.plain, t.input_shape, batch_sizes, threads, sweep_sparsities, repeats)
             if sweep_png is not None:
                 report.sweep_png = str(plot_sweep(report.sweep, sweep_png, f"{t.model_name}, {threads} threads"))
         return report

@@ -98,6 +98,23 @@ def test_bench_onnx_file_reports_engines_layers_and_sweep(cnn_onnx: Path, tmp_pa
     json.dumps(report.to_dict())
 
 
+def test_sweep_of_a_run_dir_with_a_compact_export(tmp_path: Path) -> None:
+    """The user's model.onnx stores weights as values + bitmask; the sweep re-prunes the plain model."""
+    from swat_deploy.export import export
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model="lenet5", dataset="digits", sparsity=0.7, epochs=1, limit=64), run,
+          log=lambda *a, **k: None, progress=False)
+    export(run, "onnx")
+    report = bench(run, [2], threads=1, repeats=3, sweep=True, sweep_sparsities=[0.85])
+    assert [(p.sparsity, p.batch) for p in report.sweep] == [(0.85, 2)]
+    assert report.sweep[0].ideal == pytest.approx(1 / 0.15, rel=0.05)  # pruned further than trained
+    assert {r.engine for r in report.results} >= {"torch", "onnxruntime", "swat"}
+    assert next(r for r in report.results if r.engine == "swat").plan is not None
+
+
 def test_bench_rejects_bad_arguments(cnn_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(SwatError, match="batch-size"):
         bench(cnn_onnx, [0])

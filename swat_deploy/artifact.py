@@ -191,7 +191,7 @@ def torchscript_layer_weights(module: Any) -> dict[str, np.ndarray]:
 def torchscript_stored_weights(module: Any) -> dict[str, Any]:
     """Per ``net.<layer>.weight``: format (dense | bitmask | csr), stored bytes and dense value.
 
-    Packed layers (``swat_deploy.export.PackedConv2d`` / ``PackedLinear``) hold ``weight_bits``,
+    Packed layers (``swat_deploy.ts_packed.PackedConv2d`` / ``PackedLinear``) hold ``weight_bits``,
     ``weight_values`` and ``weight_shape`` buffers; they are decoded here with numpy, independently
     of the scripted unpacking code.
     """

@@ -137,7 +137,9 @@ def _plan_label(sess: Any, batch: int) -> str | None:
     """What the Session runs batches of `batch` on, for the report."""
     for p in sess.plans():
         if next(iter(p["inputs"].values()), [None])[0] == batch:
-            return "onnxruntime fallback" if p["engine"] == "onnxruntime" else f"kernels, {p['threads']} threads"
+            if p["engine"] == "onnxruntime":
+                return "onnxruntime fallback"
+            return f"kernels, {p['threads']} thread" + ("s" if p["threads"] > 1 else "")
     return None
 
 

@@ -5,9 +5,6 @@ weights), so every exported file computes what training evaluated, on raw [0, 1]
 
 ONNX opset 18: the newest opset every onnxruntime >= 1.14 and the torch exporter fully support,
 and the first with BitwiseAnd / reduction axes as inputs, which compact weight storage uses.
-
-No ``from __future__ import annotations`` here: TorchScript must see real annotations on the
-packed layer classes below.
 """
 import contextlib
 import io
@@ -16,18 +13,16 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from training.errors import SwatError
 from training.fileio import atomic_write_bytes
 from training.rundir import Run, read_run
 from swat_deploy.artifact import META_PREFIX, TS_META_FILE, onnx_weights_sha256, torchscript_weights_sha256
 from swat_deploy.prune import SparseModel, prune
+from swat_deploy.ts_packed import pack_layers
 
 OPSET = 18
 FORMATS = ("onnx", "torchscript")
@@ -211,113 +206,31 @@ def export_torchscript(run_dir: str | Path | Run, out: str | Path | None = None,
     """``swat export RUN --format torchscript``: loads with ``torch.jit.load`` alone.
 
     With ``weights="sparse"`` each layer whose bitmask + values form is smaller than its dense
-    weight is replaced by a :class:`PackedConv2d` / :class:`PackedLinear` (buffers
-    ``weight_bits`` / ``weight_values`` / ``weight_shape``), densified once at the first forward.
+    weight is replaced by a `swat_deploy.ts_packed` layer (buffers ``weight_bits`` /
+    ``weight_values`` / ``weight_shape``), which runs dense or, for the batch sizes where it was
+    timed faster at export, as torch CSR @ dense.
     """
     _check_choice(weights, WEIGHT_MODES, "--weights")
     run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
     path = target_path(run, "torchscript", out, force)
     sm = prune(run)
     if weights == "sparse":
-        pack_layers(sm)
+        pack_layers(sm, tune=True)
     try:
         scripted = torch.jit.script(sm.module)
     except Exception:  # fx GraphModules (BN folding) do not script; packed layers stay scripted inside
         scripted = torch.jit.trace(sm.module, torch.rand(*sm.input_shape))
     scripted = scripted.eval()
-    for _, m in scripted.named_modules():  # tracing ran a forward: drop the densified caches again
+    for _, m in scripted.named_modules():  # tracing ran a forward: drop the decoded caches again
         if hasattr(m, "weight_bits"):
             m._dense = None
+            m._csr = None
     meta = export_metadata(sm, weights=weights)
     meta["weights_sha256"] = torchscript_weights_sha256(scripted)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf, _extra_files={TS_META_FILE: json.dumps(meta)})
     atomic_write_bytes(path, buf.getvalue())
     return path
-
-
-# -- TorchScript packed layers --------------------------------------------------------------
-def _unpack(bits: torch.Tensor, values: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """Bitmask (MSB first, numpy packbits order) + row-major nonzeros -> dense float32 weight."""
-    dims: List[int] = shape.tolist()
-    n = 1
-    for d in dims:
-        n *= d
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
-    mask = torch.bitwise_and(torch.bitwise_right_shift(bits.unsqueeze(1), shifts), 1).reshape(-1)[:n].to(torch.bool)
-    flat = torch.zeros(n, dtype=torch.float32)
-    flat = flat.masked_scatter(mask, values.to(torch.float32))
-    return flat.reshape(dims)
-
-
-class _Packed(nn.Module):
-    """Shared storage of a packed layer: the three buffers and a lazily densified weight."""
-
-    _dense: Optional[torch.Tensor]
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        super().__init__()
-        w = weight.detach().to(torch.float32).contiguous()
-        mask = (w != 0).reshape(-1)
-        self.register_buffer("weight_bits", torch.from_numpy(np.packbits(mask.numpy())))
-        self.register_buffer("weight_values", w.reshape(-1)[mask].clone())
-        self.register_buffer("weight_shape", torch.tensor(list(w.shape), dtype=torch.int64))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._dense = None
-
-    def dense_weight(self) -> torch.Tensor:
-        w = self._dense
-        if w is None:
-            w = _unpack(self.weight_bits, self.weight_values, self.weight_shape)
-            self._dense = w
-        return w
-
-
-class PackedConv2d(_Packed):
-    """``nn.Conv2d`` (zero padding) with its weight stored as bitmask + values."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__(conv.weight, conv.bias)
-        self.stride: List[int] = list(conv.stride)
-        self.padding: List[int] = list(conv.padding)
-        self.dilation: List[int] = list(conv.dilation)
-        self.groups: int = conv.groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class PackedLinear(_Packed):
-    """``nn.Linear`` with its weight stored as bitmask + values."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
-
-
-def _packable(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str))
-
-
-def pack_layers(sm: SparseModel) -> dict[str, str]:
-    """Swap each run.json layer whose packed form is smaller for its Packed twin; format per layer."""
-    from swat_deploy.onnx_compact import choose_format
-
-    net = sm.module.net
-    chosen: dict[str, str] = {}
-    for layer in sm.layers:
-        m = net.get_submodule(layer.name)
-        fmt = choose_format(m.weight.detach().numpy()) if _packable(m) else "dense"
-        if fmt == "dense":  # where coo wins in ONNX, bitmask still beats dense; one packed form here
-            chosen[layer.name] = "dense"
-            continue
-        packed = PackedLinear(m.weight, m.bias) if isinstance(m, nn.Linear) else PackedConv2d(m)
-        packed = torch.jit.script(packed)  # scripted now, so an outer trace keeps its lazy cache
-        parent_name, _, child = layer.name.rpartition(".")
-        setattr(net.get_submodule(parent_name) if parent_name else net, child, packed)
-        chosen[layer.name] = "bitmask"
-    return chosen
 
 
 def export(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, force: bool = False,

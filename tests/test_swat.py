@@ -19,8 +19,8 @@ import models
 from training import memory
 from training.budget import layer_sparsities
 from training.memory import SwatMaxPool2d, SwatReLU, saved_bytes, saved_tensors
-from training.swatify import (SwatConv2d, SwatLinear, layer_stats, load_swat_state_dict, swat_layers,
-                              swat_state_dict, swatify, unswatify)
+from training.swatify import (SwatConv2d, SwatLinear, layer_stats, load_swat_state_dict, output_layer,
+                              swat_layers, swat_state_dict, swatify, unswatify)
 from training.topk import keep_count, kth_magnitude, select_bits, topk_weight
 
 
@@ -202,7 +202,8 @@ def test_conv_matches_reference(mode, topk, case):
     torch.manual_seed(6)
     conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias)
     ref_w, ref_b = conv.weight.detach().clone(), (conv.bias.detach().clone() if bias else None)
-    net = swatify(nn.Sequential(conv), 0.6, mode, topk).train()
+    # a one-layer net: its only layer is the output layer, which meProp otherwise keeps dense
+    net = swatify(nn.Sequential(conv), 0.6, mode, topk, dense_output=False).train()
     layer = net[0]
     assert isinstance(layer, SwatConv2d)
     x = torch.randn(3, cin, 9, 8)
@@ -220,7 +221,7 @@ def test_linear_matches_reference(mode, bias):
     torch.manual_seed(7)
     lin = nn.Linear(12, 5, bias=bias)
     w, b = lin.weight.detach().clone(), (lin.bias.detach().clone() if bias else None)
-    layer = swatify(nn.Sequential(lin), 0.7, mode, "chw")[0].train()
+    layer = swatify(nn.Sequential(lin), 0.7, mode, "chw", dense_output=False)[0].train()
     assert isinstance(layer, SwatLinear)
     x = torch.randn(6, 12)
     g = torch.randn(6, 5)
@@ -442,7 +443,7 @@ def test_gradcheck_saw_on_presparsified_tensors(cls):
 @pytest.mark.parametrize("mode", ["swat", "saw", "meprop"])
 def test_gradcheck_every_mode_at_sparsity_zero(mode):
     torch.manual_seed(16)
-    layer = swatify(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1).double()), 0.0, mode)[0].train()
+    layer = swatify(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1).double()), 0.0, mode, dense_output=False)[0].train()
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     w = layer.weight.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x_, w_: _with_weight(layer, x_, w_), (x, w))
@@ -514,6 +515,58 @@ def test_dense_mode_takes_the_stock_path():
     assert type(out.grad_fn).__name__ == "ConvolutionBackward0"     # no Python autograd Function
     assert type(net.fc(torch.rand(2, 32, requires_grad=True)).grad_fn).__name__ == "AddmmBackward0"
     assert net.conv1.swat_step == 0
+
+
+
+# ------------------------------------------------------------------------ meProp's output layer
+def test_meprop_keeps_the_output_layer_dense_so_logit_grads_are_exact():
+    """Softmax-CE's logit gradient sums to 0 over classes; Top-K of it does not (the divergence
+    cause, see training.swatify).  With the output layer dense, its grads equal the dense model's."""
+    torch.manual_seed(21)
+    base = models.build("lenet5", num_classes=10, in_channels=1).train()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    grads = {}
+    for tag, net in (("dense", copy.deepcopy(base)), ("meprop", swatify(copy.deepcopy(base), 0.7, "meprop"))):
+        F.cross_entropy(net(x), y).backward()
+        grads[tag] = {n: p.grad.clone() for n, p in net.named_parameters()}
+        if tag == "meprop":
+            assert type(net.classifier[2]) is nn.Linear                       # plain, not converted
+            assert [n for n, _ in swat_layers(net)] == ["features.0", "features.4", "features.8", "classifier.0"]
+    d, m = grads["dense"], grads["meprop"]
+    assert abs(float(m["classifier.2.bias"].sum())) < 1e-5                     # sum_c (p_c - onehot_c) = 0
+    _close(m["classifier.2.weight"], d["classifier.2.weight"], "output W grad")
+    _close(m["classifier.2.bias"], d["classifier.2.bias"], "output b grad")
+    assert not torch.allclose(m["classifier.0.weight"], d["classifier.0.weight"])  # hidden layers: meProp'd
+
+
+def test_dense_output_option_and_its_errors():
+    net = models.build("lenet5", num_classes=10, in_channels=1)
+    assert "classifier.2" in dict(swat_layers(swatify(net, 0.7, "meprop", dense_output=False)))
+    assert "classifier.2" in dict(swat_layers(swatify(net, 0.7, "swat")))        # swat / saw: unchanged
+    assert "classifier.2" not in dict(swat_layers(swatify(net, 0.7, "saw", dense_output=True)))
+    with pytest.raises(ValueError, match="dense_output=False"):
+        swatify(net, 0.7, "meprop", per_layer={"classifier.2": 0.5})
+    with pytest.raises(ValueError, match="dense_output"):
+        swatify(net, 0.7, "meprop", dense_output="yes")
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_output_layer_is_what_the_model_returns(name):
+    with torch.device("meta"):  # shapes only: no weights, no arithmetic
+        net = models.build(name, num_classes=10, in_channels=3, **models.small_input_cfg(name)).eval()
+    seen = {}
+    dict(net.named_modules())[output_layer(net)].register_forward_hook(lambda _m, _i, o: seen.setdefault("o", o))
+    assert net(torch.empty(2, 3, 32, 32, device="meta")) is seen["o"]
+
+
+def test_meprop_70_learns_digits_well_above_chance(tmp_path):
+    """Before the output layer was kept dense this run stayed near chance (0.27 here; 0.075 at 5 epochs)."""
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    cfg = TrainConfig(dataset="digits", model="lenet5", mode="meprop", sparsity=0.7, epochs=3, seed=0)
+    res = train(cfg, tmp_path / "run", log=lambda line: None, progress=False)
+    assert res.test_accuracy >= 0.8, res.test_accuracy
 
 
 # ------------------------------------------------------------------------ budget

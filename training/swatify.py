@@ -22,6 +22,15 @@ Inference (eval mode or no grad) is ``conv(a, TopK(W))`` for swat and the dense 
 the other modes, with no activation work: exactly what :func:`training.topk.topk_weight`
 and pruning reproduce.
 
+meProp's output layer stays dense (``dense_output``, default on for meprop only): Sun et al.
+apply Top-K to hidden layers (their reference code builds the output layer with k = 0).  The
+gradient of softmax cross-entropy w.r.t. the logits sums to zero over the classes, which is
+what makes it blind to a common shift of all logits; keeping 3 of 10 entries per sample breaks
+that (the kept part sums to minus the dropped probabilities), so every step pushes all logits
+the same way: the output bias and the common-mode row of W drift steadily (measured: bias
+mean 0 -> +2.6 in 110 steps), and that common mode leaks into every hidden layer's gradient.
+LeNet-5 on digits at 70 % then sits at chance; with the output layer dense it learns like SAW.
+
 In swat / saw mode ``nn.ReLU`` and ``nn.MaxPool2d`` are swapped too (:mod:`training.memory`),
 so the dense ReLU output is not kept alive behind the compact copy; with
 ``memory.NEST_IN_RELU_MASK`` a layer fed by such a ReLU stores its activation bitmask nested
@@ -47,8 +56,8 @@ from training.budget import BUDGETS, layer_sparsities, match_any, prunable_layer
 from training.functions import ConvGeometry, MePropSpec, meprop_conv2d, meprop_linear, swat_conv2d, swat_linear
 from training.topk import SwatValueError, check_topk, select_bits, topk_weight
 
-__all__ = ["MODES", "swatify", "unswatify", "swat_layers", "layer_table", "layer_stats", "swat_state_dict",
-           "load_swat_state_dict", "SwatConv2d", "SwatLinear"]
+__all__ = ["MODES", "swatify", "output_layer", "unswatify", "swat_layers", "layer_table", "layer_stats",
+           "swat_state_dict", "load_swat_state_dict", "SwatConv2d", "SwatLinear"]
 
 MODES = ("dense", "swat", "saw", "meprop")
 
@@ -283,14 +292,27 @@ def _check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+def output_layer(model: nn.Module) -> Optional[str]:
+    """Name of the layer that produces the model's output (the logits), or None if none.
+
+    Taken as the last convertible Conv2d / Linear in module order: every model in the zoo
+    registers its classifier last (tests check that its output *is* the model's output).
+    """
+    layers = prunable_layers(model)
+    return layers[-1][0] if layers else None
+
+
 def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: str = "nchw",
             refresh_every: int = 1, exclude: Sequence[str] = (), per_layer: Optional[Mapping[str, float]] = None,
-            budget: str = "uniform") -> nn.Module:
+            budget: str = "uniform", dense_output: Optional[bool] = None) -> nn.Module:
     """Convert ``model`` in place for SWAT training; returns the same object.
 
     Calling it again re-configures from scratch (cached thresholds and step counters reset).
     ``exclude``: module names or fnmatch globs left dense and plain.  ``per_layer``: name ->
-    sparsity, merged over the ``budget`` ("uniform" or "erk").
+    sparsity, merged over the ``budget`` ("uniform" or "erk").  ``dense_output``: leave the
+    output layer (:func:`output_layer`) dense and plain, as if excluded; None means "only for
+    meprop", whose definition sparsifies hidden layers' gradients, never the logits' (module
+    docstring: why it diverges otherwise).
     """
     _check_choice("mode", mode, MODES)
     check_topk(topk)
@@ -298,9 +320,20 @@ def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: s
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise SwatValueError(f"refresh_every must be an integer >= 1 (1 = exact Top-K every step), "
                              f"got {refresh_every!r}")
+    if dense_output is not None and not isinstance(dense_output, bool):
+        raise SwatValueError(f"dense_output must be True, False or None (None: dense for meprop only), "
+                             f"got {dense_output!r}")
     # validate everything before touching the model, so a bad call leaves it as it was
-    plan = layer_sparsities(model, sparsity, budget, exclude, per_layer)
     pats = [exclude] if isinstance(exclude, str) else list(exclude)
+    plan_exclude = pats
+    keep_out = (mode == "meprop") if dense_output is None else dense_output
+    out_name = output_layer(model) if keep_out else None
+    if out_name is not None:
+        if per_layer and out_name in per_layer:
+            raise SwatValueError(f"per_layer names {out_name!r}, the output layer, which {mode} keeps dense here; "
+                                 f"drop it from per_layer or pass dense_output=False to sparsify it too")
+        plan_exclude = pats + [out_name]
+    plan = layer_sparsities(model, sparsity, budget, plan_exclude, per_layer)
     unswatify(model)
     for name, m in prunable_layers(model):
         if name not in plan:

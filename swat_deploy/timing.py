@@ -7,9 +7,11 @@ from typing import Any, Callable
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, budget_s: float = 20.0,
-                     per_turn: int = 3) -> dict[str, tuple[float, int]]:
+                     per_turn: int = 3, stat: Callable[[list[float]], float] = statistics.median,
+                     ) -> dict[str, tuple[float, int]]:
     """name -> (median seconds, rounds): every function `per_turn` times per round, engine
-    order alternating between rounds; the first call of each turn is not timed.
+    order alternating between rounds; the first call of each turn is not timed. ``stat``
+    replaces the median (e.g. a lower quartile, to see through short bursts of other load).
 
     Why turns: engines interfere. The first call after another engine ran finds its weights
     evicted from cache and its thread pool asleep (measured: onnxruntime 6.8 ms alone, 9.9 ms
@@ -33,4 +35,9 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, budget_s: 
                 fns[name]()
                 if i or per_turn == 1:
                     times[name].append(time.perf_counter() - t0)
-    return {n: (statistics.median(v), rounds) for n, v in times.items()}
+    return {n: (stat(v), rounds) for n, v in times.items()}
+
+
+def lower_quartile(values: list[float]) -> float:
+    """The 25th percentile: what a run costs when no other process got in the way."""
+    return statistics.quantiles(values, n=4, method="inclusive")[0] if len(values) > 1 else values[0]

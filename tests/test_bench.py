@@ -136,3 +136,13 @@ def test_swat_bench_cli_json_and_errors(cnn_onnx: Path) -> None:
     assert table.returncode == 0 and "vs ORT" in table.stdout and "kernel" in table.stdout
     bad = subprocess.run(base + ["--batch-size", "1,x"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--batch-size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lower_quartile_sees_through_bursts() -> None:
+    from swat_deploy.timing import lower_quartile
+
+    assert lower_quartile([1.0, 1.0, 1.0, 9.0, 9.0]) == 1.0  # two of five runs hit by a burst
+    assert lower_quartile([4.0, 1.0, 3.0, 2.0, 5.0]) == 2.0
+    assert lower_quartile([7.0]) == 7.0
+    (got, _), = time_interleaved({"e": lambda: None}, repeats=3, per_turn=1, stat=lambda v: -len(v)).values()
+    assert got == -3  # the statistic sees every timed call

@@ -38,7 +38,8 @@ def test_training_macs_per_mode():
     assert swat == {"forward": m / 2, "grad_input": m / 2, "grad_weight": m / 2, "total": 1.5 * m}
     saw = measure.training_macs(layers, "saw", 0.5)
     assert saw["forward"] == m and saw["total"] == 2 * m
-    assert measure.training_macs(layers, "meprop", 0.5)["total"] == 2 * m
+    # meProp: forward dense, backward sparse, but the output layer (the linear) stays dense
+    assert measure.training_macs(layers, "meprop", 0.5)["total"] == 288 * 2 + 96 * 3
     # per-layer sparsities (a budget): only the conv sparse
     per = measure.training_macs(layers, "swat", {layers[0].name: 0.75})
     assert per["total"] == 3 * (288 * 0.25 + 96)

@@ -13,6 +13,8 @@ saw        M          (1-s) M         (1-s) M
 meprop     M          (1-s) M (TopK g) (1-s) M
 =========  =========  ==============  ============
 
+meProp's output layer is counted dense (s = 0), as `training.swatify` runs it.
+
 Activation-memory model (Figure 8b): what a training step keeps for backward, counted the way
 the paper counts it: the inputs of Conv2d / Linear layers (TopK-compressed to (1-s) of their
 values in swat / saw) plus the inputs of BatchNorm layers (always dense).  ``index_bits`` adds
@@ -106,11 +108,12 @@ def training_macs(layers: Iterable[LayerCost], mode: str, sparsity: Sparsity) ->
     """Per-sample MACs of one training step: forward, grad_input, grad_W and their total."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    layers = [l for l in layers if l.kind != "bn"]
+    # meProp leaves the output layer dense unless a per-layer map says otherwise (as swatify)
+    dense_out = layers[-1].name if mode == "meprop" and layers and not isinstance(sparsity, Mapping) else None
     fwd = gin = gw = 0.0
     for l in layers:
-        if l.kind == "bn":
-            continue
-        s = 0.0 if mode == "dense" else check_sparsity(_layer_s(sparsity, l.name))
+        s = 0.0 if mode == "dense" or l.name == dense_out else check_sparsity(_layer_s(sparsity, l.name))
         d = 1.0 - s
         fwd += l.macs * (d if mode == "swat" else 1.0)
         gin += l.macs * d

@@ -171,10 +171,8 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
         raise SwatError(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
     t = _load_target(target)
     if sweep:  # fail before the timing, not after it
-        for sp in sweep_sparsities:
-            if not 0.0 <= sp < 1.0:
-                raise SwatError(f"sweep sparsity {sp} is not in [0, 1); e.g. 0.9")
-        magnitude_prune_onnx(t.plain, 0.0)
+        _check_sparsities(sweep_sparsities)
+        _sweep_weights(t.plain)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -256,33 +254,45 @@ def layer_table(sess: Any, repeats: int = 15) -> list[LayerResult]:
 
 
 # ------------------------------------------------------------------------------- sweep
+def _sweep_weights(model: Any) -> set[str]:
+    """Names of the plain float32 Conv / Gemm / MatMul weight initializers a sweep can re-prune."""
+    from onnx import TensorProto
+
+    used = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
+    names = {i.name for i in model.graph.initializer
+             if i.name in used and i.data_type == TensorProto.FLOAT and len(i.dims) >= 2}
+    if not names:
+        raise SwatError("the model's Conv / Gemm weights are not plain initializers (compact encoding?); "
+                        "run the sweep on the run dir instead of the exported file")
+    return names
+
+
 def magnitude_prune_onnx(model: Any, sparsity: float) -> Any:
     """A copy of `model` whose Conv / Gemm / MatMul weight initializers keep only their largest
     |w| (per tensor), so the sweep needs nothing but the ONNX file."""
     import onnx
     from onnx import numpy_helper
 
+    weights = _sweep_weights(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    weights = {n.input[1] for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
-    found = 0
     for init in out.graph.initializer:
         if init.name not in weights:
             continue
         w = numpy_helper.to_array(init)
-        if w.dtype != np.float32 or w.ndim < 2:
-            continue
         k = int(round(sparsity * w.size))
         if k > 0:
             flat = w.reshape(-1).copy()
             flat[np.argpartition(np.abs(flat), k - 1)[:k]] = 0.0
             w = flat.reshape(w.shape)
         init.CopyFrom(numpy_helper.from_array(w, init.name))
-        found += 1
-    if not found:
-        raise SwatError("the model's Conv / Gemm weights are not plain initializers (compact encoding?); "
-                        "run the sweep on the run dir instead of the exported file")
     return out
+
+
+def _check_sparsities(sparsities: Sequence[float]) -> None:
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise SwatError(f"sweep sparsity {s} is not in [0, 1); e.g. 0.9")
 
 
 def sweep_sparsity(model: Any, input_shape: tuple[int, ...], batch_sizes: Sequence[int], threads: int,
@@ -290,9 +300,7 @@ def sweep_sparsity(model: Any, input_shape: tuple[int, ...], batch_sizes: Sequen
     """Session vs onnxruntime on magnitude-pruned copies of `model` at each sparsity."""
     from .session import Session
 
-    for s in sparsities:
-        if not 0.0 <= s < 1.0:
-            raise SwatError(f"sweep sparsity {s} is not in [0, 1); e.g. 0.9")
+    _check_sparsities(sparsities)
     points = []
     gen = np.random.default_rng(0)
     for s in sparsities:

@@ -116,7 +116,7 @@ class Plan:
 
     engine: str           # "swat" | "onnxruntime"
     threads: int
-    ms: dict[str, float]  # median ms of each candidate timed ({} when there was nothing to choose)
+    ms: dict[str, float]  # ms per run of each candidate timed ({} when there was nothing to choose)
 
 
 class Session:
@@ -177,12 +177,16 @@ class Session:
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any]) -> list[np.ndarray]:
         """Outputs (numpy, in ``output_names`` order; None = all) for one batch of inputs."""
         names = tuple(output_names) if output_names else tuple(v.name for v in self._outputs)
-        steps, frees = self._program(names)
+        self._program(names)  # an unknown output name fails here, before any timing
         env = self._feed(input_feed)
         plan = self._plan(names, env)
         if plan.engine == "onnxruntime":
             return self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
-        with torch.no_grad(), _torch_threads(plan.threads), torch_thread_cap(plan.threads):
+        return self._run_kernels(names, env, plan.threads)
+
+    def _run_kernels(self, names: tuple[str, ...], env: dict[str, torch.Tensor], threads: int) -> list[np.ndarray]:
+        steps, frees = self._program(names)
+        with torch.no_grad(), _torch_threads(threads), torch_thread_cap(threads):
             return self._execute(names, steps, frees, env)
 
     def _plan(self, names: tuple[str, ...], env: dict[str, torch.Tensor]) -> Plan:
@@ -193,7 +197,7 @@ class Session:
         busy 2-core machine one descheduled thread stalls every op (measured: dense resnet18 at
         batch 1 went from 12 ms to 550 ms), while one thread never waits. The cap holds for
         numba kernels too (numba's OpenMP pool has the same wake-up stalls). Candidates run
-        interleaved, median of repeats. One thread must win by 10 % (where it matters it wins
+        interleaved (see `_time_candidates`). One thread must win by 10 % (where it matters it wins
         by far more; a close call is noise, and all threads is right on a quiet machine);
         onnxruntime must win by 5 %, since our kernels hold the sparse weights and it the dense.
         """
@@ -202,18 +206,10 @@ class Session:
         if plan is not None:
             return plan
         threads = self._ctx.threads
-        steps, frees = self._program(names)
-        runs: dict[str, Callable[[], Any]] = {}
-
-        def ours(c: int) -> Callable[[], Any]:
-            def go() -> Any:
-                with torch.no_grad(), _torch_threads(c), torch_thread_cap(c):
-                    return self._execute(names, steps, frees, dict(env))
-            return go
-
-        runs[f"swat/{threads}"] = ours(threads)
+        runs: dict[str, Callable[[], Any]] = {
+            f"swat/{threads}": lambda: self._run_kernels(names, dict(env), threads)}
         if threads > 1 and self._tune_threads:
-            runs["swat/1"] = ours(1)
+            runs["swat/1"] = lambda: self._run_kernels(names, dict(env), 1)
         if self._ort_ready(names):
             feed = {k: v.numpy() for k, v in env.items()}
             runs["onnxruntime"] = lambda: self._ort.run(list(names), feed)
@@ -221,13 +217,11 @@ class Session:
             plan = Plan("swat", threads, {})
         else:
             ms = _time_candidates(runs)
-            best = f"swat/{threads}"
-            if "swat/1" in ms and ms["swat/1"] < 0.9 * ms[best]:
-                best = "swat/1"
-            if "onnxruntime" in ms and ms["onnxruntime"] < 0.95 * ms[best]:
+            ours = 1 if "swat/1" in ms and ms["swat/1"] < 0.9 * ms[f"swat/{threads}"] else threads
+            if "onnxruntime" in ms and ms["onnxruntime"] < 0.95 * ms[f"swat/{ours}"]:
                 plan = Plan("onnxruntime", threads, ms)
             else:
-                plan = Plan("swat", int(best.split("/")[1]), ms)
+                plan = Plan("swat", ours, ms)
         with self._lock:
             self._plans[key] = plan
             if self._ort is not None and all(p.engine != "onnxruntime" for p in self._plans.values()):
@@ -250,7 +244,7 @@ class Session:
 
     def plans(self) -> list[dict]:
         """Per class of runs so far: outputs, input shapes, the engine and threads chosen, and
-        the median ms of each candidate timed."""
+        the ms per run of each candidate timed."""
         return [{"outputs": list(key[0]), "inputs": {k: list(shape) for k, shape in key[1:]},
                  "engine": p.engine, "threads": p.threads, "ms": dict(p.ms)}
                 for key, p in self._plans.items()]

@@ -158,26 +158,45 @@ def kth_largest_abs_rows(bits32, rows, k, thr_bits, n_gt, n_eq):
         n_eq[r] = eq
 
 
+# The byte loops below run whole bytes with a literal count of 8 (LLVM unrolls them) and the
+# last, partial byte with the remainder; each body lives once, in an inlined helper.
+@njit(cache=True, nogil=True, inline="always")
+def _gt_byte(x, t, base, count):
+    byte = np.uint8(0)
+    for s in range(count):
+        byte |= np.uint8(abs(x[base + s]) > t) << s
+    return byte
+
+
 @njit(cache=True, nogil=True)
 def _pack_gt_scalar(x, t, bits):
     n = x.size
     cnt = 0
     nbytes = n >> 3
     for b in range(nbytes):
-        byte = 0
-        base = b << 3
-        for s in range(8):
-            byte |= np.uint8(abs(x[base + s]) > t) << s
+        byte = _gt_byte(x, t, b << 3, 8)
         bits[b] = byte
         cnt += _POPC[byte]
     if n & 7:
-        byte = 0
-        base = nbytes << 3
-        for s in range(n - base):
-            byte |= np.uint8(abs(x[base + s]) > t) << s
+        byte = _gt_byte(x, t, nbytes << 3, n & 7)
         bits[nbytes] = byte
         cnt += _POPC[byte]
     return cnt
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _gt_byte_grouped(x, thr, inner, period, base, count, pos, g, t):
+    byte = np.uint8(0)
+    for s in range(count):
+        byte |= np.uint8(abs(x[base + s]) > t) << s
+        pos += 1
+        if pos == inner:
+            pos = 0
+            g += 1
+            if g == period:
+                g = 0
+            t = thr[g]
+    return byte, pos, g, t
 
 
 @njit(cache=True, nogil=True)
@@ -192,33 +211,11 @@ def pack_gt(x, thr, inner, period, bits):
     t = thr[0]
     nbytes = n >> 3
     for b in range(nbytes):
-        byte = 0
-        base = b << 3
-        for s in range(8):
-            c = abs(x[base + s]) > t
-            byte |= np.uint8(c) << s
-            pos += 1
-            if pos == inner:
-                pos = 0
-                g += 1
-                if g == period:
-                    g = 0
-                t = thr[g]
+        byte, pos, g, t = _gt_byte_grouped(x, thr, inner, period, b << 3, 8, pos, g, t)
         bits[b] = byte
         cnt += _POPC[byte]
     if n & 7:
-        byte = 0
-        base = nbytes << 3
-        for s in range(n - base):
-            c = abs(x[base + s]) > t
-            byte |= np.uint8(c) << s
-            pos += 1
-            if pos == inner:
-                pos = 0
-                g += 1
-                if g == period:
-                    g = 0
-                t = thr[g]
+        byte, pos, g, t = _gt_byte_grouped(x, thr, inner, period, nbytes << 3, n & 7, pos, g, t)
         bits[nbytes] = byte
         cnt += _POPC[byte]
     return cnt
@@ -396,6 +393,18 @@ def unnest(outer, sub, full):
         full[i] = res
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _relu_byte(x, y, base, count):
+    zero = x.dtype.type(0)
+    byte = np.uint8(0)
+    for s in range(count):
+        v = x[base + s]
+        pos = not (v <= zero)
+        y[base + s] = zero if v <= zero else v
+        byte |= np.uint8(pos) << s
+    return byte
+
+
 @njit(cache=True, nogil=True)
 def relu_pack(x, y, bits):
     """y = relu(x) (``y`` may be ``x``) and bit i = y[i] > 0, in one pass; returns the count.
@@ -406,25 +415,12 @@ def relu_pack(x, y, bits):
     n = x.size
     cnt = 0
     nbytes = n >> 3
-    zero = x.dtype.type(0)
     for b in range(nbytes):
-        byte = 0
-        base = b << 3
-        for s in range(8):
-            v = x[base + s]
-            pos = not (v <= zero)
-            y[base + s] = zero if v <= zero else v
-            byte |= np.uint8(pos) << s
+        byte = _relu_byte(x, y, b << 3, 8)
         bits[b] = byte
         cnt += _POPC[byte]
     if n & 7:
-        byte = 0
-        base = nbytes << 3
-        for s in range(n - base):
-            v = x[base + s]
-            pos = not (v <= zero)
-            y[base + s] = zero if v <= zero else v
-            byte |= np.uint8(pos) << s
+        byte = _relu_byte(x, y, nbytes << 3, n & 7)
         bits[nbytes] = byte
         cnt += _POPC[byte]
     return cnt

@@ -7,7 +7,7 @@ import torch
 
 from ..formats import to_csr
 from . import _numba_common as nc
-from .base import LayerSpec
+from .base import LayerSpec, add_relu_
 
 
 class CsrConvWeights:
@@ -55,9 +55,7 @@ class CsrConvWeights:
         nc.csr_shift_rows(par)(self.indptr, g.offs, self.vals, self.bias, packed, g.chunk_in, out, g.run, g.nb)
         yn = np.empty((n, self.o, g.h_out, g.w_out), np.float32)
         if not epilogue_ok(yn.shape, residual):  # a broadcast residual: add it in torch
-            y = self.multiply_unpack(packed, g, n, row_width, par)
-            y = y + residual
-            return y.relu_() if relu else y
+            return add_relu_(self.multiply_unpack(packed, g, n, row_width, par), residual, relu)
         mode = (1 if residual is not None else 0) | (2 if relu else 0)
         res = yn if residual is None else residual.numpy()
         if g.nchunk == 1:

@@ -142,31 +142,33 @@ class Op:
         self._fuses = bool(getattr(prepared, "fuses_epilogue", False))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            raise ValueError(f"{self.spec.kind} op expects float32 input, got {x.dtype}; cast with x.float()")
-        if not x.is_contiguous():
-            x = x.contiguous()
-        if self.threads is None:
-            return self._call(x)
-        with thread_scope(self.threads, self._torch_threads):
-            return self._call(x)
+        return self._run(x)
 
     def fused(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
         """relu(op(x) + residual): inside the kernel's output loop when it offers that
         (``fuses_epilogue``; saves a pass over the output and two graph ops per conv), else
         in torch after it. ``residual`` may broadcast; None adds nothing."""
-        if self._fuses and x.dtype == torch.float32:
-            if not x.is_contiguous():
-                x = x.contiguous()
-            if self.threads is None:
-                return self._call(x, residual, relu)
-            with thread_scope(self.threads, self._torch_threads):
-                return self._call(x, residual, relu)
-        y = self(x)
-        if residual is not None:
-            y = y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype else y + residual
-        return y.relu_() if relu else y
+        if self._fuses:
+            return self._run(x, residual, relu)
+        return add_relu_(self._run(x), residual, relu)
+
+    def _run(self, x: torch.Tensor, *epilogue: object) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise ValueError(f"{self.spec.kind} op expects float32 input, got {x.dtype}; cast with x.float()")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if self.threads is None:
+            return self._call(x, *epilogue)
+        with thread_scope(self.threads, self._torch_threads):
+            return self._call(x, *epilogue)
 
     def __repr__(self) -> str:
         return (f"Op({self.spec.kind}, kernel={self.kernel_name!r}, weight={tuple(self.spec.weight_shape)}, "
                 f"sparsity={self.weight_sparsity:.3f}, nbytes={self.nbytes})")
+
+
+def add_relu_(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """relu(y + residual) in place on `y` (a fresh op output) where the shapes allow."""
+    if residual is not None:
+        y = y.add_(residual) if residual.shape == y.shape and residual.dtype == y.dtype else y + residual
+    return y.relu_() if relu else y

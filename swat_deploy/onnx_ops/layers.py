@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from swat_deploy.kernels.base import add_relu_
+
 from .base import BuildContext, Node, OpDef, resolve_pads, spatial_attrs, to_torch
 from .optimize import FUSED_RELU, FUSED_RESIDUAL
 
@@ -39,12 +41,7 @@ def _conv_geometry(node: Node, weight_shape: tuple[int, ...], spatial: tuple[int
 def _epilogue(node: Node, y: torch.Tensor, xs: list) -> torch.Tensor:
     """The Add / Relu a fused Conv absorbed (see `optimize.fuse_conv_epilogue`), in place on
     the conv's fresh output where the shapes allow."""
-    if node.attrs.get(FUSED_RESIDUAL):
-        r = xs[3]
-        y = y.add_(r) if r.shape == y.shape and r.dtype == y.dtype else y + r
-    if node.attrs.get(FUSED_RELU):
-        y = y.relu_()
-    return y
+    return add_relu_(y, xs[3] if node.attrs.get(FUSED_RESIDUAL) else None, bool(node.attrs.get(FUSED_RELU)))
 
 
 def _t_conv(node: Node, xs: list) -> list:

@@ -14,6 +14,8 @@ resnet18..101  ImageNet ResNet                             ``stem="imagenet"`` |
 vgg16_bn       VGG-16 with BatchNorm                       ``head="imagenet"`` | ``"cifar"``,
                                                            ``dropout=0.5``
 densenet121    DenseNet-BC-121 (k=32)                      ``stem="imagenet"`` | ``"cifar"``
+mobilenet_v2   MobileNet-V2 (depthwise, inverted residual)  ``stem="imagenet"`` | ``"cifar"``,
+                                                           ``width_mult=1.0``, ``dropout=0.2``
 wrn28_10       Wide ResNet 28-10                           ``dropout=0.0``
 =============  ==========================================  ================================
 
@@ -22,7 +24,7 @@ or head where a family has one.
 """
 from __future__ import annotations
 
-from . import densenet, lenet, resnet, resnet_cifar, vgg, wide_resnet  # noqa: F401  (registers)
+from . import densenet, lenet, mobilenet, resnet, resnet_cifar, vgg, wide_resnet  # noqa: F401  (registers)
 from ._registry import build, names, register_model, small_input_cfg
 
 __all__ = ["build", "names", "register_model", "small_input_cfg"]

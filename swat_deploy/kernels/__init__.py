@@ -30,7 +30,7 @@ KERNELS: list[Kernel] = [
     TorchCsrKernel(),
 ]
 
-__all__ = ["KERNELS", "LayerSpec", "Op", "kernel_names", "make_conv2d", "make_linear", "get_kernel"]
+__all__ = ["KERNELS", "LayerSpec", "Op", "detect_block", "kernel_names", "make_conv2d", "make_linear", "get_kernel"]
 
 
 def kernel_names() -> list[str]:
@@ -73,6 +73,25 @@ def _sparsity(weight: torch.Tensor) -> float:
     return 0.0 if n == 0 else 1.0 - int(torch.count_nonzero(weight)) / n
 
 
+def detect_block(weight: torch.Tensor, groups: int = 1) -> int:
+    """The largest B in (16, 8, 4, 2) such that every B consecutive output channels (within a
+    group) share one zero pattern, or 1. Costs one pass over the weight's zero mask.
+
+    Any model's weights qualify, also ones pruned elsewhere and stored densely: block
+    kernels compute the same result, reusing each input load for B outputs."""
+    o = int(weight.shape[0])
+    nz = (weight.reshape(o, -1) != 0)
+    if int(nz.sum()) == nz.numel():  # dense: no pattern to share, the dense kernels apply
+        return 1
+    per_group = o // max(1, groups)
+    for b in (16, 8, 4, 2):
+        if per_group % b == 0 and o % b == 0:
+            m = nz.reshape(o // b, b, -1)
+            if bool((m == m[:, :1, :]).all()):
+                return b
+    return 1
+
+
 def _build(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
            kernel: str | None, threads: int | None) -> Op:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -99,11 +118,13 @@ def make_conv2d(weight: torch.Tensor, bias: torch.Tensor | None = None,
                 dilation: int | Sequence[int] = (1, 1), groups: int = 1, *,
                 input_shape: tuple[int, ...] | None = None,
                 kernel: str | None = None,
-                threads: int | None = None) -> Op:
+                threads: int | None = None,
+                block: int | None = None) -> Op:
     """A conv2d op for `weight` (O, I/groups, kh, kw); padding is [top, left, bottom, right] or (ph, pw).
 
     With `input_shape` (N, C, H, W) the kernel is autotuned on that shape (see
     `swat_deploy.autotune`); without it, or with SWAT_AUTOTUNE=0, a sparsity rule decides.
+    `block`: B output channels sharing one zero pattern (None: detected, see `detect_block`).
     """
     if weight.dim() != 4:
         raise ValueError(f"conv2d weight must be 4-D (O, I/groups, kh, kw), got shape {tuple(weight.shape)}")
@@ -121,8 +142,12 @@ def make_conv2d(weight: torch.Tensor, bias: torch.Tensor | None = None,
             raise ValueError(f"input_shape {input_shape} does not fit a conv with {weight.shape[1] * groups} "
                              "input channels; pass (N, C, H, W)")
     w = weight.detach().to(torch.float32).contiguous()
+    if block is None:
+        block = detect_block(w, groups)
+    elif block not in (1, 2, 4, 8, 16) or (w.shape[0] // groups) % block:
+        raise ValueError(f"block={block} must be 1, 2, 4, 8 or 16 and divide the output channels per group")
     spec = LayerSpec("conv2d", tuple(int(d) for d in w.shape), stride_, pad, dilation_, groups,
-                     bias is not None, _sparsity(w), input_shape)
+                     bias is not None, _sparsity(w), input_shape, int(block))
     return _build(spec, w, None if bias is None else bias.detach().float(), kernel, threads)
 
 

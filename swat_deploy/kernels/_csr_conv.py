@@ -1,5 +1,10 @@
-"""What the two CSR conv kernels share: the weight as CSR plus, per non-zero, which input
-channel and kernel tap it multiplies (fixed for the layer, computed once)."""
+"""What the CSR conv kernels share: the weight as (block) CSR plus, per non-zero, which input
+channel and kernel tap it multiplies (fixed for the layer, computed once), and the multiply
+step that runs the compiled shift loop (`native.shift_rows`) over it.
+
+Blocks: when B consecutive output channels share one zero pattern (``spec.block``), the
+rows are block rows of B channels and each stored non-zero carries B values, so one input
+load feeds B multiply-adds. B = 1 is plain CSR."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +12,7 @@ import torch
 
 from ..formats import to_csr
 from . import _numba_common as nc
+from . import native
 from .base import LayerSpec, add_relu_
 
 
@@ -18,12 +24,10 @@ class CsrConvWeights:
         self.spec = spec
         self.o, self.cg, self.kh, self.kw = o, cg, kh, kw
         self.c = cg * spec.groups
-        csr = to_csr(weight)
-        self.nbytes = csr.nbytes
-        self.indptr = csr.indptr.numpy()
-        self.vals = csr.values.numpy()
-        col = csr.indices.numpy().astype(np.int64)
-        row = np.repeat(np.arange(o, dtype=np.int64), np.diff(self.indptr.astype(np.int64)))
+        self.block = block = spec.block if native.available() else 1
+        indptr, col, self.vals, self.nbytes = block_csr(weight.reshape(o, -1), block)
+        self.indptr = indptr
+        row = np.repeat(np.arange(o // block, dtype=np.int64) * block, np.diff(indptr.astype(np.int64)))
         self.chan = (row // (o // spec.groups)) * cg + col // (kh * kw)  # global input channel
         self.tap_i = (col // kw) % kh
         self.tap_j = col % kw
@@ -52,7 +56,8 @@ class CsrConvWeights:
         ``relu`` are applied while unpacking (see `fused_epilogue`).
         """
         out = nc.workspace(1, g.nb * self.o * g.run)
-        nc.csr_shift_rows(par)(self.indptr, g.offs, self.vals, self.bias, packed, g.chunk_in, out, g.run, g.nb)
+        shift_multiply(self.indptr, g.offs, self.vals, self.bias, packed, g.chunk_in, out, g.run, g.nb,
+                       self.block, par)
         yn = np.empty((n, self.o, g.h_out, g.w_out), np.float32)
         if not epilogue_ok(yn.shape, residual):  # a broadcast residual: add it in torch
             return add_relu_(self.multiply_unpack(packed, g, n, row_width, par), residual, relu)
@@ -70,3 +75,42 @@ def epilogue_ok(y_shape: tuple[int, ...], residual: torch.Tensor | None) -> bool
     """Whether a residual can be added inside the unpack loop (same shape, float32, contiguous)."""
     return residual is None or (tuple(residual.shape) == tuple(y_shape) and residual.dtype == torch.float32
                                 and residual.is_contiguous())
+
+
+def block_csr(w2: torch.Tensor, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(indptr, block column per non-zero block, values (nnzb * block) row-major, stored bytes)
+    of the (O, K) matrix `w2` in row blocks of `block` rows sharing one zero pattern.
+
+    A block is stored if any of its `block` values is non-zero, so a weight without block
+    structure is still computed exactly (only with more stored zeros)."""
+    if block == 1:
+        csr = to_csr(w2)
+        return (csr.indptr.numpy(), csr.indices.numpy().astype(np.int64), csr.values.numpy(), csr.nbytes)
+    o, k = w2.shape
+    if o % block:
+        raise ValueError(f"block {block} does not divide the {o} output channels")
+    wb = w2.detach().float().reshape(o // block, block, k).numpy()
+    keep = (wb != 0).any(axis=1)  # (O/B, K)
+    rb, col = np.nonzero(keep)
+    indptr = np.zeros(o // block + 1, np.int32)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    vals = np.ascontiguousarray(wb[rb, :, col], dtype=np.float32).reshape(-1)  # (nnzb, B) row-major
+    nbytes = vals.nbytes + 4 * col.size + indptr.nbytes
+    return indptr, col.astype(np.int64), vals, nbytes
+
+
+def shift_multiply(indptr: np.ndarray, offs: np.ndarray, vals: np.ndarray, bias: np.ndarray,
+                   packed: np.ndarray, chunk_in: int, out: np.ndarray, run: int, nb: int,
+                   block: int, par: bool) -> None:
+    """out[b, r*B + j, 0:run] = bias + sum_k vals[k*B + j] * packed[b*chunk_in + offs[k] : +run].
+
+    The compiled loop when it is built (see `native`), else the numba one (block 1 only)."""
+    if native.available():
+        threads = nc.numba.get_num_threads() if par else 1
+        ntg, tg, nrg = native.split(run, nb, indptr.shape[0] - 1, threads)
+        native.shift_rows(par)(native.isa_code(), indptr, native.check_offsets(offs), vals, bias, packed,
+                               chunk_in, out, run, nb, block, ntg, tg, nrg)
+        return
+    if block != 1:
+        raise ValueError("block kernels need the compiled extension; reinstall with `pip install -e .`")
+    nc.csr_shift_rows(par)(indptr, offs, vals, bias, packed, chunk_in, out, run, nb)

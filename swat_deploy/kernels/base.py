@@ -32,6 +32,7 @@ class LayerSpec:
     has_bias: bool = False
     sparsity: float = 0.0
     input_shape: tuple[int, ...] | None = None
+    block: int = 1  # B consecutive output channels share one zero pattern (1: unstructured)
 
     @property
     def out_channels(self) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from ..formats import to_csr
 from . import _numba_common as nc
+from ._csr_conv import shift_multiply
 from .base import LayerSpec
 
 _LANES = 16
@@ -56,7 +57,7 @@ class _CsrLinear:
         xt = nc.workspace(0, self.i * pitch)
         nc.transpose_pad(par)(x2.numpy(), xt, pitch)
         out = nc.workspace(1, self.o * pitch)
-        nc.csr_shift_rows(par)(self.indptr, self._offsets(pitch), self.vals, self.bias, xt, 0, out, pitch, 1)
+        shift_multiply(self.indptr, self._offsets(pitch), self.vals, self.bias, xt, 0, out, pitch, 1, 1, par)
         y = torch.from_numpy(out).view(self.o, pitch)[:, :n].t().contiguous()
         return y.reshape(*lead, self.o)
 

@@ -1,0 +1,163 @@
+"""The compiled kernels (``swat_deploy/_swatk*.so``, built by ``pip install -e .``) and the ISA they run at.
+
+Why a C extension: the sparse row loop wins only if its output tile stays in vector
+registers at the machine's full width. numba's LLVM targets 256-bit vectors on AVX-512 CPUs
+and cannot be told which loop order keeps a tile's input window in L1; the C loops in
+``kernels/native/*.c`` are written once per ISA (AVX-512, AVX2+FMA, portable C) with gcc's
+per-function ``target`` attribute, so one build runs on any x86-64 CPU and picks its path at
+run time.
+
+The ISA is the best this CPU runs, unless ``SWAT_ISA`` names a lower one (``avx2`` or
+``generic``); tests use that to exercise the path a machine would not pick. The loops are
+serial; `shift_rows` parallelises over (image chunk, tile group, row group) with numba's
+prange, calling the C function from each worker (numba calls ctypes functions natively).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ISAS = ("generic", "avx2", "avx512")
+_ISA_CODE = {"generic": 0, "avx2": 1, "avx512": 2}
+_LIB_NAME = "_swatk"
+
+
+class _Lib:
+    def __init__(self, cdll: ctypes.CDLL) -> None:
+        self.cdll = cdll
+        u64, i64 = ctypes.c_uint64, ctypes.c_int64
+        # Pointers travel as integers (numba passes ``arr.ctypes.data``); same x86-64 ABI.
+        self.shift_f32 = cdll.swat_shift_f32
+        self.shift_f32.argtypes = [i64, u64, u64, u64, u64, u64, u64, i64, i64, i64, i64, i64, i64]
+        self.shift_f32.restype = ctypes.c_int
+        cdll.swat_cpu_isas.restype = ctypes.c_int
+        bits = cdll.swat_cpu_isas()
+        self.cpu_isas = ("generic",) + (("avx2",) if bits & 1 else ()) + (("avx512",) if bits & 2 else ())
+
+
+def _find_library() -> Path | None:
+    here = Path(__file__).resolve().parent.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = here / f"{_LIB_NAME}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> _Lib | None:
+    path = _find_library()
+    if path is None:
+        return None
+    try:
+        return _Lib(ctypes.CDLL(str(path)))
+    except OSError:
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels were built and load (`pip install -e .` builds them)."""
+    return _lib() is not None
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The ISAs this CPU can run, lowest first (always includes "generic")."""
+    lib = _lib()
+    return ("generic",) if lib is None else lib.cpu_isas
+
+
+def isa() -> str:
+    """The ISA the compiled kernels use here: the best the CPU has, or a lower one from SWAT_ISA."""
+    best = cpu_isas()[-1]
+    want = os.environ.get("SWAT_ISA", "").strip().lower()
+    if not want:
+        return best
+    if want not in ISAS:
+        raise ValueError(f"SWAT_ISA={want!r} is not one of {', '.join(ISAS)}; unset it or pick one of those")
+    if want not in cpu_isas():
+        raise ValueError(f"SWAT_ISA={want!r}, but this CPU runs only {', '.join(cpu_isas())}; unset SWAT_ISA")
+    return want
+
+
+def isa_code(name: str | None = None) -> int:
+    return _ISA_CODE[name or isa()]
+
+
+def lanes(name: str | None = None) -> int:
+    """Floats per vector register on that ISA (16 AVX-512, 8 AVX2, 1 portable)."""
+    return {"avx512": 16, "avx2": 8, "generic": 1}[name or isa()]
+
+
+BLOCKS = (1, 2, 4, 8, 16)  # block heights the compiled loops have micro-kernels for
+
+
+def shift_rows(par: bool) -> Any:
+    """numba loop over (chunk, tile group, row group) calling the C shift kernel (see module doc)."""
+    return _numba_loops()[1 if par else 0]
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_loops() -> tuple[Any, Any]:
+    from numba import njit, prange
+
+    fn = _lib().shift_f32
+
+    # out[b][(r*B + j)*run + t] = bias + sum_k vals[k*B + j] * packed[b*chunk_in + offs[k] + t]
+    @njit(cache=False, inline="always")
+    def _item(i, code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg):  # noqa: ANN001, ANN202
+        rows = indptr.shape[0] - 1
+        per_b = ntg * nrg
+        b = i // per_b
+        rest = i - b * per_b
+        g = rest // nrg
+        q = rest - g * nrg
+        t0 = g * tg
+        t1 = min(run, t0 + tg)
+        r0 = (rows * q) // nrg
+        r1 = (rows * (q + 1)) // nrg
+        fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
+           packed.ctypes.data + 4 * b * chunk_in, out.ctypes.data + 4 * b * rows * blk * run,
+           blk, run, r0, r1, t0, t1)
+
+    @njit(cache=False)
+    def serial(code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg):  # noqa: ANN001, ANN202
+        for i in range(nb * ntg * nrg):
+            _item(i, code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg)
+
+    @njit(cache=False, parallel=True)
+    def parallel(code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg):  # noqa: ANN001, ANN202
+        for i in prange(nb * ntg * nrg):
+            _item(i, code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg)
+
+    return serial, parallel
+
+
+def split(run: int, nb: int, rows: int, threads: int) -> tuple[int, int, int]:
+    """(tile-group count, tile-group floats, row-group count) for one call.
+
+    Tile groups are the unit of work that keeps an input window in one core's L1/L2; rows are
+    split too only when there are too few (chunk, tile group) items to keep every thread busy.
+    """
+    tg = 256 if run > 512 else run
+    tg = -(-tg // 16) * 16
+    ntg = -(-run // tg)
+    items = nb * ntg
+    want = 4 * threads if threads > 1 else 1
+    nrg = 1 if items >= want else max(1, min(rows, -(-want // items)))
+    return ntg, tg, nrg
+
+
+def check_offsets(offs: np.ndarray) -> np.ndarray:
+    """The per-non-zero offsets as int32 (the compiled loops' index type)."""
+    if offs.dtype == np.int32 and offs.flags.c_contiguous:
+        return offs
+    if offs.size and int(offs.max()) >= 2**31:
+        raise ValueError("a layer's input is larger than 2**31 floats per image chunk; the compiled kernels "
+                         "cannot index it - run this model with kernel='dense'")
+    return np.ascontiguousarray(offs, dtype=np.int32)

@@ -1,0 +1,194 @@
+/* Sparse (block-)row x shifted input rows, float32, with the output tile in vector registers.
+
+   out[(r*B + j)*run + t] = bias[r*B + j] + sum_k vals[k*B + j] * x[offs[k] + t]
+   for block rows r in [r0, r1), j in [0, B), t in [t0, t1), k over row r's non-zeros
+   (indptr[r] .. indptr[r+1]).
+
+   Why this shape: a direct conv over a zero-padded input, a 1x1 conv and a batched Linear all
+   reduce to it (see swat_deploy/kernels/csr_direct.py): every non-zero weight adds a scaled,
+   shifted copy of one input row to an output row. The kernel keeps a tile of T vectors of
+   that output row (times B rows for blocks, which share their non-zero pattern) in
+   registers across the whole non-zero loop, so a non-zero costs T loads (reused B times)
+   and T*B FMAs, and the output is stored once. Tiles are the outer loop and rows the inner
+   one, so one tile's input window (all channels, a few image rows) stays in L1 while every
+   output channel reads it.
+
+   One copy of the loops per ISA (AVX-512, AVX2+FMA, portable C), chosen at run time by the
+   caller (swat_deploy/kernels/native.py), compiled with gcc's per-function target attribute
+   so the extension builds on any x86-64 compiler setting and runs on any x86-64 CPU. */
+#include <stdint.h>
+#include <stddef.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SWAT_X86 1
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* ------------------------------------------------------------------ portable C */
+static void shift_generic(const int32_t *indptr, const int32_t *offs, const float *vals,
+                          const float *bias, const float *x, float *out, int64_t B,
+                          int64_t run, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t j = 0; j < B; j++) {
+            float *o = out + (r * B + j) * run;
+            float b = bias[r * B + j];
+            for (int64_t t = t0; t < t1; t++) o[t] = b;
+            for (int32_t k = indptr[r]; k < indptr[r + 1]; k++) {
+                const float w = vals[(int64_t)k * B + j];
+                const float *xs = x + offs[k];
+                for (int64_t t = t0; t < t1; t++) o[t] += w * xs[t];
+            }
+        }
+    }
+}
+
+#ifdef SWAT_X86
+/* One micro-kernel per (ISA, B, T): the accumulator array has compile-time bounds, the
+   loops over it are unrolled, and gcc keeps it in registers. BS is the stride between the
+   B values of one non-zero (B itself, or 16 when AVX2 does a 16-block as two 8-blocks).
+   P partial sums over alternating non-zeros keep at least ~8 FMA chains in flight when the
+   tile is small (a 4x4 feature map is one or two vectors), so the loop is not bound by the
+   FMA latency. */
+#define NPART(B, T) ((B) * (T) <= 2 ? 4 : (B) * (T) <= 4 ? 2 : 1)
+#define MICRO(ISA, VEC, LANES, SET1, LOADU, STOREU, FMADD, ADD, B, T, BS)                       \
+    static inline __attribute__((always_inline, target(ISA))) void                               \
+    micro_##LANES##_##B##_##T##_##BS(const int32_t *offs, const float *vals, const float *bias, \
+                                     const float *x, float *out, int64_t run, int32_t ks,      \
+                                     int32_t ke, int64_t t) {                                   \
+        enum { P = NPART(B, T) };                                                               \
+        VEC acc[P][B][T];                                                                       \
+        for (int j = 0; j < B; j++) {                                                           \
+            VEC bj = SET1(bias[j]);                                                             \
+            for (int i = 0; i < T; i++) acc[0][j][i] = bj;                                      \
+            for (int p = 1; p < P; p++)                                                         \
+                for (int i = 0; i < T; i++) acc[p][j][i] = SET1(0.0f);                          \
+        }                                                                                       \
+        int32_t k = ks;                                                                         \
+        for (; k + P <= ke; k += P)                                                             \
+            for (int p = 0; p < P; p++) {                                                       \
+                const float *xs = x + offs[k + p] + t;                                          \
+                const float *wk = vals + (int64_t)(k + p) * BS;                                 \
+                VEC xv[T];                                                                      \
+                for (int i = 0; i < T; i++) xv[i] = LOADU(xs + i * LANES);                      \
+                for (int j = 0; j < B; j++) {                                                   \
+                    VEC w = SET1(wk[j]);                                                        \
+                    for (int i = 0; i < T; i++) acc[p][j][i] = FMADD(w, xv[i], acc[p][j][i]);   \
+                }                                                                               \
+            }                                                                                   \
+        for (; k < ke; k++) {                                                                   \
+            const float *xs = x + offs[k] + t;                                                  \
+            const float *wk = vals + (int64_t)k * BS;                                           \
+            for (int j = 0; j < B; j++) {                                                       \
+                VEC w = SET1(wk[j]);                                                            \
+                for (int i = 0; i < T; i++)                                                     \
+                    acc[0][j][i] = FMADD(w, LOADU(xs + i * LANES), acc[0][j][i]);               \
+            }                                                                                   \
+        }                                                                                       \
+        for (int j = 0; j < B; j++)                                                             \
+            for (int i = 0; i < T; i++) {                                                       \
+                VEC a = acc[0][j][i];                                                           \
+                for (int p = 1; p < P; p++) a = ADD(a, acc[p][j][i]);                           \
+                STOREU(out + j * run + t + i * LANES, a);                                       \
+            }                                                                                   \
+    }
+
+/* Rows r0..r1 over tiles of TM vectors; what is left of [t0, t1) (fewer than TM vectors) is
+   one narrower tile, so a short row never falls back to one vector at a time. */
+#define ROWS(LANES, B, T, BS)                                                                   \
+    for (int64_t r = r0; r < r1; r++)                                                           \
+        micro_##LANES##_##B##_##T##_##BS(offs, vals, bias + r * (BS), x, out + r * (BS) * run,  \
+                                         run, indptr[r], indptr[r + 1], t);
+#define DRIVER_HEAD(ISA, LANES, B, TM, BS)                                                      \
+    static __attribute__((target(ISA))) void drive_##LANES##_##B##_##BS(                        \
+        const int32_t *indptr, const int32_t *offs, const float *vals, const float *bias,       \
+        const float *x, float *out, int64_t run, int64_t r0, int64_t r1, int64_t t0,            \
+        int64_t t1) {                                                                           \
+        int64_t t = t0;                                                                         \
+        for (; t + (TM) * (LANES) <= t1; t += (TM) * (LANES)) { ROWS(LANES, B, TM, BS) }        \
+        switch ((t1 - t) / (LANES)) {
+#define REM(LANES, B, T, BS) case T: { ROWS(LANES, B, T, BS) } break;
+#define DRIVER_TAIL default: break; } }
+
+/* ---- AVX-512: 32 registers, 16 floats each */
+#define M512(B, T) MICRO("avx512f", __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, \
+                         _mm512_fmadd_ps, _mm512_add_ps, B, T, B)
+M512(1, 1) M512(1, 2) M512(1, 3) M512(1, 4) M512(1, 5) M512(1, 6) M512(1, 7) M512(1, 8)
+DRIVER_HEAD("avx512f", 16, 1, 8, 1) REM(16, 1, 1, 1) REM(16, 1, 2, 1) REM(16, 1, 3, 1) REM(16, 1, 4, 1)
+    REM(16, 1, 5, 1) REM(16, 1, 6, 1) REM(16, 1, 7, 1) DRIVER_TAIL
+M512(2, 1) M512(2, 2) M512(2, 3) M512(2, 4) M512(2, 5) M512(2, 6) M512(2, 7) M512(2, 8)
+DRIVER_HEAD("avx512f", 16, 2, 8, 2) REM(16, 2, 1, 2) REM(16, 2, 2, 2) REM(16, 2, 3, 2) REM(16, 2, 4, 2)
+    REM(16, 2, 5, 2) REM(16, 2, 6, 2) REM(16, 2, 7, 2) DRIVER_TAIL
+M512(4, 1) M512(4, 2) M512(4, 3) M512(4, 4) M512(4, 5) M512(4, 6)
+DRIVER_HEAD("avx512f", 16, 4, 6, 4) REM(16, 4, 1, 4) REM(16, 4, 2, 4) REM(16, 4, 3, 4) REM(16, 4, 4, 4)
+    REM(16, 4, 5, 4) DRIVER_TAIL
+M512(8, 1) M512(8, 2) M512(8, 3)
+DRIVER_HEAD("avx512f", 16, 8, 3, 8) REM(16, 8, 1, 8) REM(16, 8, 2, 8) DRIVER_TAIL
+M512(16, 1)
+DRIVER_HEAD("avx512f", 16, 16, 1, 16) DRIVER_TAIL
+
+/* ---- AVX2 + FMA: 16 registers, 8 floats each */
+#define M256(B, T, BS) MICRO("avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, \
+                             _mm256_fmadd_ps, _mm256_add_ps, B, T, BS)
+M256(1, 1, 1) M256(1, 2, 1) M256(1, 3, 1) M256(1, 4, 1) M256(1, 5, 1) M256(1, 6, 1) M256(1, 7, 1)
+M256(1, 8, 1)
+DRIVER_HEAD("avx2,fma", 8, 1, 8, 1) REM(8, 1, 1, 1) REM(8, 1, 2, 1) REM(8, 1, 3, 1) REM(8, 1, 4, 1)
+    REM(8, 1, 5, 1) REM(8, 1, 6, 1) REM(8, 1, 7, 1) DRIVER_TAIL
+M256(2, 1, 2) M256(2, 2, 2) M256(2, 3, 2) M256(2, 4, 2)
+DRIVER_HEAD("avx2,fma", 8, 2, 4, 2) REM(8, 2, 1, 2) REM(8, 2, 2, 2) REM(8, 2, 3, 2) DRIVER_TAIL
+M256(4, 1, 4) M256(4, 2, 4) M256(4, 3, 4)
+DRIVER_HEAD("avx2,fma", 8, 4, 3, 4) REM(8, 4, 1, 4) REM(8, 4, 2, 4) DRIVER_TAIL
+M256(8, 1, 8)
+DRIVER_HEAD("avx2,fma", 8, 8, 1, 8) DRIVER_TAIL
+M256(8, 1, 16)
+DRIVER_HEAD("avx2,fma", 8, 8, 1, 16) DRIVER_TAIL
+#endif
+
+/* isa: 0 portable, 1 AVX2+FMA, 2 AVX-512F. Returns 0, or -1 for an unsupported (isa, B).
+   t0, t1 must be multiples of 16 and x readable up to offs[k] + t1 for every k. */
+EXPORT int swat_shift_f32(int64_t isa, const int32_t *indptr, const int32_t *offs,
+                          const float *vals, const float *bias, const float *x, float *out,
+                          int64_t B, int64_t run, int64_t r0, int64_t r1, int64_t t0,
+                          int64_t t1) {
+#ifdef SWAT_X86
+    if (isa == 2) {
+        switch (B) {
+        case 1: drive_16_1_1(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 2: drive_16_2_2(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 4: drive_16_4_4(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 8: drive_16_8_8(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 16: drive_16_16_16(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        default: return -1;
+        }
+    }
+    if (isa == 1) {
+        switch (B) {
+        case 1: drive_8_1_1(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 2: drive_8_2_2(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 4: drive_8_4_4(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 8: drive_8_8_8(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
+        case 16: /* as two 8-row halves of each 16-block: half h's values start at vals + 8h */
+            for (int h = 0; h < 2; h++)
+                drive_8_8_16(indptr, offs, vals + 8 * h, bias + 8 * h, x, out + 8 * h * run, run,
+                               r0, r1, t0, t1);
+            return 0;
+        default: return -1;
+        }
+    }
+#endif
+    if (isa != 0 || B < 1) return -1;
+    shift_generic(indptr, offs, vals, bias, x, out, B, run, r0, r1, t0, t1);
+    return 0;
+}
+
+/* Which ISAs this CPU runs: bit 0 AVX2+FMA, bit 1 AVX-512F. */
+EXPORT int swat_cpu_isas(void) {
+    int m = 0;
+#ifdef SWAT_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) m |= 1;
+    if (__builtin_cpu_supports("avx512f")) m |= 2;
+#endif
+    return m;
+}

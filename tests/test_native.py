@@ -1,0 +1,171 @@
+"""The compiled kernels on every ISA this CPU runs (forced with SWAT_ISA), with and without blocks.
+
+An ISA this CPU lacks cannot run here (e.g. AVX-512 on an AVX2-only EPYC); its loops are still
+checked for their vector width in the assembly (test_each_isa_path_uses_its_vector_width)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swat_deploy.kernels import detect_block, make_conv2d, make_linear, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="compiled kernels not built (pip install -e .)")
+
+ISAS = list(native.cpu_isas())
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(tmp_path, monkeypatch):  # noqa: ANN001, ANN202
+    monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setenv("SWAT_AUTOTUNE", "0")
+
+
+def _block_sparse(shape: tuple[int, ...], sparsity: float, block: int, seed: int) -> torch.Tensor:
+    """Random weight whose zero pattern is shared by every `block` consecutive output channels."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    o = shape[0]
+    keep = torch.rand((o // block, 1) + tuple(shape[1:]), generator=g) >= sparsity
+    return w * keep.expand(o // block, block, *shape[1:]).reshape(shape)
+
+
+# (O, I/g, kh, kw, stride, padding, dilation, groups, N, H, W)
+CASES = [
+    (32, 8, 3, 3, 1, 1, 1, 1, 1, 9, 9),
+    (32, 8, 3, 3, 2, 1, 1, 1, 3, 11, 7),      # stride 2, odd sizes
+    (32, 16, 3, 3, 1, 2, 2, 1, 2, 10, 10),    # dilation 2
+    (32, 4, 3, 3, 1, 1, 1, 2, 2, 8, 8),       # groups 2 (16 outputs per group)
+    (16, 1, 3, 3, 1, 1, 1, 16, 2, 8, 8),      # depthwise (block 1 only)
+    (32, 16, 1, 1, 1, 0, 1, 1, 5, 6, 6),      # 1x1
+    (32, 16, 1, 1, 2, 0, 1, 1, 1, 7, 7),      # 1x1 stride 2
+    (16, 8, 3, 3, 1, 1, 1, 1, 64, 4, 4),      # batch 64 on a 4x4 map
+    (48, 8, 5, 5, 2, 2, 1, 1, 1, 13, 13),     # 5x5, stride 2
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_conv_matches_torch_on_every_isa_and_block(isa: str, block: int, case: tuple, monkeypatch) -> None:  # noqa: ANN001
+    o, ig, kh, kw, st, pad, dil, groups, n, h, w = case
+    if (o // groups) % block:
+        pytest.skip("block does not divide the outputs per group")
+    monkeypatch.setenv("SWAT_ISA", isa)
+    wt = _block_sparse((o, ig, kh, kw), 0.7, block, seed=o + block)
+    b = torch.randn(o)
+    x = torch.randn(n, ig * groups, h, w)
+    for kernel in ("csr_direct", "csr_im2col"):
+        op = make_conv2d(wt, b, st, pad, dil, groups, kernel=kernel, block=block)
+        assert op.spec.block == block
+        ref = F.conv2d(x, wt, b, st, pad, dil, groups)
+        torch.testing.assert_close(op(x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_residual_relu_and_nan_on_every_isa(isa: str, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SWAT_ISA", isa)
+    wt = _block_sparse((16, 16, 3, 3), 0.8, 4, seed=1)
+    x = torch.randn(2, 16, 8, 8)
+    x[0, 3, 4, 4] = float("nan")
+    res = torch.randn(2, 16, 8, 8)
+    op = make_conv2d(wt, None, 1, 1, kernel="csr_direct")
+    assert op.spec.block == 4
+    got = op.fused(x, res, True)
+    # A NaN reaches exactly the outputs that a non-zero weight connects it to (a pruned weight
+    # is absent, not a zero that multiplies it), and ReLU keeps it, as torch.relu does.
+    reach = F.conv2d(torch.isnan(x).float(), (wt != 0).float(), None, 1, 1) > 0
+    assert reach.any()
+    assert torch.equal(torch.isnan(got), reach)
+    ref = torch.relu(F.conv2d(torch.nan_to_num(x), wt, None, 1, 1) + res)
+    torch.testing.assert_close(got[~reach], ref[~reach], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 3, 17, 64])
+def test_linear_matches_torch_on_every_isa(isa: str, n: int, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SWAT_ISA", isa)
+    wt = _block_sparse((40, 33), 0.8, 1, seed=n)
+    b = torch.randn(40)
+    x = torch.randn(n, 33)
+    op = make_linear(wt, b, kernel="csr_rows")
+    torch.testing.assert_close(op(x), F.linear(x, wt, b), rtol=1e-4, atol=1e-4)
+
+
+def test_parallel_split_matches_serial(monkeypatch) -> None:  # noqa: ANN001
+    wt = _block_sparse((64, 32, 3, 3), 0.9, 4, seed=3)
+    x = torch.randn(4, 32, 16, 16)
+    ref = F.conv2d(x, wt, None, 1, 1)
+    for threads in (1, 2):
+        op = make_conv2d(wt, None, 1, 1, kernel="csr_direct", threads=threads)
+        torch.testing.assert_close(op(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_detect_block() -> None:
+    assert detect_block(_block_sparse((32, 8, 3, 3), 0.8, 8, seed=0)) == 8
+    assert detect_block(_block_sparse((32, 8, 3, 3), 0.8, 16, seed=0)) == 16
+    assert detect_block(_block_sparse((32, 8, 3, 3), 0.8, 1, seed=0)) == 1
+    assert detect_block(torch.randn(32, 8, 3, 3)) == 1  # dense: nothing to share
+    assert detect_block(_block_sparse((12, 8, 3, 3), 0.8, 4, seed=0)) == 4
+    # blocks may not straddle groups: 6 outputs per group only admit 2
+    assert detect_block(_block_sparse((12, 4, 3, 3), 0.8, 2, seed=0), groups=2) == 2
+
+
+def test_bad_isa_request_is_one_clear_error(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("SWAT_ISA", "sse9")
+    with pytest.raises(ValueError, match="SWAT_ISA"):
+        native.isa()
+
+
+def test_bad_block_request() -> None:
+    with pytest.raises(ValueError, match="block"):
+        make_conv2d(torch.randn(12, 4, 3, 3), block=8)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_each_isa_path_uses_its_vector_width() -> None:
+    """The AVX-512 loops hold their tiles in zmm registers, the AVX2 ones in ymm."""
+    lib = native._find_library()
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                         check=True).stdout
+    funcs: dict[str, str] = {}
+    name = None
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            name = line.split("<", 1)[1][:-2]
+            funcs[name] = ""
+        elif name:
+            funcs[name] += line + "\n"
+    avx512 = [f for f in funcs if f.startswith("drive_16_")]
+    avx2 = [f for f in funcs if f.startswith("drive_8_")]
+    assert avx512 and avx2
+    for f in avx512:
+        assert "vfmadd231ps" in funcs[f] and "%zmm" in funcs[f], f
+    for f in avx2:
+        assert "vfmadd231ps" in funcs[f] and "%ymm" in funcs[f] and "%zmm" not in funcs[f], f
+
+
+def test_compiled_loop_direct_call_matches_numpy() -> None:
+    """The C entry point itself on every ISA: block rows x shifted rows, with a bias."""
+    rng = np.random.default_rng(0)
+    rows, blk, run, chunk = 5, 4, 48, 400
+    indptr = np.array([0, 3, 3, 7, 8, 12], np.int32)
+    offs = rng.integers(0, chunk - run, indptr[-1]).astype(np.int32)
+    vals = rng.standard_normal(indptr[-1] * blk).astype(np.float32)
+    bias = rng.standard_normal(rows * blk).astype(np.float32)
+    x = rng.standard_normal(chunk).astype(np.float32)
+    ref = np.repeat(bias[:, None], run, axis=1).astype(np.float64)
+    for r in range(rows):
+        for k in range(indptr[r], indptr[r + 1]):
+            for j in range(blk):
+                ref[r * blk + j] += vals[k * blk + j] * x[offs[k]:offs[k] + run]
+    for isa in ISAS:
+        out = np.full(rows * blk * run, np.nan, np.float32)
+        ntg, tg, nrg = native.split(run, 1, rows, 1)
+        native.shift_rows(False)(native.isa_code(isa), indptr, offs, vals, bias, x, chunk, out, run, 1, blk,
+                                 ntg, tg, nrg)
+        np.testing.assert_allclose(out.reshape(rows * blk, run), ref, rtol=1e-5, atol=1e-5)

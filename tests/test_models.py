@@ -254,6 +254,7 @@ PUBLISHED: dict[str, tuple[str, dict]] = {
     "resnet101": ("44.55M", {"num_classes": 1000}),
     "vgg16_bn": ("138.37M", {"num_classes": 1000}),
     "densenet121": ("7.98M", {"num_classes": 1000}),
+    "mobilenet_v2": ("3.50M", {"num_classes": 1000}),
     "wrn28_10": ("36.48M", {"num_classes": 10}),
     "resnet20": ("0.27M", {"num_classes": 10, "shortcut": "A"}),
     "resnet32": ("0.46M", {"num_classes": 10, "shortcut": "A"}),

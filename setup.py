@@ -9,7 +9,7 @@ setup(
     ext_modules=[
         Extension(
             "swat_deploy._swatk",
-            sources=["swat_deploy/kernels/native/shift_f32.c"],
+            sources=["swat_deploy/kernels/native/shift_f32.c", "swat_deploy/kernels/native/pack_f32.c"],
             extra_compile_args=["-O3", "-std=c11", "-fno-math-errno"],
         )
     ]

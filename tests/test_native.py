@@ -67,13 +67,15 @@ def test_conv_matches_torch_on_every_isa_and_block(isa: str, block: int, case: t
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_fused_residual_relu_and_nan_on_every_isa(isa: str, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("n", [1, 2])  # one image: output written by the kernel itself; two: unpack pass
+@pytest.mark.parametrize("kernel", ["csr_direct", "csr_im2col"])
+def test_fused_residual_relu_and_nan_on_every_isa(isa: str, n: int, kernel: str, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("SWAT_ISA", isa)
     wt = _block_sparse((16, 16, 3, 3), 0.8, 4, seed=1)
-    x = torch.randn(2, 16, 8, 8)
+    x = torch.randn(n, 16, 9, 7)
     x[0, 3, 4, 4] = float("nan")
-    res = torch.randn(2, 16, 8, 8)
-    op = make_conv2d(wt, None, 1, 1, kernel="csr_direct")
+    res = torch.randn(n, 16, 9, 7)
+    op = make_conv2d(wt, None, 1, 1, kernel=kernel)
     assert op.spec.block == 4
     got = op.fused(x, res, True)
     # A NaN reaches exactly the outputs that a non-zero weight connects it to (a pruned weight
@@ -111,6 +113,10 @@ def test_detect_block() -> None:
     assert detect_block(_block_sparse((32, 8, 3, 3), 0.8, 1, seed=0)) == 1
     assert detect_block(torch.randn(32, 8, 3, 3)) == 1  # dense: nothing to share
     assert detect_block(_block_sparse((12, 8, 3, 3), 0.8, 4, seed=0)) == 4
+    # a value that is exactly 0.0 inside a kept block does not cost the layer its blocks
+    w = _block_sparse((64, 32, 3, 3), 0.8, 4, seed=2)
+    w.view(-1)[torch.nonzero(w.view(-1))[:3, 0]] = 0.0
+    assert detect_block(w) == 4
     # blocks may not straddle groups: 6 outputs per group only admit 2
     assert detect_block(_block_sparse((12, 4, 3, 3), 0.8, 2, seed=0), groups=2) == 2
 

@@ -47,6 +47,20 @@ class CsrConvWeights:
             raise ValueError(f"conv input {h}x{w} is smaller than the dilated kernel; check the model's input size")
         return h_out, w_out
 
+    def _multiply_into(self, packed: np.ndarray, g, n: int, row_width: int, par: bool,
+                       residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        """One image per chunk, compiled kernels: the multiply writes the NCHW result itself
+        (junk lanes dropped, residual and ReLU applied in registers), see native.shift_rows_into."""
+        plane = g.h_out * g.w_out
+        yn = np.empty(n * self.o * plane, np.float32)
+        res = yn if residual is None else residual.numpy().reshape(-1)
+        threads = nc.numba.get_num_threads() if par else 1
+        ntg, tg, nrg = native.split(g.run, g.nb, self.indptr.shape[0] - 1, threads)
+        native.shift_rows_into(par)(native.isa_code(), self.indptr, native.check_offsets(g.offs), self.vals,
+                                    self.bias, packed, g.chunk_in, yn, res, residual is not None, int(relu),
+                                    row_width, g.w_out, plane, g.nb, self.block, ntg, tg, nrg)
+        return torch.from_numpy(yn).view(n, self.o, g.h_out, g.w_out)
+
     def multiply_unpack(self, packed: np.ndarray, g, n: int, row_width: int, par: bool,
                         residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         """CSR x packed input chunks, then back to NCHW; the step both conv layouts end with.
@@ -55,6 +69,9 @@ class CsrConvWeights:
         for the direct kernel, ``w_out`` for im2col). ``residual`` (NCHW like the output) and
         ``relu`` are applied while unpacking (see `fused_epilogue`).
         """
+        if native.available() and g.nchunk == 1 and epilogue_ok((n, self.o, g.h_out, g.w_out), residual) \
+                and (row_width % 16 == 0 or row_width == g.w_out):
+            return self._multiply_into(packed, g, n, row_width, par, residual, relu)
         out = nc.workspace(1, g.nb * self.o * g.run)
         shift_multiply(self.indptr, g.offs, self.vals, self.bias, packed, g.chunk_in, out, g.run, g.nb,
                        self.block, par)

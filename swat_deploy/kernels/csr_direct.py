@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _numba_common as nc
+from . import native
 from ._csr_conv import CsrConvWeights
 from .base import LayerSpec
 
@@ -51,6 +52,7 @@ class _Geometry:
     run: int      # L = h_out * wq * nchunk rounded up to 16 (vector width)
     chunk_in: int  # floats per packed input chunk
     offs: np.ndarray  # per non-zero offset into a packed chunk
+    copy_size: int = 0  # aligned layout (see _aligned_geometry): floats per shifted copy; 0 otherwise
 
 
 class _CsrDirectConv:
@@ -86,6 +88,12 @@ class _CsrDirectConv:
         hq = max(-(-hp // sh), qi_max + h_out + 1 + -(-_LANES // wq))
         image_bytes = 4 * wt.c * sh * sw * hq * wq
         nchunk = int(min(n, max(1, _CHUNK_BYTES // image_bytes)))
+        if nchunk == 1 and native.available():
+            g = self._aligned_geometry(n, h_out, w_out, qi, ri)
+            if len(self._geo) >= _MAX_SHAPES:
+                self._geo.pop(next(iter(self._geo)))
+            self._geo[key] = g
+            return g
         nb = -(-n // nchunk)
         phase_sz = hq * wq * nchunk
         offs = (((wt.chan * sh + ri) * sw + rj) * phase_sz + (qi * wq + qj) * nchunk)
@@ -98,6 +106,22 @@ class _CsrDirectConv:
         self._geo[key] = g
         return g
 
+    def _aligned_geometry(self, n: int, h_out: int, w_out: int, qi: np.ndarray, ri: np.ndarray) -> _Geometry:
+        """One image per chunk, as kw column-shifted copies with a row pitch of whole vectors.
+
+        Output row pitch = input row pitch = 16 * ceil(w_out / 16), so every load of the shift
+        kernel is 64-byte aligned (measured 2x the multiply speed of the padded-pitch layout,
+        whose taps j = 1, 2 read across cache lines); junk is only the rounding of w_out."""
+        wt = self.w
+        sh = self.spec.stride[0]
+        pitch = -(-w_out // _LANES) * _LANES
+        hq = (self.spec.dilation[0] * (wt.kh - 1)) // sh + h_out
+        copy_size = wt.c * sh * hq * pitch
+        chunk_in = wt.kw * copy_size
+        offs = wt.tap_j * copy_size + ((wt.chan * sh + ri) * hq + qi) * pitch
+        offs = native.check_offsets(offs.astype(np.int64))
+        return _Geometry(n, n, 1, h_out, w_out, hq, pitch, h_out * pitch, chunk_in, offs, copy_size)
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         wt = self.w
         wt.check_input(x)
@@ -106,7 +130,11 @@ class _CsrDirectConv:
         sh, sw = self.spec.stride
         pt, pl = self.spec.padding[0], self.spec.padding[1]
         par = nc.parallel(wt.vals.size * g.run * g.nb)
-        if g.nchunk == 1 and sh == sw == 1:
+        if g.copy_size:
+            packed = nc.workspace(0, g.nb * g.chunk_in)
+            native.pack_shifted(par)(x.numpy(), packed, wt.kw, sh, sw, self.spec.dilation[1], pt, pl, g.hq, g.wq,
+                                     g.copy_size, g.chunk_in)
+        elif g.nchunk == 1 and sh == sw == 1:
             # One image per chunk, no stride phases: the packed layout is just the zero-padded
             # input. Its padding is written once (a buffer of this layer and shape), so a call
             # only copies the data in: 2-6x faster than torch's pad, which re-pads every call.
@@ -118,7 +146,8 @@ class _CsrDirectConv:
                 packed = F.pad(x, (pl, g.wq - w - pl, pt, g.hq - h - pt)).numpy().reshape(-1)
         else:
             packed = nc.workspace(0, g.nb * g.chunk_in)
-            nc.pack(par)(x.numpy(), packed, g.nchunk, sh, sw, pt, pl, g.hq, g.wq, g.chunk_in)
+            pack = native.pack_phases(par) if native.available() else nc.pack(par)
+            pack(x.numpy(), packed, g.nchunk, sh, sw, pt, pl, g.hq, g.wq, g.chunk_in)
         return wt.multiply_unpack(packed, g, n, g.wq, par, residual, relu)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import _numba_common as nc
+from . import native
 from ._csr_conv import CsrConvWeights
 from .base import LayerSpec
 
@@ -80,7 +81,8 @@ class _CsrIm2colConv:
         pt, pl = self.spec.padding[0], self.spec.padding[1]
         par = nc.parallel(wt.vals.size * g.run * g.nb)
         packed = nc.workspace(0, g.nb * g.chunk_in)
-        nc.im2col(par)(x.numpy(), packed, g.nchunk, wt.kh, wt.kw, sh, sw, dh, dw, pt, pl, g.h_out, g.w_out, g.run)
+        im2col = native.im2col(par) if native.available() else nc.im2col(par)
+        im2col(x.numpy(), packed, g.nchunk, wt.kh, wt.kw, sh, sw, dh, dw, pt, pl, g.h_out, g.w_out, g.run)
         return wt.multiply_unpack(packed, g, n, g.w_out, par, residual, relu)
 
 

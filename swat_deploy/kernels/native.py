@@ -36,6 +36,18 @@ class _Lib:
         self.shift_f32 = cdll.swat_shift_f32
         self.shift_f32.argtypes = [i64, u64, u64, u64, u64, u64, u64, i64, i64, i64, i64, i64, i64]
         self.shift_f32.restype = ctypes.c_int
+        self.shift_f32_epi = cdll.swat_shift_f32_epi
+        self.shift_f32_epi.argtypes = [i64, u64, u64, u64, u64, u64, u64, u64] + [i64] * 9
+        self.shift_f32_epi.restype = ctypes.c_int
+        self.pack_phases_f32 = cdll.swat_pack_phases_f32
+        self.pack_phases_f32.argtypes = [u64, u64] + [i64] * 14
+        self.pack_phases_f32.restype = None
+        self.im2col_f32 = cdll.swat_im2col_f32
+        self.im2col_f32.argtypes = [u64, u64] + [i64] * 18
+        self.im2col_f32.restype = None
+        self.pack_shifted_f32 = cdll.swat_pack_shifted_f32
+        self.pack_shifted_f32.argtypes = [u64, u64] + [i64] * 15
+        self.pack_shifted_f32.restype = None
         cdll.swat_cpu_isas.restype = ctypes.c_int
         bits = cdll.swat_cpu_isas()
         self.cpu_isas = ("generic",) + (("avx2",) if bits & 1 else ()) + (("avx512",) if bits & 2 else ())
@@ -134,6 +146,134 @@ def _numba_loops() -> tuple[Any, Any]:
     def parallel(code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg):  # noqa: ANN001, ANN202
         for i in prange(nb * ntg * nrg):
             _item(i, code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg)
+
+    return serial, parallel
+
+
+def pack_phases(par: bool) -> Any:
+    """(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in): the zero-padded, stride-phase-split
+    input layout of `csr_direct` (see ``native/pack_f32.c``), over (chunk, channel) items."""
+    return _pack_loops()[1 if par else 0]
+
+
+def pack_shifted(par: bool) -> Any:
+    """(x, packed, kw, sh, sw, dw, pt, pl, hq, pitch, copy_size, chunk_in): `csr_direct`'s aligned
+    layout, kw column-shifted copies of the padded input, one image per chunk."""
+    return _pack_loops()[5 if par else 4]
+
+
+def im2col(par: bool) -> Any:
+    """(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run): `csr_im2col`'s rows."""
+    return _pack_loops()[3 if par else 2]
+
+
+@functools.lru_cache(maxsize=1)
+def _pack_loops() -> tuple[Any, ...]:
+    from numba import njit, prange
+
+    lib = _lib()
+    pack_fn, col_fn = lib.pack_phases_f32, lib.im2col_f32
+
+    # Items (chunk, channel) in groups of `per` so a parallel call costs one C call per group.
+    @njit(cache=False)
+    def pack_serial(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+        n, c, h, w = x.shape
+        nb = (n + nchunk - 1) // nchunk
+        pack_fn(x.ctypes.data, packed.ctypes.data, n, c, h, w, nchunk, sh, sw, pt, pl, hq, wq, chunk_in, 0, nb * c)
+
+    @njit(cache=False, parallel=True)
+    def pack_parallel(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+        n, c, h, w = x.shape
+        items = ((n + nchunk - 1) // nchunk) * c
+        groups = min(items, 16)
+        for g in prange(groups):
+            pack_fn(x.ctypes.data, packed.ctypes.data, n, c, h, w, nchunk, sh, sw, pt, pl, hq, wq, chunk_in,
+                    items * g // groups, items * (g + 1) // groups)
+
+    @njit(cache=False)
+    def col_serial(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+        n, c, h, w = x.shape
+        nb = (n + nchunk - 1) // nchunk
+        col_fn(x.ctypes.data, packed.ctypes.data, n, c, h, w, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out,
+               run, 0, nb * c)
+
+    @njit(cache=False, parallel=True)
+    def col_parallel(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+        n, c, h, w = x.shape
+        items = ((n + nchunk - 1) // nchunk) * c
+        groups = min(items, 16)
+        for g in prange(groups):
+            col_fn(x.ctypes.data, packed.ctypes.data, n, c, h, w, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out,
+                   w_out, run, items * g // groups, items * (g + 1) // groups)
+
+    shifted_fn = lib.pack_shifted_f32
+
+    @njit(cache=False)
+    def shifted_serial(x, packed, kw, sh, sw, dw, pt, pl, hq, pitch, copy_size, chunk_in):  # noqa: ANN001, ANN202
+        n, c, h, w = x.shape
+        shifted_fn(x.ctypes.data, packed.ctypes.data, c, h, w, kw, sh, sw, dw, pt, pl, hq, pitch, copy_size,
+                   chunk_in, 0, n * c)
+
+    @njit(cache=False, parallel=True)
+    def shifted_parallel(x, packed, kw, sh, sw, dw, pt, pl, hq, pitch, copy_size, chunk_in):  # noqa: ANN001, ANN202
+        n, c, h, w = x.shape
+        items = n * c
+        groups = min(items, 16)
+        for g in prange(groups):
+            shifted_fn(x.ctypes.data, packed.ctypes.data, c, h, w, kw, sh, sw, dw, pt, pl, hq, pitch, copy_size,
+                       chunk_in, items * g // groups, items * (g + 1) // groups)
+
+    return pack_serial, pack_parallel, col_serial, col_parallel, shifted_serial, shifted_parallel
+
+
+def shift_rows_into(par: bool) -> Any:
+    """Like `shift_rows`, one image per chunk, but written straight into the NCHW output with the
+    residual and ReLU applied (the C ``swat_epi`` epilogue): no scratch rows, no unpack pass.
+
+    (code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,
+    nb, blk, ntg, tg, nrg); `y` / `res` are flat (N * O * plane) float32 arrays."""
+    return _numba_epi_loops()[1 if par else 0]
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_epi_loops() -> tuple[Any, Any]:
+    from numba import njit, prange
+
+    fn = _lib().shift_f32_epi
+
+    @njit(cache=False, inline="always")
+    def _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
+              nb, blk, ntg, tg, nrg):
+        rows = indptr.shape[0] - 1
+        run = ((plane + 15) // 16) * 16 if pitch == w_out else (plane // w_out) * pitch
+        per_b = ntg * nrg
+        b = i // per_b
+        rest = i - b * per_b
+        g = rest // nrg
+        q = rest - g * nrg
+        t0 = g * tg
+        t1 = min(run, t0 + tg)
+        r0 = (rows * q) // nrg
+        r1 = (rows * (q + 1)) // nrg
+        img = 4 * b * rows * blk * plane
+        rp = res.ctypes.data + img if has_res else 0
+        fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
+           packed.ctypes.data + 4 * b * chunk_in, y.ctypes.data + img, rp, blk, pitch, w_out, plane, relu,
+           r0, r1, t0, t1)
+
+    @njit(cache=False)
+    def serial(code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
+               nb, blk, ntg, tg, nrg):
+        for i in range(nb * ntg * nrg):
+            _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,
+                  nb, blk, ntg, tg, nrg)
+
+    @njit(cache=False, parallel=True)
+    def parallel(code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
+                 nb, blk, ntg, tg, nrg):
+        for i in prange(nb * ntg * nrg):
+            _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,
+                  nb, blk, ntg, tg, nrg)
 
     return serial, parallel
 

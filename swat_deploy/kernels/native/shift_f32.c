@@ -26,19 +26,53 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
+/* The fused epilogue: instead of rows of `run` floats in a scratch buffer, the result goes
+   straight into the NCHW output y (row stride `plane` = h_out * w_out), plus the residual
+   (same layout as y, or NULL) and ReLU (NaN kept, as torch.relu). The output grid has row
+   pitch `pitch`: either a multiple of the vector width (the aligned direct layout; the lanes
+   past w_out in a grid row are junk and not stored) or w_out itself (im2col: the grid is the
+   plane). Saves writing, re-reading and re-writing the whole output once more. */
+struct swat_epi {
+    int64_t pitch, w_out, plane, relu;
+    const float *y;   /* the output base the caller's rows are offsets of */
+    const float *res; /* residual at the same offsets from res as y's from y, or NULL */
+};
+
+/* y offset and valid lanes of the grid vector starting at p (n lanes wide) */
+static inline int64_t epi_place(const struct swat_epi *e, int64_t p, int64_t n, int64_t *valid) {
+    if (e->pitch == e->w_out) {
+        *valid = e->plane - p < n ? e->plane - p : n;
+        return p;
+    }
+    const int64_t oh = p / e->pitch, col = p - oh * e->pitch;
+    *valid = e->w_out - col < n ? e->w_out - col : n;
+    return oh * e->w_out + col;
+}
+
 /* ------------------------------------------------------------------ portable C */
 static void shift_generic(const int32_t *indptr, const int32_t *offs, const float *vals,
                           const float *bias, const float *x, float *out, int64_t B,
-                          int64_t run, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+                          int64_t run, int64_t r0, int64_t r1, int64_t t0, int64_t t1,
+                          const struct swat_epi *e, float *tmp) {
     for (int64_t r = r0; r < r1; r++) {
         for (int64_t j = 0; j < B; j++) {
-            float *o = out + (r * B + j) * run;
+            float *o = e ? tmp - t0 : out + (r * B + j) * run;
             float b = bias[r * B + j];
             for (int64_t t = t0; t < t1; t++) o[t] = b;
             for (int32_t k = indptr[r]; k < indptr[r + 1]; k++) {
                 const float w = vals[(int64_t)k * B + j];
                 const float *xs = x + offs[k];
                 for (int64_t t = t0; t < t1; t++) o[t] += w * xs[t];
+            }
+            if (!e) continue;
+            float *yrow = out + (r * B + j) * e->plane;
+            const float *rrow = e->res ? e->res + (yrow - e->y) : NULL;
+            for (int64_t t = t0; t < t1; t++) {
+                int64_t valid;
+                const int64_t d = epi_place(e, t, 1, &valid);
+                if (valid <= 0) continue;
+                float v = o[t] + (rrow ? rrow[d] : 0.0f);
+                yrow[d] = (e->relu && v < 0.0f) ? 0.0f : v; /* NaN < 0 is false: NaN kept */
             }
         }
     }
@@ -52,11 +86,11 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
    tile is small (a 4x4 feature map is one or two vectors), so the loop is not bound by the
    FMA latency. */
 #define NPART(B, T) ((B) * (T) <= 2 ? 4 : (B) * (T) <= 4 ? 2 : 1)
-#define MICRO(ISA, VEC, LANES, SET1, LOADU, STOREU, FMADD, ADD, B, T, BS)                       \
+#define MICRO(ISA, VEC, LANES, SET1, LOADU, STOREU, FMADD, ADD, EPI, B, T, BS)                  \
     static inline __attribute__((always_inline, target(ISA))) void                               \
     micro_##LANES##_##B##_##T##_##BS(const int32_t *offs, const float *vals, const float *bias, \
                                      const float *x, float *out, int64_t run, int32_t ks,      \
-                                     int32_t ke, int64_t t) {                                   \
+                                     int32_t ke, int64_t t, const struct swat_epi *e) {        \
         enum { P = NPART(B, T) };                                                               \
         VEC acc[P][B][T];                                                                       \
         for (int j = 0; j < B; j++) {                                                           \
@@ -90,7 +124,10 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
             for (int i = 0; i < T; i++) {                                                       \
                 VEC a = acc[0][j][i];                                                           \
                 for (int p = 1; p < P; p++) a = ADD(a, acc[p][j][i]);                           \
-                STOREU(out + j * run + t + i * LANES, a);                                       \
+                if (e)                                                                          \
+                    EPI(e, out + j * run, a, t + i * LANES);                                    \
+                else                                                                            \
+                    STOREU(out + j * run + t + i * LANES, a);                                   \
             }                                                                                   \
     }
 
@@ -99,21 +136,43 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
 #define ROWS(LANES, B, T, BS)                                                                   \
     for (int64_t r = r0; r < r1; r++)                                                           \
         micro_##LANES##_##B##_##T##_##BS(offs, vals, bias + r * (BS), x, out + r * (BS) * run,  \
-                                         run, indptr[r], indptr[r + 1], t);
+                                         run, indptr[r], indptr[r + 1], t, e);
 #define DRIVER_HEAD(ISA, LANES, B, TM, BS)                                                      \
     static __attribute__((target(ISA))) void drive_##LANES##_##B##_##BS(                        \
         const int32_t *indptr, const int32_t *offs, const float *vals, const float *bias,       \
         const float *x, float *out, int64_t run, int64_t r0, int64_t r1, int64_t t0,            \
-        int64_t t1) {                                                                           \
+        int64_t t1, const struct swat_epi *e) {                                                 \
         int64_t t = t0;                                                                         \
         for (; t + (TM) * (LANES) <= t1; t += (TM) * (LANES)) { ROWS(LANES, B, TM, BS) }        \
         switch ((t1 - t) / (LANES)) {
 #define REM(LANES, B, T, BS) case T: { ROWS(LANES, B, T, BS) } break;
 #define DRIVER_TAIL default: break; } }
 
+static inline __attribute__((always_inline, target("avx512f"))) void
+epi_512(const struct swat_epi *e, float *yrow, __m512 a, int64_t p) {
+    int64_t valid;
+    const int64_t d = epi_place(e, p, 16, &valid);
+    if (valid <= 0) return;
+    const __mmask16 m = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
+    if (e->res) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, e->res + (yrow - e->y) + d));
+    if (e->relu) a = _mm512_max_ps(_mm512_setzero_ps(), a); /* max returns its 2nd operand for NaN */
+    _mm512_mask_storeu_ps(yrow + d, m, a);
+}
+
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+epi_256(const struct swat_epi *e, float *yrow, __m256 a, int64_t p) {
+    int64_t valid;
+    const int64_t d = epi_place(e, p, 8, &valid);
+    if (valid <= 0) return;
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    if (e->res) a = _mm256_add_ps(a, _mm256_maskload_ps(e->res + (yrow - e->y) + d, m));
+    if (e->relu) a = _mm256_max_ps(_mm256_setzero_ps(), a);
+    _mm256_maskstore_ps(yrow + d, m, a);
+}
+
 /* ---- AVX-512: 32 registers, 16 floats each */
 #define M512(B, T) MICRO("avx512f", __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, \
-                         _mm512_fmadd_ps, _mm512_add_ps, B, T, B)
+                         _mm512_fmadd_ps, _mm512_add_ps, epi_512, B, T, B)
 M512(1, 1) M512(1, 2) M512(1, 3) M512(1, 4) M512(1, 5) M512(1, 6) M512(1, 7) M512(1, 8)
 DRIVER_HEAD("avx512f", 16, 1, 8, 1) REM(16, 1, 1, 1) REM(16, 1, 2, 1) REM(16, 1, 3, 1) REM(16, 1, 4, 1)
     REM(16, 1, 5, 1) REM(16, 1, 6, 1) REM(16, 1, 7, 1) DRIVER_TAIL
@@ -130,7 +189,7 @@ DRIVER_HEAD("avx512f", 16, 16, 1, 16) DRIVER_TAIL
 
 /* ---- AVX2 + FMA: 16 registers, 8 floats each */
 #define M256(B, T, BS) MICRO("avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, \
-                             _mm256_fmadd_ps, _mm256_add_ps, B, T, BS)
+                             _mm256_fmadd_ps, _mm256_add_ps, epi_256, B, T, BS)
 M256(1, 1, 1) M256(1, 2, 1) M256(1, 3, 1) M256(1, 4, 1) M256(1, 5, 1) M256(1, 6, 1) M256(1, 7, 1)
 M256(1, 8, 1)
 DRIVER_HEAD("avx2,fma", 8, 1, 8, 1) REM(8, 1, 1, 1) REM(8, 1, 2, 1) REM(8, 1, 3, 1) REM(8, 1, 4, 1)
@@ -145,41 +204,62 @@ M256(8, 1, 16)
 DRIVER_HEAD("avx2,fma", 8, 8, 1, 16) DRIVER_TAIL
 #endif
 
+static int shift_dispatch(int64_t isa, const int32_t *indptr, const int32_t *offs, const float *vals,
+                          const float *bias, const float *x, float *out, int64_t B, int64_t run,
+                          int64_t r0, int64_t r1, int64_t t0, int64_t t1, const struct swat_epi *e) {
+#ifdef SWAT_X86
+#define ARGS indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1, e
+    if (isa == 2) {
+        switch (B) {
+        case 1: drive_16_1_1(ARGS); return 0;
+        case 2: drive_16_2_2(ARGS); return 0;
+        case 4: drive_16_4_4(ARGS); return 0;
+        case 8: drive_16_8_8(ARGS); return 0;
+        case 16: drive_16_16_16(ARGS); return 0;
+        default: return -1;
+        }
+    }
+    if (isa == 1) {
+        switch (B) {
+        case 1: drive_8_1_1(ARGS); return 0;
+        case 2: drive_8_2_2(ARGS); return 0;
+        case 4: drive_8_4_4(ARGS); return 0;
+        case 8: drive_8_8_8(ARGS); return 0;
+        case 16: /* as two 8-row halves of each 16-block: half h's values start at vals + 8h */
+            for (int h = 0; h < 2; h++)
+                drive_8_8_16(indptr, offs, vals + 8 * h, bias + 8 * h, x, out + 8 * h * run, run, r0, r1,
+                             t0, t1, e);
+            return 0;
+        default: return -1;
+        }
+    }
+#undef ARGS
+#endif
+    if (isa != 0 || B < 1) return -1;
+    float tmp[e ? (t1 - t0 > 0 ? t1 - t0 : 1) : 1];
+    shift_generic(indptr, offs, vals, bias, x, out, B, run, r0, r1, t0, t1, e, tmp);
+    return 0;
+}
+
 /* isa: 0 portable, 1 AVX2+FMA, 2 AVX-512F. Returns 0, or -1 for an unsupported (isa, B).
    t0, t1 must be multiples of 16 and x readable up to offs[k] + t1 for every k. */
 EXPORT int swat_shift_f32(int64_t isa, const int32_t *indptr, const int32_t *offs,
                           const float *vals, const float *bias, const float *x, float *out,
                           int64_t B, int64_t run, int64_t r0, int64_t r1, int64_t t0,
                           int64_t t1) {
-#ifdef SWAT_X86
-    if (isa == 2) {
-        switch (B) {
-        case 1: drive_16_1_1(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 2: drive_16_2_2(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 4: drive_16_4_4(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 8: drive_16_8_8(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 16: drive_16_16_16(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        default: return -1;
-        }
-    }
-    if (isa == 1) {
-        switch (B) {
-        case 1: drive_8_1_1(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 2: drive_8_2_2(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 4: drive_8_4_4(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 8: drive_8_8_8(indptr, offs, vals, bias, x, out, run, r0, r1, t0, t1); return 0;
-        case 16: /* as two 8-row halves of each 16-block: half h's values start at vals + 8h */
-            for (int h = 0; h < 2; h++)
-                drive_8_8_16(indptr, offs, vals + 8 * h, bias + 8 * h, x, out + 8 * h * run, run,
-                               r0, r1, t0, t1);
-            return 0;
-        default: return -1;
-        }
-    }
-#endif
-    if (isa != 0 || B < 1) return -1;
-    shift_generic(indptr, offs, vals, bias, x, out, B, run, r0, r1, t0, t1);
-    return 0;
+    return shift_dispatch(isa, indptr, offs, vals, bias, x, out, B, run, r0, r1, t0, t1, NULL);
+}
+
+/* The same, written straight into the NCHW output y (+ residual, ReLU): see struct swat_epi.
+   y and res point at the first output channel of this image; grid positions t0..t1 with
+   row pitch `pitch` (a multiple of 16, or w_out). */
+EXPORT int swat_shift_f32_epi(int64_t isa, const int32_t *indptr, const int32_t *offs,
+                              const float *vals, const float *bias, const float *x, float *y,
+                              const float *res, int64_t B, int64_t pitch, int64_t w_out,
+                              int64_t plane, int64_t relu, int64_t r0, int64_t r1, int64_t t0,
+                              int64_t t1) {
+    const struct swat_epi e = {pitch, w_out, plane, relu, y, res};
+    return shift_dispatch(isa, indptr, offs, vals, bias, x, y, B, plane, r0, r1, t0, t1, &e);
 }
 
 /* Which ISAs this CPU runs: bit 0 AVX2+FMA, bit 1 AVX-512F. */

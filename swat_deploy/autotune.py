@@ -15,21 +15,23 @@ Environment:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import platform
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from .kernels import native
 from .kernels.base import Kernel, LayerSpec, Prepared, thread_scope
 
-CACHE_VERSION = 2  # bump when kernels change speed: old timings no longer hold
+CACHE_VERSION = 3  # bump when kernels change speed: old timings no longer hold
 # A sparse kernel must be at least this much faster than dense to be chosen: timing noise
 # must not trade a sure dense result for a sparse one that is slower on average.
 DENSE_MARGIN = 0.97
@@ -57,26 +59,23 @@ def _budget_s() -> float:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .cpu import cpu_info
+
+    return str(cpu_info()["model"])
 
 
 def machine_key(threads: int | None) -> str:
     """Cache partition: the same layer may pick differently on another CPU or thread count."""
     n = threads if threads is not None else torch.get_num_threads()
-    return f"{_cpu_model()}|cores={os.cpu_count()}|threads={n}|torch={torch.__version__}"
+    return f"{_cpu_model()}|isa={native.isa()}|cores={os.cpu_count()}|threads={n}|torch={torch.__version__}"
 
 
 def layer_key(spec: LayerSpec) -> str:
     """Cache key of a layer: kind, shapes, conv geometry, sparsity to 2 decimals, input shape."""
     parts = [spec.kind, "w=" + "x".join(map(str, spec.weight_shape)), f"s={spec.sparsity:.2f}",
              "in=" + ("x".join(map(str, spec.input_shape)) if spec.input_shape else "?")]
+    if spec.block > 1:
+        parts.append(f"b={spec.block}")
     if spec.kind == "conv2d":
         parts += ["st=" + ",".join(map(str, spec.stride)), "p=" + ",".join(map(str, spec.padding)),
                   "d=" + ",".join(map(str, spec.dilation)), f"g={spec.groups}"]
@@ -87,11 +86,13 @@ def rule_choice(spec: LayerSpec, candidates: list[Kernel]) -> Kernel:
     """Deterministic choice without timing: the most specialised kernel whose threshold is met.
 
     Each kernel declares ``rule_min_sparsity`` (None = never chosen by rule); dense has 0.
+    Block weights (B >= 4) reuse each input load B times, so their threshold is 0.2 lower.
     """
     best: Kernel | None = None
+    relief = 0.2 if spec.block >= 4 else 0.0
     for k in candidates:
         thr = getattr(k, "rule_min_sparsity", None)
-        if thr is None or spec.sparsity < thr:
+        if thr is None or spec.sparsity < (max(0.0, thr - relief) if thr > 0 else 0.0):
             continue
         if best is None or thr > getattr(best, "rule_min_sparsity"):
             best = k
@@ -101,55 +102,203 @@ def rule_choice(spec: LayerSpec, candidates: list[Kernel]) -> Kernel:
 
 
 # ----------------------------------------------------------------------------- cache file
-def load_cache(path: Path | None = None) -> dict[str, Any]:
-    """The cache as a dict; a missing file is empty, a corrupt one is ignored with a warning."""
-    path = path or cache_path()
+# The cache is untrusted input: any process (or person) may have written it. A bad entry (wrong
+# type, unknown layout, bytes that are not UTF-8) is dropped with one warning per file and
+# process, and the cleaned cache is written back; a bad file never breaks a run. Writers merge
+# under an exclusive lock on a sibling ``.lock`` file (fcntl), so concurrent processes keep
+# every entry.
+_warned: set[str] = set()
+
+
+def _empty() -> dict[str, Any]:
+    return {"version": CACHE_VERSION, "machines": {}}
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("kernel"), str) or not entry["kernel"]:
+        return False
+    if not isinstance(entry.get("serial", False), bool):
+        return False
+    times = entry.get("times_us", {})
+    return isinstance(times, dict) and all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in times.items())
+
+
+def _clean(data: Any) -> tuple[dict[str, Any], int]:
+    """(the valid part of a parsed cache, how many pieces were dropped)."""
+    if not isinstance(data, dict) or not isinstance(data.get("machines"), dict):
+        return _empty(), 1
+    if data.get("version") != CACHE_VERSION:
+        return _empty(), 0  # timings of other kernels (or a future layout): retime, replace quietly
+    clean, bad = _empty(), 0
+    for machine, layers in data["machines"].items():
+        if not isinstance(machine, str) or not isinstance(layers, dict):
+            bad += 1
+            continue
+        kept = {k: v for k, v in layers.items() if isinstance(k, str) and _valid_entry(v)}
+        bad += len(layers) - len(kept)
+        if kept:
+            clean["machines"][machine] = kept
+    return clean, bad
+
+
+def _parse(path: Path) -> tuple[dict[str, Any], int, str]:
+    """(clean cache, pieces dropped, why the whole file was unusable or '')."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        return {"version": CACHE_VERSION, "machines": {}}
+        return _empty(), 0, ""
     except OSError as e:
-        warnings.warn(f"cannot read autotune cache {path} ({e}); timing kernels afresh", stacklevel=2)
-        return {"version": CACHE_VERSION, "machines": {}}
+        return _empty(), 0, f"unreadable ({e.strerror or e})"
     try:
-        data = json.loads(text)
-        if isinstance(data, dict) and isinstance(data.get("version"), int) and data["version"] != CACHE_VERSION:
-            return {"version": CACHE_VERSION, "machines": {}}  # timings of other kernels: retime, replace
-        if not isinstance(data, dict) or not isinstance(data.get("machines"), dict):
-            raise ValueError("unexpected layout")
-    except ValueError as e:
-        warnings.warn(f"ignoring corrupt autotune cache {path} ({e}); delete it or set "
-                      "SWAT_AUTOTUNE_CACHE to another file", stacklevel=2)
-        return {"version": CACHE_VERSION, "machines": {}}
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return _empty(), 1, f"not JSON text ({type(e).__name__})"
+    clean, bad = _clean(data)
+    return clean, bad, ""
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock for a read-merge-write of ``path`` (no-op where fcntl or the dir is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: last writer wins, as before
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError:
+        yield  # the write that follows fails too, and says so
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    """Atomically replace ``path`` (temp file in the same dir + os.replace), mode from the umask."""
+    from training.fileio import new_file_mode
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".json", dir=path.parent)
+    try:
+        os.fchmod(fd, new_file_mode(path))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _warn_once(path: Path, message: str) -> None:
+    key = str(path)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def load_cache(path: Path | None = None) -> dict[str, Any]:
+    """The cache as a dict; a missing file is empty; bad entries are dropped, warned about once
+    and the file rewritten without them."""
+    path = path or cache_path()
+    data, bad, why = _parse(path)
+    if why.startswith("unreadable"):
+        _warn_once(path, f"cannot read autotune cache {path} ({why}); timing kernels afresh")
+        return data
+    if not bad:
+        return data
+    what = why or f"{bad} bad entr{'y' if bad == 1 else 'ies'}"
+    try:
+        with _locked(path):
+            data, still_bad, _ = _parse(path)  # another process may have repaired or extended it meanwhile
+            if still_bad:
+                _write(path, data)
+        _warn_once(path, f"autotune cache {path} held {what}; ignored {'it' if why else 'them'} and rewrote "
+                         f"the file")
+    except OSError as e:
+        _warn_once(path, f"autotune cache {path} held {what} (ignored); it cannot be rewritten "
+                         f"({e.strerror or e}) - delete it or set SWAT_AUTOTUNE_CACHE to another file")
     return data
 
 
 def _store(machine: str, key: str, entry: dict[str, Any], path: Path | None = None) -> None:
-    """Merge one entry into the cache file, atomically (temp file in the same dir + os.replace)."""
+    """Merge one entry into the cache file: locked read + merge + atomic replace."""
     path = path or cache_path()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # already warned on the read that preceded timing
-        data = load_cache(path)
-    data["machines"].setdefault(machine, {})[key] = entry
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with _locked(path):
+            data, _, _ = _parse(path)
+            data["machines"].setdefault(machine, {})[key] = entry
+            _write(path, data)
     except OSError as e:
-        warnings.warn(f"cannot write autotune cache {path} ({e}); choices will be re-timed next time",
-                      stacklevel=2)
+        _warn_once(path, f"cannot write autotune cache {path} ({e.strerror or e}); choices will be re-timed "
+                         f"next time")
 
 
 def lookup(spec: LayerSpec, threads: int | None, path: Path | None = None) -> dict[str, Any] | None:
     """The cached entry for this layer on this machine, or None."""
     entry = load_cache(path)["machines"].get(machine_key(threads), {}).get(layer_key(spec))
-    return entry if isinstance(entry, dict) and isinstance(entry.get("kernel"), str) else None
+    return entry if _valid_entry(entry) else None
+
+
+# ----------------------------------------------------------------------------- whole-graph plans
+def lookup_plan(key: str, threads: int | None, path: Path | None = None) -> str | None:
+    """The engine a Session chose for this model and input shape on this machine before, or None."""
+    entry = load_cache(path)["machines"].get(machine_key(threads), {}).get("plan|" + key)
+    return entry["kernel"] if _valid_entry(entry) else None
+
+
+def store_plan(key: str, choice: str, ms: dict[str, float], threads: int | None, path: Path | None = None) -> None:
+    """Remember a Session's whole-graph choice (kept in the same cache file as layer choices)."""
+    _store(machine_key(threads), "plan|" + key,
+           {"kernel": choice, "serial": False, "times_us": {n: round(v * 1e3, 2) for n, v in ms.items()}}, path)
+
+
+# ----------------------------------------------------------------------------- tuning budget
+_deadline = threading.local()
+
+
+@contextlib.contextmanager
+def tuning_budget(seconds: float | None) -> Iterator[None]:
+    """Within the block, layer tuning stops after `seconds` (this thread): layers met later are
+    chosen by `rule_choice` and not cached, so a later run still times them.
+
+    Why: the first run of a new shape tunes every layer; on a 53-conv ResNet-50 at 224x224
+    that must stay within seconds, not minutes. None means no limit."""
+    old = getattr(_deadline, "at", None)
+    _deadline.at = None if seconds is None else time.perf_counter() + float(seconds)
+    if old is not None and _deadline.at is not None:
+        _deadline.at = min(old, _deadline.at)
+    try:
+        yield
+    finally:
+        _deadline.at = old
+
+
+def _out_of_time() -> bool:
+    at = getattr(_deadline, "at", None)
+    return at is not None and time.perf_counter() > at
+
+
+def worth_timing(k: Kernel, spec: LayerSpec) -> bool:
+    """Candidates that can win this layer; the rest are not prepared or timed (tuning cost).
+
+    Dense always; sparse kernels from 30 % zeros (below that dense wins on every machine
+    measured); torch's CSR for Linear only (for convs its im2col costs more than a dense conv)."""
+    if k.name == "dense":
+        return True
+    if spec.sparsity < 0.3:
+        return False
+    if k.name == "torch_csr":
+        return spec.kind == "linear"
+    return True
 
 
 # ----------------------------------------------------------------------------- timing
@@ -224,7 +373,7 @@ def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias
         raise ValueError(f"no kernel supports this {spec.kind} layer with weight {spec.weight_shape}")
     by_name = {k.name: k for k in candidates}
     n_threads = threads if threads is not None else torch.get_num_threads()
-    if spec.input_shape is None or not enabled() or len(candidates) == 1:
+    if spec.input_shape is None or not enabled() or len(candidates) == 1 or _out_of_time():
         k = rule_choice(spec, candidates)
         with thread_scope(threads):
             return k.name, k.prepare(weight, bias, spec), threads
@@ -235,8 +384,12 @@ def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias
         with thread_scope(threads):
             return k.name, k.prepare(weight, bias, spec), run_threads
 
+    timed = [k for k in candidates if worth_timing(k, spec)]
+    if len(timed) == 1:
+        with thread_scope(threads):
+            return timed[0].name, timed[0].prepare(weight, bias, spec), threads
     with thread_scope(threads):
-        prepared = {k.name: k.prepare(weight, bias, spec) for k in candidates}
+        prepared = {k.name: k.prepare(weight, bias, spec) for k in timed}
     x = _example_input(spec)
     ref_name = "dense" if "dense" in prepared else next(iter(prepared))
     with torch.inference_mode(), thread_scope(threads):

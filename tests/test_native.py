@@ -45,6 +45,10 @@ CASES = [
     (32, 16, 1, 1, 2, 0, 1, 1, 1, 7, 7),      # 1x1 stride 2
     (16, 8, 3, 3, 1, 1, 1, 1, 64, 4, 4),      # batch 64 on a 4x4 map
     (48, 8, 5, 5, 2, 2, 1, 1, 1, 13, 13),     # 5x5, stride 2
+    (32, 16, 1, 1, 1, 0, 1, 1, 1, 8, 8),      # 1x1 read in place (plane of whole vectors)
+    (16, 16, 1, 1, 1, 0, 1, 1, 2, 64, 64),    # the same, two large images (one per chunk)
+    (16, 16, 3, 3, 1, 1, 1, 1, 2, 64, 64),    # two large images, shifted copies / padded pitch
+    (16, 16, 3, 3, 2, 1, 1, 1, 2, 63, 61),    # two large odd images, stride 2
 ]
 
 

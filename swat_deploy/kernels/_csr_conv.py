@@ -58,7 +58,7 @@ class CsrConvWeights:
         ntg, tg, nrg = native.split(g.run, g.nb, self.indptr.shape[0] - 1, threads)
         native.shift_rows_into(par)(native.isa_code(), self.indptr, native.check_offsets(g.offs), self.vals,
                                     self.bias, packed, g.chunk_in, yn, res, residual is not None, int(relu),
-                                    row_width, g.w_out, plane, g.nb, self.block, ntg, tg, nrg)
+                                    row_width, g.w_out, plane, g.run, g.nb, self.block, ntg, tg, nrg)
         return torch.from_numpy(yn).view(n, self.o, g.h_out, g.w_out)
 
     def multiply_unpack(self, packed: np.ndarray, g, n: int, row_width: int, par: bool,
@@ -69,8 +69,7 @@ class CsrConvWeights:
         for the direct kernel, ``w_out`` for im2col). ``residual`` (NCHW like the output) and
         ``relu`` are applied while unpacking (see `fused_epilogue`).
         """
-        if native.available() and g.nchunk == 1 and epilogue_ok((n, self.o, g.h_out, g.w_out), residual) \
-                and (row_width % 16 == 0 or row_width == g.w_out):
+        if native.available() and g.nchunk == 1 and epilogue_ok((n, self.o, g.h_out, g.w_out), residual):
             return self._multiply_into(packed, g, n, row_width, par, residual, relu)
         out = nc.workspace(1, g.nb * self.o * g.run)
         shift_multiply(self.indptr, g.offs, self.vals, self.bias, packed, g.chunk_in, out, g.run, g.nb,

@@ -52,7 +52,7 @@ class _Geometry:
     run: int      # L = h_out * wq * nchunk rounded up to 16 (vector width)
     chunk_in: int  # floats per packed input chunk
     offs: np.ndarray  # per non-zero offset into a packed chunk
-    copy_size: int = 0  # aligned layout (see _aligned_geometry): floats per shifted copy; 0 otherwise
+    copy_size: int = 0  # floats per shifted copy (_aligned_geometry); -1: the input itself (_view_geometry)
 
 
 class _CsrDirectConv:
@@ -88,8 +88,9 @@ class _CsrDirectConv:
         hq = max(-(-hp // sh), qi_max + h_out + 1 + -(-_LANES // wq))
         image_bytes = 4 * wt.c * sh * sw * hq * wq
         nchunk = int(min(n, max(1, _CHUNK_BYTES // image_bytes)))
-        if nchunk == 1 and native.available():
-            g = self._aligned_geometry(n, h_out, w_out, qi, ri)
+        if nchunk == 1 and native.available() and (self.w.block == 1 or _is_plain_1x1(self.spec)):
+            g = (self._view_geometry(n, h, w) if _is_plain_1x1(self.spec) and (h * w) % _LANES == 0
+                 else self._aligned_geometry(n, h_out, w_out, qi, ri))
             if len(self._geo) >= _MAX_SHAPES:
                 self._geo.pop(next(iter(self._geo)))
             self._geo[key] = g
@@ -105,6 +106,15 @@ class _CsrDirectConv:
             self._geo.pop(next(iter(self._geo)))
         self._geo[key] = g
         return g
+
+    def _view_geometry(self, n: int, h: int, w: int) -> _Geometry:
+        """A 1x1, stride-1, unpadded conv whose planes are whole vectors reads the input as it is:
+        offsets c * H * W, every load aligned, nothing packed (the bulk of ResNet-50's and
+        MobileNet's 1x1 convs at 56x56 and 28x28)."""
+        wt = self.w
+        plane = h * w
+        offs = native.check_offsets((wt.chan * plane).astype(np.int64))
+        return _Geometry(n, n, 1, h, w, h, w, plane, wt.c * plane, offs, -1)
 
     def _aligned_geometry(self, n: int, h_out: int, w_out: int, qi: np.ndarray, ri: np.ndarray) -> _Geometry:
         """One image per chunk, as kw column-shifted copies with a row pitch of whole vectors.
@@ -130,7 +140,9 @@ class _CsrDirectConv:
         sh, sw = self.spec.stride
         pt, pl = self.spec.padding[0], self.spec.padding[1]
         par = nc.parallel(wt.vals.size * g.run * g.nb)
-        if g.copy_size:
+        if g.copy_size < 0:  # see _view_geometry
+            packed = x.numpy().reshape(-1)
+        elif g.copy_size:
             packed = nc.workspace(0, g.nb * g.chunk_in)
             native.pack_shifted(par)(x.numpy(), packed, wt.kw, sh, sw, self.spec.dilation[1], pt, pl, g.hq, g.wq,
                                      g.copy_size, g.chunk_in)
@@ -149,6 +161,11 @@ class _CsrDirectConv:
             pack = native.pack_phases(par) if native.available() else nc.pack(par)
             pack(x.numpy(), packed, g.nchunk, sh, sw, pt, pl, g.hq, g.wq, g.chunk_in)
         return wt.multiply_unpack(packed, g, n, g.wq, par, residual, relu)
+
+
+def _is_plain_1x1(spec: LayerSpec) -> bool:
+    return (spec.weight_shape[2:] == (1, 1) and spec.stride == (1, 1) and spec.padding == (0, 0, 0, 0)
+            and spec.dilation == (1, 1))
 
 
 class CsrDirectKernel:

@@ -231,7 +231,8 @@ def shift_rows_into(par: bool) -> Any:
     residual and ReLU applied (the C ``swat_epi`` epilogue): no scratch rows, no unpack pass.
 
     (code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,
-    nb, blk, ntg, tg, nrg); `y` / `res` are flat (N * O * plane) float32 arrays."""
+    run, nb, blk, ntg, tg, nrg); `y` / `res` are flat (N * O * plane) float32 arrays, `run` the
+    grid length per output channel (a multiple of 16)."""
     return _numba_epi_loops()[1 if par else 0]
 
 
@@ -243,9 +244,8 @@ def _numba_epi_loops() -> tuple[Any, Any]:
 
     @njit(cache=False, inline="always")
     def _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
-              nb, blk, ntg, tg, nrg):
+              run, nb, blk, ntg, tg, nrg):
         rows = indptr.shape[0] - 1
-        run = ((plane + 15) // 16) * 16 if pitch == w_out else (plane // w_out) * pitch
         per_b = ntg * nrg
         b = i // per_b
         rest = i - b * per_b
@@ -263,17 +263,17 @@ def _numba_epi_loops() -> tuple[Any, Any]:
 
     @njit(cache=False)
     def serial(code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
-               nb, blk, ntg, tg, nrg):
+               run, nb, blk, ntg, tg, nrg):
         for i in range(nb * ntg * nrg):
             _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,
-                  nb, blk, ntg, tg, nrg)
+                  run, nb, blk, ntg, tg, nrg)
 
     @njit(cache=False, parallel=True)
     def parallel(code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
-                 nb, blk, ntg, tg, nrg):
+                 run, nb, blk, ntg, tg, nrg):
         for i in prange(nb * ntg * nrg):
             _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,
-                  nb, blk, ntg, tg, nrg)
+                  run, nb, blk, ntg, tg, nrg)
 
     return serial, parallel
 

@@ -29,8 +29,8 @@
 /* The fused epilogue: instead of rows of `run` floats in a scratch buffer, the result goes
    straight into the NCHW output y (row stride `plane` = h_out * w_out), plus the residual
    (same layout as y, or NULL) and ReLU (NaN kept, as torch.relu). The output grid has row
-   pitch `pitch`: either a multiple of the vector width (the aligned direct layout; the lanes
-   past w_out in a grid row are junk and not stored) or w_out itself (im2col: the grid is the
+   pitch `pitch`: a multiple of the vector width (the aligned direct layout; the lanes
+   past w_out in a grid row are junk and not stored), w_out itself (im2col: the grid is the
    plane). Saves writing, re-reading and re-writing the whole output once more. */
 struct swat_epi {
     int64_t pitch, w_out, plane, relu;
@@ -38,14 +38,22 @@ struct swat_epi {
     const float *res; /* residual at the same offsets from res as y's from y, or NULL */
 };
 
-/* y offset and valid lanes of the grid vector starting at p (n lanes wide) */
-static inline int64_t epi_place(const struct swat_epi *e, int64_t p, int64_t n, int64_t *valid) {
-    if (e->pitch == e->w_out) {
-        *valid = e->plane - p < n ? e->plane - p : n;
-        return p;
+/* Where lanes [lane, lane + *n) of the grid vector at p go in y: returns the y offset of
+   `lane` (the vector's first lane sits `lane` floats before it, so a masked store at
+   y + offset - lane puts each lane in place), sets *n to how many lanes of this grid row
+   are real outputs (<= 0: none) and returns the lanes the grid row covers in *seg. A vector
+   spans several grid rows when the pitch is not a multiple of its width. */
+static inline int64_t epi_segment(const struct swat_epi *e, int64_t p, int64_t lane, int64_t width,
+                                  int64_t *n, int64_t *seg) {
+    const int64_t q = p + lane;
+    if (e->pitch == e->w_out) { /* the grid is the plane itself */
+        *seg = width - lane;
+        *n = e->plane - q < *seg ? e->plane - q : *seg;
+        return q;
     }
-    const int64_t oh = p / e->pitch, col = p - oh * e->pitch;
-    *valid = e->w_out - col < n ? e->w_out - col : n;
+    const int64_t oh = q / e->pitch, col = q - oh * e->pitch;
+    *seg = e->pitch - col < width - lane ? e->pitch - col : width - lane;
+    *n = (oh * e->w_out >= e->plane) ? 0 : (e->w_out - col < *seg ? e->w_out - col : *seg);
     return oh * e->w_out + col;
 }
 
@@ -68,8 +76,8 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
             float *yrow = out + (r * B + j) * e->plane;
             const float *rrow = e->res ? e->res + (yrow - e->y) : NULL;
             for (int64_t t = t0; t < t1; t++) {
-                int64_t valid;
-                const int64_t d = epi_place(e, t, 1, &valid);
+                int64_t valid, seg;
+                const int64_t d = epi_segment(e, t, 0, 1, &valid, &seg);
                 if (valid <= 0) continue;
                 float v = o[t] + (rrow ? rrow[d] : 0.0f);
                 yrow[d] = (e->relu && v < 0.0f) ? 0.0f : v; /* NaN < 0 is false: NaN kept */
@@ -150,24 +158,32 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
 
 static inline __attribute__((always_inline, target("avx512f"))) void
 epi_512(const struct swat_epi *e, float *yrow, __m512 a, int64_t p) {
-    int64_t valid;
-    const int64_t d = epi_place(e, p, 16, &valid);
-    if (valid <= 0) return;
-    const __mmask16 m = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1u);
-    if (e->res) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, e->res + (yrow - e->y) + d));
-    if (e->relu) a = _mm512_max_ps(_mm512_setzero_ps(), a); /* max returns its 2nd operand for NaN */
-    _mm512_mask_storeu_ps(yrow + d, m, a);
+    const float *rrow = e->res ? e->res + (yrow - e->y) : NULL;
+    for (int64_t lane = 0, n, seg; lane < 16; lane += seg) {
+        const int64_t d = epi_segment(e, p, lane, 16, &n, &seg) - lane;
+        if (n <= 0) continue;
+        const __mmask16 m = (__mmask16)((n >= 16 ? 0xFFFFu : ((1u << n) - 1u)) << lane);
+        __m512 v = a;
+        if (rrow) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, rrow + d));
+        if (e->relu) v = _mm512_max_ps(_mm512_setzero_ps(), v); /* max returns its 2nd operand for NaN */
+        _mm512_mask_storeu_ps(yrow + d, m, v);
+    }
 }
 
 static inline __attribute__((always_inline, target("avx2,fma"))) void
 epi_256(const struct swat_epi *e, float *yrow, __m256 a, int64_t p) {
-    int64_t valid;
-    const int64_t d = epi_place(e, p, 8, &valid);
-    if (valid <= 0) return;
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    if (e->res) a = _mm256_add_ps(a, _mm256_maskload_ps(e->res + (yrow - e->y) + d, m));
-    if (e->relu) a = _mm256_max_ps(_mm256_setzero_ps(), a);
-    _mm256_maskstore_ps(yrow + d, m, a);
+    const float *rrow = e->res ? e->res + (yrow - e->y) : NULL;
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t lane = 0, n, seg; lane < 8; lane += seg) {
+        const int64_t d = epi_segment(e, p, lane, 8, &n, &seg) - lane;
+        if (n <= 0) continue;
+        const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32((int)lane - 1)),
+                                           _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lane + n)), iota));
+        __m256 v = a;
+        if (rrow) v = _mm256_add_ps(v, _mm256_maskload_ps(rrow + d, m));
+        if (e->relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
+        _mm256_maskstore_ps(yrow + d, m, v);
+    }
 }
 
 /* ---- AVX-512: 32 registers, 16 floats each */

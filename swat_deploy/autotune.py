@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from .kernels import native
-from .kernels.base import Kernel, LayerSpec, Prepared, thread_scope
+from .kernels.base import Kernel, LayerSpec, Prepared, serial_scope, thread_scope
 
 CACHE_VERSION = 3  # bump when kernels change speed: old timings no longer hold
 # A sparse kernel must be at least this much faster than dense to be chosen: timing noise
@@ -353,7 +353,7 @@ class _Serial:
     uses_torch_threads = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with thread_scope(1, torch_threads=False):
+        with serial_scope():
             return self.prepared(x)
 
 

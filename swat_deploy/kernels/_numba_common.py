@@ -91,7 +91,9 @@ PARALLEL_MIN_WORK = 250_000
 
 def parallel(work: int) -> bool:
     """Use the parallel builds when more than one numba thread is active and `work` is worth it."""
-    return work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+    from .base import serial_call
+
+    return work >= PARALLEL_MIN_WORK and not serial_call() and numba.get_num_threads() > 1
 
 
 def warm_up(prepared: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...]) -> None:

@@ -64,6 +64,24 @@ class Kernel(Protocol):
 
 
 _cap = threading.local()
+_serial = threading.local()
+
+
+def serial_call() -> bool:
+    """True inside an op that must run on one thread (kernels then take their serial loops)."""
+    return getattr(_serial, "on", False)
+
+
+@contextlib.contextmanager
+def serial_scope() -> Iterator[None]:
+    """numba / compiled kernels in the block take their serial loops; numba's pool is left
+    alone (resizing it down and back up cost 10-16 us a call)."""
+    prev = getattr(_serial, "on", False)
+    _serial.on = True
+    try:
+        yield
+    finally:
+        _serial.on = prev
 
 
 @contextlib.contextmanager
@@ -160,6 +178,11 @@ class Op:
             x = x.contiguous()
         if self.threads is None:
             return self._call(x, *epilogue)
+        if not self._torch_threads:
+            cap = getattr(_cap, "value", None)
+            if (self.threads if cap is None else min(self.threads, cap)) == 1:
+                with serial_scope():
+                    return self._call(x, *epilogue)
         with thread_scope(self.threads, self._torch_threads):
             return self._call(x, *epilogue)
 

@@ -75,6 +75,23 @@ def release_workspace() -> None:
     _workspace.zeroed = {}
 
 
+def _start_pool() -> None:
+    """Start numba's thread pool now, keeping torch's thread count.
+
+    With numba's OpenMP threading layer the pool shares the OpenMP runtime with torch, and
+    starting it (the first numba.get_num_threads() does) sets OpenMP's thread count to numba's:
+    torch.set_num_threads(1) silently became 2 after the first sparse op."""
+    if numba is None:
+        return
+    t = torch.get_num_threads()
+    numba.get_num_threads()
+    if torch.get_num_threads() != t:
+        torch.set_num_threads(t)
+
+
+_start_pool()
+
+
 def available() -> bool:
     return numba is not None
 
@@ -100,14 +117,22 @@ def warm_up(prepared: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple
     """One call on zeros of `input_shape`: compiles (or loads from cache) every loop it needs
     in both serial and parallel form and fills the kernel's per-shape geometry cache."""
     x = torch.zeros(input_shape, dtype=torch.float32)
-    prepared(x)
-    if numba.config.NUMBA_NUM_THREADS > 1:
-        old = numba.get_num_threads()
-        numba.set_num_threads(2 if old == 1 else 1)
-        try:
-            prepared(x)
-        finally:
-            numba.set_num_threads(old)
+    # numba's OpenMP threading layer shares the OpenMP runtime with torch: starting or resizing
+    # its pool sets the process's OpenMP thread count, which torch then reports and uses (a
+    # user's torch.set_num_threads(1) silently became 2). Restore torch's count afterwards.
+    torch_threads = torch.get_num_threads()
+    try:
+        prepared(x)
+        if numba.config.NUMBA_NUM_THREADS > 1:
+            old = numba.get_num_threads()
+            numba.set_num_threads(2 if old == 1 else 1)
+            try:
+                prepared(x)
+            finally:
+                numba.set_num_threads(old)
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 if numba is not None:

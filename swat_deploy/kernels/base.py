@@ -115,10 +115,10 @@ def thread_scope(threads: int | None, torch_threads: bool = True) -> Iterator[No
         return
     cap = getattr(_cap, "value", None)
     want_torch = threads if cap is None else min(threads, cap)
-    old_torch = torch.get_num_threads() if torch_threads else want_torch
+    old_torch = torch.get_num_threads()
     nb = _numba_threads_module()
     old_numba = nb.get_num_threads() if nb is not None else None
-    if old_torch != want_torch:
+    if torch_threads and old_torch != want_torch:
         torch.set_num_threads(want_torch)
     want_numba = want_torch if cap is not None else threads
     if nb is not None and old_numba != want_numba:
@@ -126,10 +126,11 @@ def thread_scope(threads: int | None, torch_threads: bool = True) -> Iterator[No
     try:
         yield
     finally:
-        if torch.get_num_threads() != old_torch:
-            torch.set_num_threads(old_torch)
         if nb is not None and nb.get_num_threads() != old_numba:
             nb.set_num_threads(old_numba)
+        # last: with numba's OpenMP layer, resizing numba's pool also resizes torch's
+        if torch.get_num_threads() != old_torch:
+            torch.set_num_threads(old_torch)
 
 
 def _numba_threads_module():  # noqa: ANN202 - returns the numba module or None

@@ -38,20 +38,22 @@ struct swat_epi {
     const float *res; /* residual at the same offsets from res as y's from y, or NULL */
 };
 
-/* Where lanes [lane, lane + *n) of the grid vector at p go in y: returns the y offset of
-   `lane` (the vector's first lane sits `lane` floats before it, so a masked store at
-   y + offset - lane puts each lane in place), sets *n to how many lanes of this grid row
-   are real outputs (<= 0: none) and returns the lanes the grid row covers in *seg. A vector
-   spans several grid rows when the pitch is not a multiple of its width. */
-static inline int64_t epi_segment(const struct swat_epi *e, int64_t p, int64_t lane, int64_t width,
-                                  int64_t *n, int64_t *seg) {
-    const int64_t q = p + lane;
+/* Where lanes [lane, lane + *n) of a grid vector go in y, the vector's first lane being at
+   grid row oh, column col (no division: the callers step (oh, col) along). Returns the y offset
+   of `lane` (the vector's first lane sits `lane` floats before it, so a masked store at
+   y + offset - lane puts each lane in place), sets *n to how many lanes of this grid row are
+   real outputs (<= 0: none) and *seg to the lanes the grid row covers. A vector spans several
+   grid rows when the pitch is not a multiple of its width. */
+static inline int64_t epi_segment(const struct swat_epi *e, int64_t oh, int64_t col, int64_t lane,
+                                  int64_t width, int64_t *n, int64_t *seg) {
     if (e->pitch == e->w_out) { /* the grid is the plane itself */
+        const int64_t q = oh * e->pitch + col + lane;
         *seg = width - lane;
         *n = e->plane - q < *seg ? e->plane - q : *seg;
         return q;
     }
-    const int64_t oh = q / e->pitch, col = q - oh * e->pitch;
+    col += lane; /* lane starts a grid row here, or lane == 0 */
+    while (col >= e->pitch) { col -= e->pitch; oh++; }
     *seg = e->pitch - col < width - lane ? e->pitch - col : width - lane;
     *n = (oh * e->w_out >= e->plane) ? 0 : (e->w_out - col < *seg ? e->w_out - col : *seg);
     return oh * e->w_out + col;
@@ -77,7 +79,7 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
             const float *rrow = e->res ? e->res + (yrow - e->y) : NULL;
             for (int64_t t = t0; t < t1; t++) {
                 int64_t valid, seg;
-                const int64_t d = epi_segment(e, t, 0, 1, &valid, &seg);
+                const int64_t d = epi_segment(e, t / e->pitch, t % e->pitch, 0, 1, &valid, &seg);
                 if (valid <= 0) continue;
                 float v = o[t] + (rrow ? rrow[d] : 0.0f);
                 yrow[d] = (e->relu && v < 0.0f) ? 0.0f : v; /* NaN < 0 is false: NaN kept */
@@ -128,12 +130,22 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
                     acc[0][j][i] = FMADD(w, LOADU(xs + i * LANES), acc[0][j][i]);               \
             }                                                                                   \
         }                                                                                       \
+        int64_t oh[T], col[T]; /* grid row / column of each vector (fused epilogue only) */    \
+        if (e) {                                                                                \
+            oh[0] = t / e->pitch;                                                               \
+            col[0] = t - oh[0] * e->pitch;                                                      \
+            for (int i = 1; i < T; i++) {                                                       \
+                oh[i] = oh[i - 1];                                                              \
+                col[i] = col[i - 1] + LANES;                                                    \
+                while (col[i] >= e->pitch) { col[i] -= e->pitch; oh[i]++; }                     \
+            }                                                                                   \
+        }                                                                                       \
         for (int j = 0; j < B; j++)                                                             \
             for (int i = 0; i < T; i++) {                                                       \
                 VEC a = acc[0][j][i];                                                           \
                 for (int p = 1; p < P; p++) a = ADD(a, acc[p][j][i]);                           \
                 if (e)                                                                          \
-                    EPI(e, out + j * run, a, t + i * LANES);                                    \
+                    EPI(e, out + j * run, a, oh[i], col[i]);                                    \
                 else                                                                            \
                     STOREU(out + j * run + t + i * LANES, a);                                   \
             }                                                                                   \
@@ -157,10 +169,10 @@ static void shift_generic(const int32_t *indptr, const int32_t *offs, const floa
 #define DRIVER_TAIL default: break; } }
 
 static inline __attribute__((always_inline, target("avx512f"))) void
-epi_512(const struct swat_epi *e, float *yrow, __m512 a, int64_t p) {
+epi_512(const struct swat_epi *e, float *yrow, __m512 a, int64_t oh, int64_t col) {
     const float *rrow = e->res ? e->res + (yrow - e->y) : NULL;
     for (int64_t lane = 0, n, seg; lane < 16; lane += seg) {
-        const int64_t d = epi_segment(e, p, lane, 16, &n, &seg) - lane;
+        const int64_t d = epi_segment(e, oh, col, lane, 16, &n, &seg) - lane;
         if (n <= 0) continue;
         const __mmask16 m = (__mmask16)((n >= 16 ? 0xFFFFu : ((1u << n) - 1u)) << lane);
         __m512 v = a;
@@ -171,11 +183,11 @@ epi_512(const struct swat_epi *e, float *yrow, __m512 a, int64_t p) {
 }
 
 static inline __attribute__((always_inline, target("avx2,fma"))) void
-epi_256(const struct swat_epi *e, float *yrow, __m256 a, int64_t p) {
+epi_256(const struct swat_epi *e, float *yrow, __m256 a, int64_t oh, int64_t col) {
     const float *rrow = e->res ? e->res + (yrow - e->y) : NULL;
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t lane = 0, n, seg; lane < 8; lane += seg) {
-        const int64_t d = epi_segment(e, p, lane, 8, &n, &seg) - lane;
+        const int64_t d = epi_segment(e, oh, col, lane, 8, &n, &seg) - lane;
         if (n <= 0) continue;
         const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32((int)lane - 1)),
                                            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lane + n)), iota));

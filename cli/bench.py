@@ -39,7 +39,7 @@ def bench(
     sweep_sparsities: str = typer.Option("0.5,0.7,0.8,0.9,0.95,0.98", "--sweep-sparsities"),
     sweep_out: Optional[Path] = typer.Option(None, "--sweep-out", help="PNG path (default next to TARGET)"),
 ) -> None:
-    """Time dense torch, dense onnxruntime, swat's sparse Session and TorchScript on the same inputs."""
+    """Time dense torch, onnxruntime float32 and int8, swat's sparse Session and TorchScript on the same inputs."""
     from swat_deploy.bench import bench as run_bench
 
     png = None
@@ -51,13 +51,19 @@ def bench(
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
     load = ", ".join(f"{v:.2f}" for v in report.load)
+    from swat_deploy.cpu import describe
+
     typer.echo(f"{report.model}  ({report.target})  weight sparsity {report.sparsity:.3f}  "
                f"FLOP ideal {report.ideal:.2f}x  threads {report.threads}  load avg {load}")
-    typer.echo(f"{'engine':<12} {'batch':>5} {'median ms':>10} {'img/s':>10} {'vs ORT':>7} {'rounds':>6}")
+    typer.echo(f"CPU: {describe(report.cpu)}")
+    if report.int8_source:
+        typer.echo(f"onnxruntime-int8: {report.int8_source}")
+    typer.echo(f"{'engine':<16} {'batch':>5} {'median ms':>10} {'img/s':>10} {'vs ORT':>7} {'vs int8':>7} {'rounds':>6}")
     for r in report.results:
         ratio = "" if r.vs_onnxruntime is None else f"{r.vs_onnxruntime:.2f}x"
+        ratio8 = "" if r.vs_onnxruntime_int8 is None else f"{r.vs_onnxruntime_int8:.2f}x"
         plan = f"  ({r.plan})" if r.plan else ""
-        typer.echo(f"{r.engine:<12} {r.batch:>5} {r.median_ms:>10.3f} {r.throughput:>10.1f} {ratio:>7} "
+        typer.echo(f"{r.engine:<16} {r.batch:>5} {r.median_ms:>10.3f} {r.throughput:>10.1f} {ratio:>7} {ratio8:>7} "
                    f"{r.repeats:>6}{plan}")
     if report.layers:
         typer.echo("")

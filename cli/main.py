@@ -30,16 +30,26 @@ def _per_layer(items: list[str]) -> dict[str, float]:
 
 
 @app.command(epilog="Example: swat train --model lenet5 --dataset digits --mode swat --sparsity 0.7 --epochs 15 --seed 0 --out runs/demo   "
-             "(2 processes: add --nproc 2; several machines: torchrun --nnodes 2 --nproc-per-node 4 ... -m cli train ...)")
+             "(blocks of 4 output channels: add --block 4; 2 processes: add --nproc 2; several machines: "
+             "torchrun --nnodes 2 --nproc-per-node 4 ... -m cli train ...)")
 @handled
 def train(
+    ctx: typer.Context,
     model: str = typer.Option("lenet5", help="architecture (see `swat info --models`)"),
     dataset: str = typer.Option("digits", help="digits | fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | synthetic"),
     mode: str = typer.Option("swat", help="dense | swat | saw | meprop"),
     sparsity: float = typer.Option(0.7, help="fraction of zeros in [0, 1) (the paper's Top-K % is 1 - s)"),
     topk: str = typer.Option("nchw", help="Top-K grouping: nchw | chw | hw | random"),
     refresh_every: int = typer.Option(1, "--refresh-every", help="recompute activation Top-K thresholds every N steps"),
+    refresh_weights: bool = typer.Option(False, "--refresh-weights", help="cache the weight Top-K threshold for "
+                                         "--refresh-every steps too, as the paper's code does (default: exact "
+                                         "weight Top-K every step)"),
+    forward_only: Optional[str] = typer.Option(None, "--forward-only", help="weights | activations: sparse forward, "
+                                               "dense backward (the paper's Fig. 2a ablation; with --mode dense)"),
     budget: str = typer.Option("uniform", help="per-layer sparsity budget: uniform | erk"),
+    block: Optional[int] = typer.Option(None, "--block", help="B consecutive output channels share one weight "
+                                        "zero pattern (Top-K over B x 1 block norms; swat / saw, topk nchw | chw "
+                                        "| hw; a power of two; default 1 = unstructured)"),
     exclude: Optional[str] = typer.Option(None, help="comma-separated layer names / globs kept dense, e.g. 'conv1,fc'"),
     layer_sparsity: List[str] = typer.Option([], "--layer-sparsity", help="per-layer override NAME=S (repeatable)"),
     epochs: int = typer.Option(15, help="training epochs"),
@@ -47,7 +57,8 @@ def train(
     lr: float = typer.Option(0.1, help="initial learning rate (SGD, momentum 0.9)"),
     momentum: float = typer.Option(0.9),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    schedule: str = typer.Option("step", help="step (/10 at 50% and 75%) | cosine | constant"),
+    schedule: str = typer.Option("step", help="step (/10 at 50% and 75%) | thirds (/10 at 1/3 and 2/3, the shape "
+                                 "of the paper's 50/100-of-150) | cosine | constant"),
     seed: int = typer.Option(0),
     workers: int = typer.Option(0, help="data loader worker processes (file-backed data sets)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -64,22 +75,46 @@ def train(
     from training.config import TrainConfig
     from training.trainer import resume as resume_run, train as train_run
 
+    settings = dict(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, mode=mode,
+                    sparsity=sparsity, topk=topk, refresh_every=refresh_every,
+                    cache_weight_threshold=refresh_weights, forward_only=forward_only or "", budget=budget,
+                    exclude=tuple(_csv(exclude)), per_layer=_per_layer(layer_sparsity), epochs=epochs,
+                    batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    schedule=schedule, seed=seed, workers=workers, device=device, limit=limit)
     if resume is not None:
-        result = resume_run(resume, nproc=nproc)
+        given = _given(ctx, settings)
+        if out is not None and out.resolve() != resume.resolve():
+            raise SwatError(f"--out {out} with --resume {resume}: a resumed run stays in its own dir; drop --out")
+        if force:
+            raise SwatError("--force does not apply to --resume (nothing is overwritten); drop --force, or start "
+                            "a new run with --out RUN --force")
+        result = resume_run(resume, nproc=nproc, block=block, epochs=given.pop("epochs", None), given=given)
     else:
         if out is None:
             raise SwatError("missing --out RUN (the run dir to create); e.g. --out runs/demo")
-        config = TrainConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, mode=mode,
-                             sparsity=sparsity, topk=topk, refresh_every=refresh_every, budget=budget,
-                             exclude=tuple(_csv(exclude)), per_layer=_per_layer(layer_sparsity), epochs=epochs,
-                             batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                             schedule=schedule, seed=seed, workers=workers, device=device, limit=limit)
+        config = TrainConfig(block=1 if block is None else block, **settings)
         result = train_run(config, out, force=force, nproc=nproc)
     if result.is_main:  # under torchrun every rank runs this command; one summary line is enough
         typer.echo(f"test accuracy {result.test_accuracy:.4f}  ({result.seconds:.1f}s)  -> {result.run_dir}")
 
 
-@app.command(epilog="Example: swat export runs/demo --format onnx")
+# CLI option -> TrainConfig field where the names differ
+_FIELD_OF = {"refresh_weights": "cache_weight_threshold", "layer_sparsity": "per_layer"}
+
+
+def _given(ctx: typer.Context, settings: dict) -> dict:
+    """The TrainConfig fields whose options were typed on the command line (not defaults):
+    with --resume each is checked against the run instead of being silently dropped."""
+    given = {}
+    for param, source in ((p.name, ctx.get_parameter_source(p.name)) for p in ctx.command.params):
+        field = _FIELD_OF.get(param, param)
+        # by name: typer >= 0.2x vendors click, whose ParameterSource is then another class
+        if field in settings and getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+            given[field] = settings[field]
+    return given
+
+
+@app.command(epilog="Example: swat export runs/demo --format onnx   (int8: add --int8)")
 @handled
 def export(
     run: Path = typer.Argument(..., help="run dir written by `swat train`"),
@@ -88,11 +123,14 @@ def export(
     force: bool = typer.Option(False, help="overwrite an existing file"),
     weights: str = typer.Option("sparse", "--weights", help="sparse (each layer in its smallest form) | dense"),
     fp16: bool = typer.Option(False, "--fp16", help="ONNX: store weights as float16 (compute stays float32)"),
+    int8: bool = typer.Option(False, "--int8", help="ONNX: int8 QDQ model (default RUN/model.int8.onnx), "
+                              "calibrated on the run's training images"),
+    calib: Optional[int] = typer.Option(None, "--calib", help="--int8: calibration images (default 256)"),
 ) -> None:
     """Export the pruned model (normalisation inside, BN folded) to ONNX or TorchScript."""
     from swat_deploy.export import export as export_model
 
-    path = export_model(run, format, out, force=force, weights=weights, fp16=fp16)
+    path = export_model(run, format, out, force=force, weights=weights, fp16=fp16, int8=int8, calib=calib)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
@@ -104,11 +142,15 @@ def verify(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the data set files are"),
     limit: Optional[int] = typer.Option(None, help="check only the first N test images (quick)"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="an export recorded in RUN/exports.json "
+                                       "but deleted since is listed, not failed"),
 ) -> None:
-    """Check exported files against the run: integrity, sparsity, accuracy, agreement. Exit 1 on failure."""
+    """Check exported files against the run: integrity, exact weights, metadata, sparsity, accuracy,
+    agreement. Every export written into RUN is expected. Exit 1 on failure."""
     from swat_deploy.verify import format_report, report_json, verify as verify_run
 
-    report = verify_run(run, model, data_dir=str(data_dir) if data_dir else None, limit=limit)
+    report = verify_run(run, model, data_dir=str(data_dir) if data_dir else None, limit=limit,
+                        allow_missing=allow_missing)
     typer.echo(report_json(report) if json_out else format_report(report))
     if not report.passed:
         raise typer.Exit(1)
@@ -126,12 +168,12 @@ def prune(
 
     sm = prune_run(run)
     path, rows = save_sparse(sm, out, force=force)
-    typer.echo(f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'format':<8} {'dense B':>10} {'stored B':>10}")
+    typer.echo(f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'block':>5} {'format':<8} {'dense B':>10} {'stored B':>10}")
     for r in rows:
-        typer.echo(f"{r.name:<28} {'x'.join(map(str, r.shape)):<18} {r.sparsity:>8.4f} {r.format:<8} "
+        typer.echo(f"{r.name:<28} {'x'.join(map(str, r.shape)):<18} {r.sparsity:>8.4f} {r.block:>5} {r.format:<8} "
                    f"{r.dense_bytes:>10} {r.stored_bytes:>10}")
     dense, stored = sum(r.dense_bytes for r in rows), sum(r.stored_bytes for r in rows)
-    typer.echo(f"{'total':<28} {'':<18} {'':>8} {'':<8} {dense:>10} {stored:>10}  "
+    typer.echo(f"{'total':<28} {'':<18} {'':>8} {'':>5} {'':<8} {dense:>10} {stored:>10}  "
                f"({dense / max(stored, 1):.1f}x smaller)")
     typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
 

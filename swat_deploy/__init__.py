@@ -1,16 +1,20 @@
 """Deploying SWAT-trained models: prune, store sparse, export, run sparse, verify, bench.
 
-Reads only what training wrote (the run dir); heavy runtimes are imported on first use.
+Reads what training wrote (the run dir), or a module trained in your own loop
+(``export_onnx(model, path, example_input=...)``, ``verify_module``); heavy runtimes are
+imported on first use.
 """
 from training.errors import SwatError
 
 __all__ = ["SwatError", "prune", "SparseModel", "Session", "export", "export_onnx", "export_torchscript",
-           "verify"]
+           "verify", "verify_module", "ModuleReport", "prune_module"]
 
 _LAZY = {
     "prune": "swat_deploy.prune", "SparseModel": "swat_deploy.prune", "Session": "swat_deploy.session",
     "export": "swat_deploy.export", "export_onnx": "swat_deploy.export", "export_torchscript": "swat_deploy.export",
     "verify": "swat_deploy.verify",
+    "verify_module": "swat_deploy.module_verify", "ModuleReport": "swat_deploy.module_verify",
+    "prune_module": "swat_deploy.from_module",
 }
 
 

@@ -5,7 +5,6 @@ bytes on disk (ONNX protobuf, TorchScript archive), never from the objects that 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -21,17 +20,16 @@ TS_META_FILE = "swat.json"
 
 # -- ONNX -----------------------------------------------------------------------------------
 def load_onnx(path: str | Path) -> Any:
-    """Parse an ONNX file with one-line errors for missing, truncated or foreign files."""
-    import onnx
+    """Parse an ONNX file with one-line errors for missing, truncated, foreign or unsafe files.
+
+    External data is read only from inside the file's folder (:mod:`swat_deploy.onnx_load`).
+    """
+    from swat_deploy.onnx_load import read_model
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise SwatError(f"{path} not found; export it with `swat export RUN --format onnx`")
-    try:
-        model = onnx.load(str(path), load_external_data=True)
-    except Exception as e:
-        raise SwatError(f"{path} is not a readable ONNX file ({type(e).__name__}); it may be truncated - "
-                        f"re-export it") from None
+    model = read_model(path)
     if not model.graph.node:
         raise SwatError(f"{path} holds no ONNX graph (truncated or not an ONNX file); re-export it")
     return model
@@ -107,18 +105,36 @@ def onnx_layer_weights(model: Any) -> dict[str, np.ndarray]:
 
 
 def onnx_stored_weights(model: Any) -> dict[str, Any]:
-    """Per weight tensor name: a :class:`swat_deploy.onnx_compact.StoredWeight` (format, bytes, value)."""
-    from swat_deploy.onnx_compact import StoredWeight, decode_weights
+    """Per weight tensor name: a :class:`swat_deploy.onnx_compact.StoredWeight` (format, bytes, value).
 
+    A quantised (QDQ) model's weights are its int8 tensors, as stored (see :mod:`swat_deploy.qdq`).
+    """
+    from swat_deploy.onnx_compact import StoredWeight, decode_weights
+    from swat_deploy.qdq import decode_int8_weights, is_quantized
+
+    if is_quantized(model):
+        try:
+            return decode_int8_weights(model)
+        except SwatError:
+            raise
+        except Exception as e:  # any failure to decode a (possibly hostile) file is the file's fault
+            raise SwatError(f"stored int8 weights cannot be decoded ({e}); the file was edited - re-export it",
+                            exit_code=1) from None
     try:
         out = decode_weights(model)
-    except ValueError as e:
+    except SwatError:
+        raise
+    except Exception as e:  # ValueError for a tampered stream; IndexError, TypeError... for a damaged file
         raise SwatError(f"stored weights cannot be decoded ({e}); the file was edited - re-export it",
                         exit_code=1) from None
     missing = [n.input[1] for n in model.graph.node
                if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] not in out]
     if missing:
-        consts = onnx_constants(model)
+        try:
+            consts = onnx_constants(model)
+        except Exception as e:  # a damaged constant: the file's fault, reported like the others
+            raise SwatError(f"stored weights cannot be decoded ({type(e).__name__}: {e}); the file was edited or "
+                            f"damaged - re-export it", exit_code=1) from None
         for name in missing:
             if name in consts:
                 v = np.asarray(consts[name])
@@ -137,28 +153,49 @@ def layer_name(tensor_name: str) -> str:
 
 
 def onnx_weights_sha256(model: Any) -> str:
-    """Hash of every stored tensor (initializers + sparse initializers + Constant nodes), name order."""
-    h = hashlib.sha256()
+    """Canonical hash (:func:`training.fileio.canonical_digest`) of every stored tensor:
+    initializers, sparse initializers (values and ``#idx``) and Constant nodes, by name.
+
+    A tensor that does not decode (damaged file) is hashed by its serialized proto, so the hash
+    simply disagrees with the metadata instead of raising.
+    """
+    from training.fileio import canonical_digest
+
     tensors = [(t.name, t) for t in model.graph.initializer]
     tensors += [(st.values.name, st.values) for st in model.graph.sparse_initializer]
     tensors += [(st.values.name + "#idx", st.indices) for st in model.graph.sparse_initializer]
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
-                if a.name == "value":
+                if a.name == "value" and node.output:
                     tensors.append((node.output[0], a.t))
-    for name, t in sorted(tensors, key=lambda p: p[0]):
-        h.update(name.encode())
-        h.update(str(t.data_type).encode())
-        h.update(str(list(t.dims)).encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
+    return canonical_digest(_onnx_item(name, t) for name, t in tensors)
 
 
-def _tensor_bytes(t: Any) -> bytes:
+def _onnx_item(name: str, t: Any) -> tuple[str, str, list[int], bytes]:
     from onnx import numpy_helper
 
-    return np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
+    from training.fileio import array_item
+
+    try:
+        return array_item(name, numpy_helper.to_array(t))
+    except Exception:
+        return name, "undecodable", [int(d) for d in t.dims], t.SerializeToString()
+
+
+def onnx_named_tensors(model: Any) -> dict[str, np.ndarray]:
+    """Every float constant the graph computes with, by tensor name: plain initializers, and
+    each layer weight decoded from its compact form (``net.<layer>.weight``)."""
+    from onnx import numpy_helper
+
+    out: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        try:
+            out[t.name] = numpy_helper.to_array(t)
+        except Exception:
+            continue  # undecodable: the integrity row and the weights rows report it
+    out.update({name: np.asarray(sw.value) for name, sw in onnx_stored_weights(model).items()})
+    return out
 
 
 # -- TorchScript ----------------------------------------------------------------------------
@@ -167,6 +204,8 @@ def load_torchscript(path: str | Path) -> tuple[Any, dict[str, Any]]:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise SwatError(f"{path} is a directory, not a TorchScript file; give the path of a .pt file")
     if not path.is_file():
         raise SwatError(f"{path} not found; export it with `swat export RUN --format torchscript`")
     if not zipfile.is_zipfile(path):
@@ -178,9 +217,11 @@ def load_torchscript(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise SwatError(f"{path} cannot be loaded by torch.jit.load ({type(e).__name__}); re-export it") from None
     try:
         meta = json.loads(extra[TS_META_FILE]) if extra[TS_META_FILE] else {}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         meta = {}
-    return module.eval(), meta
+    if not isinstance(meta, dict):  # metadata is untrusted: a dict of strings, like ONNX's
+        meta = {}
+    return module.eval(), {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
 def torchscript_layer_weights(module: Any) -> dict[str, np.ndarray]:
@@ -232,6 +273,21 @@ def torchscript_stored_weights(module: Any) -> dict[str, Any]:
     return out
 
 
+def torchscript_named_tensors(module: Any) -> dict[str, np.ndarray]:
+    """Every parameter and buffer by name (sparse ones densified), packed weights decoded to
+    ``net.<layer>.weight``: what to compare with the pruned model's state dict."""
+    import torch
+
+    tensors = dict(module.named_parameters())
+    tensors.update(dict(module.named_buffers()))
+    out: dict[str, np.ndarray] = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        out[name] = (t.to_dense() if t.layout != torch.strided else t).numpy()
+    out.update({name: np.asarray(sw.value) for name, sw in torchscript_stored_weights(module).items()})
+    return out
+
+
 def _sparse_nbytes(t: Any) -> int:
     import torch
 
@@ -244,20 +300,12 @@ def _sparse_nbytes(t: Any) -> int:
 
 
 def torchscript_weights_sha256(module: Any) -> str:
-    import torch
+    """Canonical hash of every parameter and buffer (sparse ones densified), by name."""
+    from training.fileio import sha256_tensors
 
-    h = hashlib.sha256()
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu()
-        if t.layout != torch.strided:
-            t = t.to_dense()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return sha256_tensors(tensors)
 
 
 def artifact_kind(path: str | Path) -> str:

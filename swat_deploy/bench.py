@@ -6,6 +6,13 @@ changes and other load hit all engines alike; each number is a median of repeats
 against dense onnxruntime, the runtime a user would otherwise deploy with, and sit next to the
 FLOP ideal 1 / (1 - s), the speed-up that skipping every zero multiply would give.
 
+onnxruntime int8 runs next to onnxruntime float32: the QDQ model a CPU user would make with
+onnxruntime's own quantiser (`swat_deploy.quantize`; the run's exported ``model.int8.onnx`` when
+there is one, else quantised here - calibrated on the run's training images, or random ones for
+a bare file - and cached under the user cache dir, keyed by the model's content hash). Every
+result carries its ratio to both. The report names the CPU and its vector ISA
+(`swat_deploy.cpu`): int8 speed depends on VNNI / AMX far more than float32 speed does.
+
 onnxruntime runs as `swat_deploy.ort.ort_session` opens it (no spinning worker threads).
 
 Library only (returns data); ``cli/bench.py`` formats and prints.
@@ -23,10 +30,11 @@ import torch
 
 from training.errors import SwatError
 
+from .cpu import cpu_info
 from .ort import ort_session
 from .timing import time_interleaved
 
-ENGINES = ("torch", "onnxruntime", "swat", "torchscript")
+ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "swat", "torchscript")
 DEFAULT_SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
@@ -39,6 +47,7 @@ class EngineResult:
     vs_onnxruntime: float | None  # onnxruntime time / this engine's time (> 1: faster)
     repeats: int
     plan: str | None = None       # swat only: what the Session chose, e.g. "kernels, 2 threads"
+    vs_onnxruntime_int8: float | None = None  # onnxruntime int8 time / this engine's time
 
 
 @dataclass
@@ -79,6 +88,8 @@ class BenchReport:
     sweep: list[SweepPoint] = field(default_factory=list)
     sweep_png: str | None = None
     notes: list[str] = field(default_factory=list)
+    cpu: dict[str, Any] = field(default_factory=dict)  # swat_deploy.cpu.cpu_info()
+    int8_source: str | None = None  # where the onnxruntime-int8 model came from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,11 +105,15 @@ class _Target:
     torchscript: Path | None
     input_shape: tuple[int, ...]  # (C, H, W)
     plain: Any = None  # the model with plain weight initializers (what a sweep re-prunes)
+    calib: Callable[[], np.ndarray] | None = None  # calibration images for the int8 model
+    calib_tag: str = ""          # names them in the int8 cache key
+    int8_file: Path | None = None  # the run's exported model.int8.onnx
+    quantized: bool = False      # onnx_bytes is already a QDQ model (a quantised file)
 
 
 def _load_target(target: str | Path) -> _Target:
     """A run dir, a sparse.safetensors or an .onnx file -> the things each engine runs."""
-    import onnx
+    from .onnx_load import read_model  # external data only from the file's folder; one-line errors
 
     path = Path(target)
     if not path.exists():
@@ -110,23 +125,45 @@ def _load_target(target: str | Path) -> _Target:
         run_dir = sm.run.path
         exported = run_dir / "model.onnx" if path.is_dir() else None
         # The user's exported file when there is one (what they deploy), else an in-memory export.
-        proto = onnx.load(str(exported)) if exported is not None and exported.is_file() else to_onnx_model(sm)
+        proto = read_model(exported) if exported is not None and exported.is_file() else to_onnx_model(sm)
         ts = run_dir / "model.pt" if path.is_dir() and (run_dir / "model.pt").is_file() else None
+        from .export import INT8_NAME
+        from .quantize import CALIB_IMAGES, calibration_images
+
+        int8 = run_dir / INT8_NAME if path.is_dir() and (run_dir / INT8_NAME).is_file() else None
+        limit = sm.run.config.limit
+        tag = f"{sm.run.meta['dataset']} train limit={limit} n={CALIB_IMAGES} seed=0"
         return _Target(str(path), str(sm.run.meta.get("model", "?")), proto.SerializeToString(), sm.module,
-                       ts, tuple(sm.input_shape[1:]), plain=to_onnx_model(sm))
+                       ts, tuple(sm.input_shape[1:]), plain=to_onnx_model(sm),
+                       calib=lambda: calibration_images(sm.run, CALIB_IMAGES, 0), calib_tag=tag, int8_file=int8)
     if path.suffix != ".onnx":
         raise SwatError(f"{path} is neither a run dir, a .safetensors nor a .onnx file; pass one of those")
-    proto = onnx.load(str(path))
+    proto = read_model(path)
+    if not proto.graph.input:
+        raise SwatError(f"{path} has no graph input; bench needs a model that takes an image batch")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value if d.dim_value > 0 else 0 for d in dims)[1:]
     if not shape or any(d == 0 for d in shape):
         raise SwatError(f"{path}: the input's non-batch dims {shape} are not all fixed; export with a fixed "
                         "image size")
-    return _Target(str(path), path.stem, proto.SerializeToString(), None, None, shape, plain=proto)
+    from .qdq import is_quantized
+    from .quantize import CALIB_RANDOM, random_images
+
+    return _Target(str(path), path.stem, proto.SerializeToString(), None, None, shape, plain=proto,
+                   calib=lambda: random_images(shape, CALIB_RANDOM, 0), calib_tag=f"random n={CALIB_RANDOM} seed=0",
+                   quantized=is_quantized(proto))
 
 
 # ------------------------------------------------------------------------------- timing
-def _weight_sparsity(sess: Any) -> float:
+def _weight_sparsity(sess: Any, model_bytes: bytes | None = None) -> float:
+    if getattr(sess, "delegated", False) and model_bytes is not None:  # a QDQ graph: count its int8 weights
+        import onnx
+
+        from .qdq import decode_int8_weights
+
+        ws = [sw.value for sw in decode_int8_weights(onnx.load_from_string(model_bytes)).values()]
+        total = sum(w.size for w in ws)
+        return sum(int((w == 0).sum()) for w in ws) / total if total else 0.0
     layers = sess.layers()
     total = sum(int(np.prod(l["weight_shape"])) for l in layers)
     zeros = sum(l["sparsity"] * int(np.prod(l["weight_shape"])) for l in layers)
@@ -141,6 +178,23 @@ def _plan_label(sess: Any, batch: int) -> str | None:
                 return "onnxruntime fallback"
             return f"kernels, {p['threads']} thread" + ("s" if p["threads"] > 1 else "")
     return None
+
+
+def _int8_model(t: _Target) -> tuple[bytes, str]:
+    """The int8 QDQ model onnxruntime-int8 runs, and where it came from (for the report)."""
+    if t.quantized:
+        return t.onnx_bytes, "the file itself (already int8 QDQ)"
+    if t.int8_file is not None:
+        return t.int8_file.read_bytes(), str(t.int8_file)
+    from .quantize import CALIB_RANDOM, CalibrationDataMissing, cache_dir, quantize_cached, random_images
+
+    tag = t.calib_tag
+    try:
+        data, hit = quantize_cached(t.onnx_bytes, t.calib, tag)
+    except CalibrationDataMissing:  # the run's data set is not here: the speed is the same on random images
+        tag = f"random n={CALIB_RANDOM} seed=0, the run's data set is not here"
+        data, hit = quantize_cached(t.onnx_bytes, lambda: random_images(t.input_shape, CALIB_RANDOM, 0), tag)
+    return data, f"quantised by onnxruntime ({tag}), {'cached' if hit else 'now cached'} in {cache_dir()}"
 
 
 def _ideal(s: float) -> float:
@@ -176,10 +230,23 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ort_sess = ort_session(t.onnx_bytes, threads)
+        # a QDQ file is its own int8 model; there is no float32 model to time next to it
+        ort_sess = None if t.quantized else ort_session(t.onnx_bytes, threads)
         sess = Session(t.onnx_bytes, threads=threads)
-        s = _weight_sparsity(sess)
-        report = BenchReport(t.label, t.model_name, threads, s, _ideal(s), os.getloadavg())
+        s = _weight_sparsity(sess, t.onnx_bytes)
+        report = BenchReport(t.label, t.model_name, threads, s, _ideal(s), os.getloadavg(), cpu=cpu_info())
+        int8_sess = None
+        if "onnxruntime-int8" in engines or t.quantized:
+            int8_bytes, report.int8_source = _int8_model(t)
+            try:
+                int8_sess = ort_session(int8_bytes, threads)
+            except Exception as e:
+                raise SwatError(f"onnxruntime cannot load the int8 model ({report.int8_source}): "
+                                f"{' '.join(str(e).split())[:200]}; re-export it or delete that cached file",
+                                exit_code=1) from None
+        if t.quantized:
+            report.notes.append("onnxruntime: the file is already int8 (QDQ); bench its float32 model for the "
+                                "float32 row")
         ts_module = None
         if "torchscript" in engines and t.torchscript is not None:
             ts_module = torch.jit.load(str(t.torchscript)).eval()
@@ -194,28 +261,35 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
             fns: dict[str, Callable[[], Any]] = {}
             if "torch" in engines and t.torch_module is not None:
                 fns["torch"] = lambda m=t.torch_module: m(xt)
-            if "onnxruntime" in engines or "swat" in engines:
+            if ort_sess is not None and ("onnxruntime" in engines or "swat" in engines):
                 fns["onnxruntime"] = lambda: ort_sess.run(None, {"input": x})
+            if int8_sess is not None:
+                fns["onnxruntime-int8"] = lambda: int8_sess.run(None, {"input": x})
             if "swat" in engines:
                 fns["swat"] = lambda: sess.run(None, {"input": x})
             if ts_module is not None:
                 fns["torchscript"] = lambda: ts_module(xt)
             with torch.inference_mode():
                 if "swat" in fns:  # a wrong fast answer is no answer: check before timing
-                    ref, got = fns["onnxruntime"]()[0], fns["swat"]()[0]
+                    # on a QDQ file: against onnxruntime int8 on the same file (the Session hands it to
+                    # onnxruntime today, so equal; int8 kernels will set their own tolerance here)
+                    ref = fns["onnxruntime" if "onnxruntime" in fns else "onnxruntime-int8"]()[0]
+                    got = fns["swat"]()[0]
                     if not np.allclose(got, ref, rtol=1e-4, atol=1e-4):
                         raise SwatError(f"the sparse Session disagrees with onnxruntime on {t.label} "
                                         f"(max diff {float(np.abs(got - ref).max()):.3g}); please report this",
                                         exit_code=1)
                 timed = time_interleaved(fns, repeats)
             ort_ms = timed["onnxruntime"][0] * 1e3 if "onnxruntime" in timed else None
+            int8_ms = timed["onnxruntime-int8"][0] * 1e3 if "onnxruntime-int8" in timed else None
             for name in [e for e in ENGINES if e in timed]:
                 if name == "onnxruntime" and "onnxruntime" not in engines:
                     continue
                 sec, rounds = timed[name]
                 report.results.append(EngineResult(name, b, sec * 1e3, b / sec,
                                                    None if ort_ms is None else ort_ms / (sec * 1e3), rounds,
-                                                   _plan_label(sess, b) if name == "swat" else None))
+                                                   _plan_label(sess, b) if name == "swat" else None,
+                                                   None if int8_ms is None else int8_ms / (sec * 1e3)))
         if layers:
             report.layers = layer_table(sess)
         if sweep:

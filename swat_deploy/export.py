@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from training.errors import SwatError
-from training.fileio import atomic_write_bytes
-from training.rundir import Run, read_run
+from training.fileio import atomic_write_bytes, check_writable_dir
+from training.rundir import RUN_JSON, Run, read_run, record_export
 from swat_deploy.artifact import META_PREFIX, TS_META_FILE, onnx_weights_sha256, torchscript_weights_sha256
 from swat_deploy.prune import SparseModel, prune
 from swat_deploy.ts_packed import pack_layers
@@ -27,18 +28,26 @@ from swat_deploy.ts_packed import pack_layers
 OPSET = 18
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+INT8_NAME = "model.int8.onnx"  # `swat export RUN --format onnx --int8` (see swat_deploy.quantize)
 WEIGHT_MODES = ("sparse", "dense")
 # protobuf cannot serialise a message of 2 GiB or more; leave headroom for the graph and metadata
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
-def target_path(run: Run, fmt: str, out: str | Path | None, force: bool) -> Path:
-    path = Path(out) if out else run.path / DEFAULT_NAMES[fmt]
+def target_path(run: Run, fmt: str, out: str | Path | None, force: bool, default: str | None = None) -> Path:
+    path = Path(out) if out else run.path / (default or DEFAULT_NAMES[fmt])
     if path.exists() and not force:
         raise SwatError(f"{path} already exists; pass --force to overwrite it or --out to choose another file")
     if path.exists() and path.is_dir():
         raise SwatError(f"{path} is a directory; give --out a file name")
+    check_writable_dir(path.parent, "output directory")  # before seconds of pruning and exporting
     return path
+
+
+def _record(path: Path, fmt: str) -> None:
+    """An export written into a run dir is noted in its exports.json: verify then expects it."""
+    if (path.parent / RUN_JSON).is_file():
+        record_export(path.parent, path, fmt)
 
 
 def export_metadata(sm: SparseModel, *, weights: str = "sparse", fp16: bool = False) -> dict[str, str]:
@@ -57,13 +66,14 @@ def export_metadata(sm: SparseModel, *, weights: str = "sparse", fp16: bool = Fa
         "mode": meta["mode"],
         "sparsity": str(meta["sparsity"]),
         "topk": meta.get("topk", "nchw"),
+        "block": str(meta.get("block", 1)),
         "test_accuracy": repr(meta["test_accuracy"]),
         "train_accuracy_last_epoch": repr(meta.get("train_accuracy_last_epoch")),
         "num_classes": str(meta["num_classes"]),
         "input_shape": json.dumps([None, meta["in_channels"], *meta["image_size"]]),
         "normalization": json.dumps(meta.get("normalization", {})),
         "class_names": json.dumps(meta.get("class_names", [])),
-        "layers": json.dumps([{"name": l.name, "shape": l.shape, "sparsity": l.expected_sparsity}
+        "layers": json.dumps([{"name": l.name, "shape": l.shape, "sparsity": l.expected_sparsity, "block": l.block}
                               for l in sm.layers]),
         "weights_storage": weights,
         "fp16": "true" if fp16 else "false",
@@ -71,7 +81,8 @@ def export_metadata(sm: SparseModel, *, weights: str = "sparse", fp16: bool = Fa
         # provenance: which run (its weights file hash) and how it was trained
         "run_weights_sha256": meta.get("weights_sha256", ""),
         "run_producer": str(meta.get("producer", "")),
-        "run_name": sm.run.path.resolve().name,
+        "run_name": sm.run.path.resolve().name if meta.get("source", "run") == "run" else "",
+        "source": meta.get("source", "run"),  # run: a `swat train` run dir; module: export_onnx(module, ...)
         "seed": str(meta.get("seed")),
         "epochs": str(meta.get("epochs")),
         "trained_with_torch": str(meta.get("torch", "")),
@@ -83,20 +94,56 @@ def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
         raise SwatError(f"unknown {option} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def export_onnx(run_dir: str | Path | Run, out: str | Path | None = None, *, force: bool = False,
+def _module_target(out: str | Path | None, force: bool) -> Path:
+    """Where a module export goes: a module has no run dir to default into."""
+    if out is None:
+        raise SwatError("exporting a module needs the file to write: export_onnx(model, 'model.onnx', ...)")
+    path = Path(out)
+    if path.exists() and path.is_dir():
+        raise SwatError(f"{path} is a directory; give the path of the file to write")
+    if path.exists() and not force:
+        raise SwatError(f"{path} already exists; pass force=True to overwrite it or choose another path")
+    check_writable_dir(path.parent, "output directory")
+    return path
+
+
+def _pruned(source: str | Path | Run | nn.Module, fmt: str, out: str | Path | None, force: bool,
+            module_args: dict[str, Any]) -> tuple[SparseModel, Path]:
+    """(the pruned model, the checked target path) of a run dir or of a module trained anywhere."""
+    if isinstance(source, nn.Module):
+        from swat_deploy.from_module import prune_module
+
+        if module_args.get("example_input") is None:
+            raise SwatError("exporting a module needs example_input=: one batch (N, C, H, W) of the images it takes")
+        path = _module_target(out, force)
+        return prune_module(source, **module_args), path
+    if any(v is not None for v in module_args.values()):
+        given = ", ".join(k for k, v in module_args.items() if v is not None)
+        raise SwatError(f"{given} apply to exporting a module; a run dir records them in run.json - drop them")
+    run = source if isinstance(source, Run) else read_run(source)
+    path = target_path(run, fmt, out, force)
+    return prune(run), path
+
+
+def export_onnx(source: str | Path | Run | nn.Module, out: str | Path | None = None, *, force: bool = False,
                 weights: str = "sparse", fp16: bool = False,
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD, example_input: torch.Tensor | None = None,
+                normalize: Any = None, class_names: list[str] | None = None, name: str | None = None) -> Path:
     """``swat export RUN --format onnx``: standard ops, ``input`` (dynamic batch) -> ``logits``.
 
+    ``source`` is a run dir, or a module trained in your own loop (swatified or not; left
+    unmodified): then ``out`` is required, ``example_input`` is one batch of the float NCHW images
+    the file will take (its shape fixes the input size), ``normalize`` = ``(mean, std)`` per channel
+    goes inside the graph (so the file takes raw images; None: the module takes them as they are),
+    ``class_names`` and ``name`` (default: the class name) are recorded in the metadata.
     ``weights="sparse"`` stores each layer weight in its smallest form (see
     :mod:`swat_deploy.onnx_compact`); ``fp16`` stores weight values as float16 and casts them to
     float32 in-graph, so compute stays float32. A proto larger than ``external_threshold`` bytes
     (protobuf's hard limit is 2 GB) goes to ``FILE`` + ``FILE.data`` (ONNX external data).
     """
     _check_choice(weights, WEIGHT_MODES, "--weights")
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
-    path = target_path(run, "onnx", out, force)
-    sm = prune(run)
+    sm, path = _pruned(source, "onnx", out, force, {"example_input": example_input, "normalize": normalize,
+                                                     "class_names": class_names, "name": name})
     return write_onnx(torch_to_onnx(sm), sm, path, weights=weights, fp16=fp16,
                       external_threshold=external_threshold)
 
@@ -120,7 +167,15 @@ def write_onnx(base: Any, sm: SparseModel, path: str | Path, *, weights: str = "
         onnx_compact.encode(model, weights=weights, fp16=fp16)
     except ValueError as e:
         raise SwatError(str(e)) from None
-    meta = export_metadata(sm, weights=weights, fp16=fp16)
+    return finish_onnx(model, export_metadata(sm, weights=weights, fp16=fp16), path,
+                       external_threshold=external_threshold)
+
+
+def finish_onnx(model: Any, meta: dict[str, str], path: str | Path, *,
+                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Embed ``meta`` + the weights hash, full-check and write ``model`` atomically (float32 and int8 exports)."""
+    path = Path(path)
+    meta = dict(meta)
     meta["weights_sha256"] = onnx_weights_sha256(model)
     del model.metadata_props[:]
     for k, v in meta.items():
@@ -135,6 +190,7 @@ def write_onnx(base: Any, sm: SparseModel, path: str | Path, *, weights: str = "
     else:
         _check(model)
         atomic_write_bytes(path, model.SerializeToString())
+    _record(path, "onnx")
     return path
 
 
@@ -201,19 +257,27 @@ def torch_to_onnx(sm: SparseModel) -> Any:
     return model
 
 
-def export_torchscript(run_dir: str | Path | Run, out: str | Path | None = None, *, force: bool = False,
-                       weights: str = "sparse") -> Path:
+def export_torchscript(source: str | Path | Run | nn.Module, out: str | Path | None = None, *,
+                       force: bool = False, weights: str = "sparse", example_input: torch.Tensor | None = None,
+                       normalize: Any = None, class_names: list[str] | None = None,
+                       name: str | None = None) -> Path:
     """``swat export RUN --format torchscript``: loads with ``torch.jit.load`` alone.
 
+    ``source`` is a run dir or a module, with the module arguments of :func:`export_onnx`.
     With ``weights="sparse"`` each layer whose bitmask + values form is smaller than its dense
     weight is replaced by a `swat_deploy.ts_packed` layer (buffers ``weight_bits`` /
     ``weight_values`` / ``weight_shape``), which runs dense or, for the batch sizes where it was
     timed faster at export, as torch CSR @ dense.
     """
     _check_choice(weights, WEIGHT_MODES, "--weights")
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
-    path = target_path(run, "torchscript", out, force)
-    sm = prune(run)
+    sm, path = _pruned(source, "torchscript", out, force, {"example_input": example_input, "normalize": normalize,
+                                                            "class_names": class_names, "name": name})
+    return write_torchscript(sm, path, weights=weights)
+
+
+def write_torchscript(sm: SparseModel, path: str | Path, *, weights: str = "sparse") -> Path:
+    """Pack, script, embed metadata + weights hash and write ``sm`` (run dirs and modules alike)."""
+    path = Path(path)
     if weights == "sparse":
         pack_layers(sm, tune=True)
     try:
@@ -230,14 +294,24 @@ def export_torchscript(run_dir: str | Path | Run, out: str | Path | None = None,
     buf = io.BytesIO()
     torch.jit.save(scripted, buf, _extra_files={TS_META_FILE: json.dumps(meta)})
     atomic_write_bytes(path, buf.getvalue())
+    _record(path, "torchscript")
     return path
 
 
 def export(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, *, force: bool = False,
-           weights: str = "sparse", fp16: bool = False) -> Path:
-    """One entry point for the CLI: dispatch on ``fmt``."""
+           weights: str = "sparse", fp16: bool = False, int8: bool = False, calib: int | None = None) -> Path:
+    """One entry point for the CLI: dispatch on ``fmt`` (``int8``: see :mod:`swat_deploy.quantize`)."""
     if fmt not in FORMATS:
         raise SwatError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if calib is not None and not int8:
+        raise SwatError("--calib applies to --int8 exports only; add --int8 or drop --calib")
+    if int8:
+        if fmt != "onnx" or fp16:
+            raise SwatError("--int8 makes an ONNX QDQ model; use --format onnx without --fp16")
+        from swat_deploy.quantize import CALIB_IMAGES, export_onnx_int8
+
+        return export_onnx_int8(run_dir, out, force=force, weights=weights,
+                                calib=CALIB_IMAGES if calib is None else calib)
     if fmt == "onnx":
         return export_onnx(run_dir, out, force=force, weights=weights, fp16=fp16)
     if fp16:

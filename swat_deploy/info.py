@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from training.errors import SwatError
+from training.text import escape_control as esc
 from swat_deploy import artifact as art
 
 
@@ -94,13 +95,17 @@ def _human(n: int) -> str:
 
 
 def format_info(items: list[ArtifactInfo]) -> str:
-    """Human-readable: a layer table per artefact, totals, then its metadata (JSON values unpacked)."""
+    """Human-readable: a layer table per artefact, totals, then its metadata (JSON values unpacked).
+
+    Every string that comes from a file (names, metadata) is printed with control characters
+    escaped (:func:`training.text.escape_control`): a file must not drive the user's terminal.
+    """
     blocks = []
     for a in items:
-        lines = [f"{a.path}  ({a.kind}, {_human(a.file_bytes)})"]
+        lines = [f"{esc(a.path)}  ({a.kind}, {_human(a.file_bytes)})"]
         rows = [("layer", "shape", "sparsity", "storage", "bytes", "vs dense")]
         for l in a.layers:
-            rows.append((l.name, "x".join(map(str, l.shape)), f"{l.sparsity:.4f}", l.format, str(l.stored_bytes),
+            rows.append((esc(l.name), "x".join(map(str, l.shape)), f"{l.sparsity:.4f}", esc(l.format), str(l.stored_bytes),
                          f"{l.stored_bytes / max(l.dense_bytes, 1):.2f}x"))
         if a.layers:
             stored = sum(l.stored_bytes for l in a.layers)
@@ -113,12 +118,12 @@ def format_info(items: list[ArtifactInfo]) -> str:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         if a.metadata:
             lines.append("  metadata:")
-            width = max(len(str(k)) for k in a.metadata)
+            width = max(len(esc(k)) for k in a.metadata)
             for k, v in a.metadata.items():
                 if k == "layers":
                     continue  # already the table above
-                text = v if isinstance(v, str) else json.dumps(v)
-                lines.append(f"    {str(k).ljust(width)}  {text if len(text) <= 100 else text[:97] + '...'}")
+                text = esc(v if isinstance(v, str) else json.dumps(v))
+                lines.append(f"    {esc(k).ljust(width)}  {text if len(text) <= 100 else text[:97] + '...'}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

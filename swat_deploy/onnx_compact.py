@@ -14,6 +14,14 @@ portable ``.onnx`` file is its size on disk. Each weight is stored in the smalle
 
   onnxruntime constant-folds this subgraph once at load, so inference speed is unchanged.
   Cost: 4 bytes per nonzero + 1 bit per entry (1.33 bytes/entry at 70 %, 0.53 at 90 %).
+- ``blockmask``: for a weight whose groups of B consecutive output channels share one zero
+  pattern (trained with ``--block B``; :func:`swat_deploy.formats.block_size_of`), one bit per
+  B x 1 group instead of one per entry, in a second shared stream::
+
+      bits -> (unpack as above) -> Split(per layer) -> Reshape(O/B, 1, rest) -> Expand(1, B, 1)
+           -> Reshape(-1) -> Concat = mask;   then CumSum / Gather / Where / Split as above
+
+  Cost: 4 bytes per nonzero + 1 bit per B entries (1.23 bytes/entry at 70 % with B = 4).
 - ``coo``: int32 flat indices + values, expanded by ``ScatterElements`` into
   ``ConstantOfShape(0)`` (8 bytes per nonzero); wins above ~97 % sparsity. An ONNX
   ``sparse_initializer`` would cost 12 bytes per nonzero (int64 indices) and, fed straight into a
@@ -39,9 +47,16 @@ COO_IDX, COO_VAL, COO_N = ".swat_idx", ".swat_val", ".swat_numel"
 _SHIFTS, _ONE_U8, _AXIS1 = "swat.shifts", "swat.one_u8", "swat.axis1"
 _RESHAPE_FLAT, _ZERO64, _ZERO_I, _ONE_I, _ZERO_F = "swat.flat", "swat.zero_i64", "swat.zero_i32", "swat.one_i32", "swat.zero_f32"
 _STREAM = "swat.dense_stream"
+# the block stream: one bit per group of B output channels (B per layer)
+BLK = "swat.blk."
+BLK_BITS, BLK_VALUES, BLK_TOTAL, BLK_SPLIT, BLK_ESPLIT = (BLK + "bits", BLK + "values", BLK + "numel", BLK + "split",
+                                                          BLK + "esplit")
+_BLK_STREAM = BLK + "dense_stream"
 # serialized bytes a bitmask layer adds beyond its bits and values (Reshape node, shape, split entry)
 LAYER_OVERHEAD = 160
-FORMATS = ("dense", "bitmask", "coo")
+# a blockmask layer also has its grid shape, three more nodes and a Concat entry (measured)
+BLOCK_LAYER_OVERHEAD = LAYER_OVERHEAD + 220
+FORMATS = ("dense", "bitmask", "coo", "blockmask")
 
 
 @dataclass
@@ -55,42 +70,94 @@ class StoredWeight:
     value: np.ndarray    # the dense float32 weight the graph computes
 
 
-def _sizes(n: int, nnz: int, itemsize: int) -> dict[str, int]:
-    return {"dense": n * itemsize,
-            "bitmask": nnz * itemsize + (n + 7) // 8 + LAYER_OVERHEAD,
-            "coo": nnz * (itemsize + 4) + LAYER_OVERHEAD + 100}
+def _sizes(n: int, nnz: int, itemsize: int, block: int = 1) -> dict[str, int]:
+    sizes = {"dense": n * itemsize,
+             "bitmask": nnz * itemsize + (n + 7) // 8 + LAYER_OVERHEAD,
+             "coo": nnz * (itemsize + 4) + LAYER_OVERHEAD + 100}
+    if block > 1:
+        sizes["blockmask"] = nnz * itemsize + (n // block + 7) // 8 + BLOCK_LAYER_OVERHEAD
+    return sizes
 
 
-def choose_format(w: np.ndarray, fp16: bool = False) -> str:
-    """The smallest storage for ``w`` (ties go to the simplest form)."""
-    sizes = _sizes(w.size, int(np.count_nonzero(w)), 2 if fp16 else 4)
+def choose_format(w: np.ndarray, fp16: bool = False, block: int | None = None) -> str:
+    """The smallest storage for ``w`` (ties go to the simplest form).
+
+    ``block``: the weight's shared-pattern block (None: detect it with ``block_size_of``).
+    """
+    if block is None:
+        from swat_deploy.formats.blocks import block_size_of
+
+        block = block_size_of(w) if w.ndim >= 2 else 1
+    sizes = _sizes(w.size, int(np.count_nonzero(w)), 2 if fp16 else 4, block)
     return min(sizes, key=lambda f: (sizes[f], FORMATS.index(f)))
+
+
+def _unpack_nodes(bits: str, total: str, p: str) -> list[Any]:
+    """Packed bits -> ``p + "b"``: a flat uint8 0/1 vector of ``total`` entries."""
+    from onnx import helper
+
+    return [
+        helper.make_node("Unsqueeze", [bits, _AXIS1], [p + "u"]),
+        helper.make_node("BitShift", [p + "u", _SHIFTS], [p + "s"], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [p + "s", _ONE_U8], [p + "a"]),
+        helper.make_node("Reshape", [p + "a", _RESHAPE_FLAT], [p + "r"]),
+        helper.make_node("Slice", [p + "r", _ZERO64, total], [p + "b"]),
+    ]
+
+
+def _gather_nodes(mask: str, values: str, out: str, p: str, fp16: bool) -> list[Any]:
+    """A uint8 0/1 mask + the values at its ones (in order) -> the dense float32 vector ``out``."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    if fp16:
+        nodes.append(helper.make_node("Cast", [values], [p + "v32"], to=TensorProto.FLOAT))
+        values = p + "v32"
+    nodes += [
+        helper.make_node("Cast", [mask], [p + "m"], to=TensorProto.BOOL),
+        helper.make_node("Cast", [mask], [p + "i"], to=TensorProto.INT32),
+        helper.make_node("CumSum", [p + "i", _ZERO_I], [p + "c"]),
+        helper.make_node("Sub", [p + "c", _ONE_I], [p + "d"]),
+        helper.make_node("Max", [p + "d", _ZERO_I], [p + "x"]),
+        helper.make_node("Gather", [values, p + "x"], [p + "g"], axis=0),
+        helper.make_node("Where", [p + "m", p + "g", _ZERO_F], [out]),
+    ]
+    return nodes
 
 
 def _stream_nodes(n_layers_total: int, fp16: bool) -> list[Any]:
     """bits + values -> one flat dense float32 vector holding every bitmask layer, in order."""
-    from onnx import TensorProto, helper
+    nodes = _unpack_nodes(BITS, TOTAL, "swat.")
+    # the fp16 Cast first, as this graph always had it
+    gather = _gather_nodes("swat.b", VALUES, _STREAM, "swat.", fp16)
+    return (gather[:1] + nodes + gather[1:]) if fp16 else nodes + gather
 
-    values = VALUES
-    nodes = []
-    if fp16:
-        nodes.append(helper.make_node("Cast", [VALUES], ["swat.v32"], to=TensorProto.FLOAT))
-        values = "swat.v32"
-    nodes += [
-        helper.make_node("Unsqueeze", [BITS, _AXIS1], ["swat.u"]),
-        helper.make_node("BitShift", ["swat.u", _SHIFTS], ["swat.s"], direction="RIGHT"),
-        helper.make_node("BitwiseAnd", ["swat.s", _ONE_U8], ["swat.a"]),
-        helper.make_node("Reshape", ["swat.a", _RESHAPE_FLAT], ["swat.r"]),
-        helper.make_node("Slice", ["swat.r", _ZERO64, TOTAL], ["swat.b"]),
-        helper.make_node("Cast", ["swat.b"], ["swat.m"], to=TensorProto.BOOL),
-        helper.make_node("Cast", ["swat.b"], ["swat.i"], to=TensorProto.INT32),
-        helper.make_node("CumSum", ["swat.i", _ZERO_I], ["swat.c"]),
-        helper.make_node("Sub", ["swat.c", _ONE_I], ["swat.d"]),
-        helper.make_node("Max", ["swat.d", _ZERO_I], ["swat.x"]),
-        helper.make_node("Gather", [values, "swat.x"], ["swat.g"], axis=0),
-        helper.make_node("Where", ["swat.m", "swat.g", _ZERO_F], [_STREAM]),
-    ]
-    return nodes
+
+def _block_grid(i: int) -> str:
+    return f"{BLK}grid{i}"  # per layer: (O/B, 1, rest)
+
+
+def _block_expand(b: int) -> str:
+    return f"{BLK}x{b}"  # per block size: (1, B, 1), broadcast by Expand
+
+
+def _block_stream_nodes(blocks: list[int], fp16: bool) -> list[Any]:
+    """Block bits -> per layer (O/B, 1, rest) expanded to (O/B, B, rest) -> one entry-level mask ->
+    the dense float32 stream of every blockmask layer, in order (split and reshaped by the caller).
+    Short generated names: a layer costs ~300 serialized bytes beyond its bits and values."""
+    from onnx import helper
+
+    nodes = _unpack_nodes(BLK_BITS, BLK_TOTAL, BLK)
+    pieces = [f"{BLK}p{i}" for i in range(len(blocks))]
+    nodes.append(helper.make_node("Split", [BLK + "b", BLK_SPLIT], pieces, axis=0))
+    for i, b in enumerate(blocks):
+        nodes += [
+            helper.make_node("Reshape", [pieces[i], _block_grid(i)], [f"{BLK}g{i}"]),
+            helper.make_node("Expand", [f"{BLK}g{i}", _block_expand(b)], [f"{BLK}e{i}"]),
+            helper.make_node("Reshape", [f"{BLK}e{i}", _RESHAPE_FLAT], [f"{BLK}f{i}"]),
+        ]
+    nodes.append(helper.make_node("Concat", [f"{BLK}f{i}" for i in range(len(blocks))], [BLK + "mask"], axis=0))
+    return nodes + _gather_nodes(BLK + "mask", BLK_VALUES, _BLK_STREAM, BLK, fp16)
 
 
 def encode(model: Any, names: list[str] | None = None, *, weights: str = "sparse", fp16: bool = False) -> dict[str, str]:
@@ -110,6 +177,7 @@ def encode(model: Any, names: list[str] | None = None, *, weights: str = "sparse
     head: list[Any] = []       # nodes producing weights; placed before the original graph
     tail: list[Any] = []       # per-layer Reshape nodes of the stream
     masks, values, splits, chosen = [], [], [], {}
+    blk: dict[str, list[Any]] = {"blocks": [], "grids": [], "values": [], "splits": [], "esplits": [], "tail": []}
     for name in names:
         if name not in inits:
             continue
@@ -118,7 +186,12 @@ def encode(model: Any, names: list[str] | None = None, *, weights: str = "sparse
             continue
         if fp16 and np.abs(w).max(initial=0.0) > np.finfo(np.float16).max:
             raise ValueError(f"weight {name} has values beyond the float16 range; export without --fp16")
-        fmt = "dense" if weights == "dense" else choose_format(w, fp16)
+        block = 1
+        if weights != "dense" and w.ndim >= 2:
+            from swat_deploy.formats.blocks import block_size_of
+
+            block = block_size_of(w)
+        fmt = "dense" if weights == "dense" else choose_format(w, fp16, block)
         chosen[name] = fmt + ("-fp16" if fp16 else "")
         if fmt == "dense" and not fp16:
             continue
@@ -144,6 +217,19 @@ def encode(model: Any, names: list[str] | None = None, *, weights: str = "sparse
                 helper.make_node("ScatterElements", [tag + "_z", name + COO_IDX, vals], [tag + "_s"], axis=0),
                 helper.make_node("Reshape", [tag + "_s", name + SHAPE], [name]),
             ]
+        elif fmt == "blockmask":
+            rows = w.shape[0] // block
+            rest = flat.size // w.shape[0]
+            grid = (w.reshape(rows, block, rest) != 0).any(axis=1)
+            graph.initializer.append(numpy_helper.from_array(np.array([rows, 1, rest], np.int64),
+                                                             _block_grid(len(blk["blocks"]))))
+            blk["blocks"].append(block)
+            blk["grids"].append(grid.reshape(-1))
+            blk["values"].append(flat[np.repeat(grid[:, None, :], block, axis=1).reshape(-1)].astype(vdtype))
+            blk["splits"].append(grid.size)
+            blk["esplits"].append(flat.size)
+            graph.initializer.append(numpy_helper.from_array(np.array(w.shape, np.int64), name + SHAPE))
+            blk["tail"].append(helper.make_node("Reshape", [name + FLAT, name + SHAPE], [name]))
         else:
             mask = flat != 0
             masks.append(mask)
@@ -151,22 +237,38 @@ def encode(model: Any, names: list[str] | None = None, *, weights: str = "sparse
             splits.append(flat.size)
             graph.initializer.append(numpy_helper.from_array(np.array(w.shape, np.int64), name + SHAPE))
             tail.append(helper.make_node("Reshape", [name + FLAT, name + SHAPE], [name]))
+    common = {
+        _SHIFTS: np.arange(7, -1, -1, dtype=np.uint8), _ONE_U8: np.array(1, np.uint8),
+        _AXIS1: np.array([1], np.int64), _RESHAPE_FLAT: np.array([-1], np.int64),
+        _ZERO64: np.array([0], np.int64), _ZERO_I: np.array(0, np.int32), _ONE_I: np.array(1, np.int32),
+        _ZERO_F: np.array(0.0, np.float32),
+    }
     if splits:
         stream_names = [n.input[0] for n in tail]
         all_mask = np.concatenate(masks)
         shared = {
             BITS: np.packbits(all_mask), VALUES: np.concatenate(values).astype(vdtype),
-            TOTAL: np.array([all_mask.size], np.int64), SPLIT: np.array(splits, np.int64),
-            _SHIFTS: np.arange(7, -1, -1, dtype=np.uint8), _ONE_U8: np.array(1, np.uint8),
-            _AXIS1: np.array([1], np.int64), _RESHAPE_FLAT: np.array([-1], np.int64),
-            _ZERO64: np.array([0], np.int64), _ZERO_I: np.array(0, np.int32), _ONE_I: np.array(1, np.int32),
-            _ZERO_F: np.array(0.0, np.float32),
+            TOTAL: np.array([all_mask.size], np.int64), SPLIT: np.array(splits, np.int64), **common,
         }
+        common = {}
         for k, v in shared.items():
             graph.initializer.append(numpy_helper.from_array(v, k))
         head += _stream_nodes(len(splits), fp16)
         head.append(helper.make_node("Split", [_STREAM, SPLIT], stream_names, axis=0))
         head += tail
+    if blk["blocks"]:
+        grids = np.concatenate(blk["grids"])
+        shared = {
+            BLK_BITS: np.packbits(grids), BLK_VALUES: np.concatenate(blk["values"]).astype(vdtype),
+            BLK_TOTAL: np.array([grids.size], np.int64), BLK_SPLIT: np.array(blk["splits"], np.int64),
+            BLK_ESPLIT: np.array(blk["esplits"], np.int64), **common,
+            **{_block_expand(b): np.array([1, b, 1], np.int64) for b in sorted(set(blk["blocks"]))},
+        }
+        for k, v in shared.items():
+            graph.initializer.append(numpy_helper.from_array(v, k))
+        head += _block_stream_nodes(blk["blocks"], fp16)
+        head.append(helper.make_node("Split", [_BLK_STREAM, BLK_ESPLIT], [n.input[0] for n in blk["tail"]], axis=0))
+        head += blk["tail"]
     if head:
         # weight-producing nodes first: a valid topological order whatever the original graph was
         old = list(graph.node)
@@ -200,6 +302,7 @@ def decode_weights(model: Any) -> dict[str, StoredWeight]:
     sparse = {st.values.name: st for st in model.graph.sparse_initializer}
     out: dict[str, StoredWeight] = {}
     out.update(_decode_stream(model, inits))
+    out.update(_decode_block_stream(model, inits))
     for name in _weight_inputs(model):
         if name in out:
             continue
@@ -246,6 +349,56 @@ def _decode_stream(model: Any, inits: dict[str, Any]) -> dict[str, StoredWeight]
     mask = np.unpackbits(bits)[:total].astype(bool)
     if mask.size < total or sum(sizes) != total:
         raise ValueError(f"bitmask holds {mask.size} bits, split sizes sum to {sum(sizes)}, numel is {total}")
+    return _stream_layers(model, inits, split, sizes, mask, values, "bitmask", sizes)
+
+
+def _decode_block_stream(model: Any, inits: dict[str, Any]) -> dict[str, StoredWeight]:
+    """The blockmask layers: block bits expanded per layer exactly as the graph does."""
+    from onnx import numpy_helper
+
+    nodes = model.graph.node
+    split = next((n for n in nodes if n.op_type == "Split" and n.input and n.input[0] == _BLK_STREAM), None)
+    pieces = next((n for n in nodes if n.op_type == "Split" and n.input and n.input[0] == BLK + "b"), None)
+    concat = next((n for n in nodes if n.op_type == "Concat" and n.output and n.output[0] == BLK + "mask"), None)
+    if split is None or pieces is None or concat is None or BLK_BITS not in inits or BLK_VALUES not in inits:
+        return {}
+    arr = lambda name: numpy_helper.to_array(inits[name]).reshape(-1)  # noqa: E731
+    values = numpy_helper.to_array(inits[BLK_VALUES])
+    total = int(arr(BLK_TOTAL)[0])
+    grid_bits = np.unpackbits(numpy_helper.to_array(inits[BLK_BITS]).astype(np.uint8))[:total].astype(bool)
+    gsizes = [int(v) for v in arr(pieces.input[1])]
+    if grid_bits.size < total or sum(gsizes) != total:
+        raise ValueError(f"block bitmask holds {grid_bits.size} bits, split sizes sum to {sum(gsizes)}, "
+                         f"blocks are {total}")
+    starts = dict(zip(pieces.output, np.cumsum([0] + gsizes[:-1]).tolist()))
+    sized = dict(zip(pieces.output, gsizes))
+    producer = {o: n for n in nodes for o in n.output}
+    masks, bits_per_layer = [], []
+    for flat in concat.input:  # Reshape(-1) <- Expand(O/B, B, rest) <- Reshape(O/B, 1, rest) <- piece
+        try:
+            expand = producer[producer[flat].input[0]]
+            grid = producer[expand.input[0]]
+            piece = grid.input[0]
+            g = grid_bits[starts[piece]:starts[piece] + sized[piece]]
+            shaped = g.reshape([int(d) for d in arr(grid.input[1])])
+            target = np.broadcast_shapes(shaped.shape, tuple(int(d) for d in arr(expand.input[1])))
+            masks.append(np.broadcast_to(shaped, target).reshape(-1))  # ONNX Expand: two-way broadcast
+        except (KeyError, ValueError, IndexError):
+            raise ValueError(f"block stream is damaged at {flat!r}; re-export the model") from None
+        bits_per_layer.append(sized[piece])
+    mask = np.concatenate(masks) if masks else np.zeros(0, bool)
+    sizes = [int(v) for v in arr(split.input[1])]
+    if sum(sizes) != mask.size:
+        raise ValueError(f"block stream expands to {mask.size} entries, split sizes sum to {sum(sizes)}")
+    return _stream_layers(model, inits, split, sizes, mask, values, "blockmask", bits_per_layer)
+
+
+def _stream_layers(model: Any, inits: dict[str, Any], split: Any, sizes: list[int], mask: np.ndarray,
+                   values: np.ndarray, fmt: str, mask_bits: list[int]) -> dict[str, StoredWeight]:
+    """Gather / Where / Split / Reshape of a stream, as the graph computes them, per layer."""
+    from onnx import numpy_helper
+
+    total = mask.size
     idx = np.maximum(np.cumsum(mask.astype(np.int64)) - 1, 0)
     if mask.any() and int(idx[mask].max()) >= values.size:
         raise ValueError("bitmask marks more nonzeros than there are stored values")
@@ -254,8 +407,8 @@ def _decode_stream(model: Any, inits: dict[str, Any]) -> dict[str, StoredWeight]
     reshapes = {n.input[0]: n for n in model.graph.node if n.op_type == "Reshape" and n.input}
     out: dict[str, StoredWeight] = {}
     start = 0
-    fmt = "bitmask" + ("-fp16" if values.dtype == np.float16 else "")
-    for piece, size in zip(split.output, sizes):
+    fmt = fmt + ("-fp16" if values.dtype == np.float16 else "")
+    for piece, size, nbits in zip(split.output, sizes, mask_bits):
         node = reshapes.get(piece)
         part = stream[start:start + size]
         nnz = int(mask[start:start + size].sum())
@@ -264,7 +417,7 @@ def _decode_stream(model: Any, inits: dict[str, Any]) -> dict[str, StoredWeight]
             continue
         shape = [int(d) for d in numpy_helper.to_array(inits[node.input[1]]).reshape(-1)]
         name = node.output[0]
-        stored = nnz * values.itemsize + (size + 7) // 8
+        stored = nnz * values.itemsize + (nbits + 7) // 8
         out[name] = StoredWeight(name, fmt, shape, stored, part.reshape(shape))
     return out
 

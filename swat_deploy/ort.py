@@ -21,5 +21,20 @@ def ort_session(model: bytes | str | Path, threads: int | None = None) -> Any:
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    src = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(_checked(model), so, providers=["CPUExecutionProvider"])
+
+
+def _checked(model: bytes | str | Path) -> bytes | str:
+    """The model as onnxruntime should open it: external data read by :mod:`swat_deploy.onnx_load`
+    (confined to the file's folder; refused for bytes, which have none), never resolved by
+    onnxruntime's own rules. Protobuf cannot hold 2 GiB: a model that large goes by path, its
+    locations checked already.
+    """
+    from .onnx_load import parse_model, read_model
+
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        data = bytes(model)
+        parse_model(data)  # raises for external data (no folder to confine it to) or a damaged proto
+        return data
+    proto = read_model(Path(model))
+    return proto.SerializeToString() if proto.ByteSize() < 2**31 - 2**20 else str(model)

@@ -50,6 +50,7 @@ class SparseLayer:
     shape: list[int]
     expected_sparsity: float
     measured_sparsity: float
+    block: int = 1  # run.json's claim: output channels sharing one zero pattern
 
 
 @dataclass
@@ -86,24 +87,33 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                         f"its forward must be traceable by torch.fx") from None
 
 
-def plain_pruned_net(run: Run) -> nn.Module:
-    """The trained net with TopK applied to its weights and the SWAT surgery removed."""
+def pruned_net(model: nn.Module, layers: list[dict[str, Any]], topk: str = "nchw") -> nn.Module:
+    """``model`` (in place) with TopK applied to its weights as ``layers`` (run.json's list) say,
+    SWAT surgery removed: one code path for run dirs and modules, so both deploy the same function."""
     from training.swatify import unswatify
 
-    model = load_trained_model(run)
     with torch.no_grad():
         modules = dict(model.named_modules())
-        for layer in run.layers:
+        for layer in layers:
             if layer["sparsity"] > 0:
                 w = modules[layer["name"]].weight
-                w.copy_(topk_weight(w, layer["sparsity"], layer.get("topk", run.meta.get("topk", "nchw"))))
+                # run.json claims the realised sparsity (at least one kept entry per group, block
+                # grid); selection uses the training one, which keeps exactly that count
+                s = layer.get("train_sparsity", layer["sparsity"])
+                w.copy_(topk_weight(w, s, layer.get("topk", topk), layer.get("block", 1)))
     return unswatify(model).eval()
 
 
-def prune(run_dir: str | Path | Run) -> SparseModel:
-    """``swat prune``: the deployable model of a run dir, predictions unchanged."""
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
-    net = fold_batchnorm(plain_pruned_net(run))
+def plain_pruned_net(run: Run) -> nn.Module:
+    """The trained net with TopK applied to its weights and the SWAT surgery removed."""
+    return pruned_net(load_trained_model(run), run.layers, run.meta.get("topk", "nchw"))
+
+
+def sparse_model(model: nn.Module, run: Run) -> SparseModel:
+    """The deployable form of the trained ``model`` (consumed) that ``run`` describes: TopK as
+    run.json's layers say, BN folded, the run's normalisation inside. Run dirs and modules
+    (:mod:`swat_deploy.from_module`) both come through here."""
+    net = fold_batchnorm(pruned_net(model, run.layers, run.meta.get("topk", "nchw")))
     norm = run.meta.get("normalization") or {"mean": [0.0], "std": [1.0]}
     module = InferenceModel(net, norm["mean"], norm["std"]).eval()
     params = dict(module.net.named_parameters())
@@ -114,8 +124,15 @@ def prune(run_dir: str | Path | Run) -> SparseModel:
             raise SwatError(f"layer {layer['name']!r} of run.json is not in the model; the run dir is "
                             f"inconsistent - retrain it")
         w = params[key]
-        layers.append(SparseLayer(layer["name"], list(w.shape), float(layer["sparsity"]), sparsity_of(w)))
+        layers.append(SparseLayer(layer["name"], list(w.shape), float(layer["sparsity"]), sparsity_of(w),
+                                  int(layer.get("block", 1))))
     return SparseModel(module=module, run=run, layers=layers)
+
+
+def prune(run_dir: str | Path | Run) -> SparseModel:
+    """``swat prune``: the deployable model of a run dir, predictions unchanged."""
+    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
+    return sparse_model(load_trained_model(run), run)
 
 
 def layer_rows(sm: SparseModel) -> list[dict[str, Any]]:
@@ -140,6 +157,7 @@ class StoredLayer:
     format: str
     dense_bytes: int
     stored_bytes: int
+    block: int = 1  # output channels sharing one zero pattern in the stored weight (block_size_of)
 
 
 def storage_plan(sm: SparseModel) -> list[StoredLayer]:
@@ -147,9 +165,9 @@ def storage_plan(sm: SparseModel) -> list[StoredLayer]:
 
     Bytes decide (not speed): the kernels re-derive their own layout at load, so the file's
     only job is to be small and lossless. Unstructured Top-K ends up CSR; block-structured
-    weights BSR; weights that are barely sparse stay dense.
+    weights (``--block B``) BSR with (B, 1) blocks; weights that are barely sparse stay dense.
     """
-    from .formats import choose_format, format_nbytes
+    from .formats import block_size_of, choose_format, format_nbytes
 
     weights = sm.weights()
     rows = []
@@ -157,7 +175,7 @@ def storage_plan(sm: SparseModel) -> list[StoredLayer]:
         w = weights[layer.name]
         fmt = choose_format(w)
         rows.append(StoredLayer(layer.name, list(w.shape), sparsity_of(w), fmt,
-                                format_nbytes(w, "dense"), format_nbytes(w, fmt)))
+                                format_nbytes(w, "dense"), format_nbytes(w, fmt), block_size_of(w)))
     return rows
 
 
@@ -239,7 +257,7 @@ def load_sparse(path: str | Path) -> SparseModel:
                         "re-create it with `swat prune RUN --force`") from None
     params = dict(module.net.named_parameters())
     layers = [SparseLayer(l["name"], list(params[f"{l['name']}.weight"].shape), float(l["sparsity"]),
-                          sparsity_of(params[f"{l['name']}.weight"])) for l in run.layers]
+                          sparsity_of(params[f"{l['name']}.weight"]), int(l.get("block", 1))) for l in run.layers]
     return SparseModel(module=module, run=run, layers=layers)
 
 

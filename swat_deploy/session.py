@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ import torch
 
 from training.errors import SwatError
 
-from .onnx_ops import REGISTRY, BuildContext, Graph, Node, ValueInfo, graph_from_onnx, optimize
+from . import autotune
+from .onnx_ops import DEFAULT_DOMAINS, REGISTRY, BuildContext, Graph, Node, ValueInfo, graph_from_onnx, optimize
 from .kernels.base import torch_thread_cap
 from .onnx_ops.base import to_numpy, to_torch
 
@@ -61,20 +63,30 @@ class _Step:
 
 
 def _load_graph(source: Any) -> tuple[Graph, Callable[[], bytes | str] | None]:
-    """The graph, and how to get the same model as onnxruntime input (None for a bare Graph)."""
+    """The graph, and how to get the same model as onnxruntime input (None for a bare Graph).
+
+    ONNX comes in through :mod:`swat_deploy.onnx_load` only: external data is read from inside
+    the model file's folder, and refused for bytes / a ModelProto (they have no folder). Then it
+    must pass the ONNX checker (as onnxruntime requires), and a swat export whose tensors no
+    longer match its recorded hash is refused (damaged or edited).
+    """
     if isinstance(source, Graph):
         return source, None
     import onnx
 
+    from .onnx_load import check_integrity, check_valid, from_proto, parse_model, read_model
+
+    def checked(model: Any, what: str) -> Graph:
+        check_valid(model, what)
+        check_integrity(model, what)
+        return graph_from_onnx(model)
+
     if isinstance(source, onnx.ModelProto):
-        return graph_from_onnx(source), source.SerializeToString
-    if isinstance(source, (bytes, bytearray)):
+        model = from_proto(source)
+        return checked(model, "the ModelProto given"), model.SerializeToString
+    if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        try:
-            return graph_from_onnx(onnx.load_from_string(data)), lambda: data
-        except Exception as exc:
-            raise SwatError(f"the bytes given are not an ONNX model ({type(exc).__name__}); "
-                            "pass a .onnx file path or a ModelProto") from exc
+        return checked(parse_model(data), "the bytes given"), lambda: data
     if not isinstance(source, (str, Path)):
         raise SwatError(f"Session() takes a path, an onnx.ModelProto or a Graph, not {type(source).__name__}; "
                         "pass a .onnx file, a run dir or a sparse.safetensors path")
@@ -92,13 +104,35 @@ def _load_graph(source: Any) -> tuple[Graph, Callable[[], bytes | str] | None]:
         from .prune import load_sparse
 
         return _from_sparse_model(load_sparse(path))
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:
-        msg = " ".join(str(exc).split())[:200]
-        raise SwatError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {msg}); "
-                        "re-export it with `swat export`") from exc
-    return graph_from_onnx(model), lambda: str(path)
+    graph = checked(read_model(path), str(path))
+    # onnxruntime reads the same file: every external data location in it was checked (and read)
+    # by read_model just now; the path, not our copy, so a > 2 GB model needs no re-serialisation
+    return graph, lambda: str(path)
+
+
+def _project_errors(fn: Callable) -> Callable:
+    """A model is untrusted input: whatever goes wrong building or running it surfaces as one
+    SwatError naming the failure, never as some library's exception type."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except SwatError:
+            raise
+        except Exception as exc:
+            msg = " ".join(str(exc).split())[:300]
+            doing = "loaded" if fn.__name__ == "__init__" else "run"
+            raise SwatError(f"the model cannot be {doing} ({type(exc).__name__}: {msg}); the file is damaged "
+                            f"or uses an ONNX feature the Session does not support") from exc
+    return wrapper
+
+
+def _needs_onnxruntime(graph: Graph) -> bool:
+    """True for a quantised graph (QDQ / QOperator ops) with an op the registry cannot run."""
+    from .qdq import QUANT_OPS
+
+    return any(n.op_type in QUANT_OPS and (n.domain not in DEFAULT_DOMAINS or n.op_type not in REGISTRY)
+               for n in graph.nodes)
 
 
 def _from_sparse_model(sm: Any) -> tuple[Graph, Callable[[], bytes]]:
@@ -134,8 +168,13 @@ class Session:
     exists because onnxruntime's dense convs are faster than torch's at batch 1, so a model
     that is sparse only in a few layers (or ~50 % everywhere) is never slower than the
     runtime it replaces.
+
+    A quantised graph (QDQ: QuantizeLinear / DequantizeLinear, or onnxruntime's QLinear ops) with
+    an op the Session has no implementation of is handed whole to onnxruntime (``delegated`` is
+    True, every plan says onnxruntime), whatever ``fallback`` says: correct results first.
     """
 
+    @_project_errors
     def __init__(self, path_or_model: str | Path | Any, threads: int | None = None,
                  kernel: str | None = None, fallback: bool = True) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -149,7 +188,12 @@ class Session:
                 raise SwatError(f"unknown kernel {kernel!r}; choose one of: {', '.join(kernel_names())}")
         source, onnx_source = _load_graph(path_or_model)
         self.metadata: dict[str, str] = dict(source.metadata)
-        self._graph = optimize(source, REGISTRY)
+        # A quantised graph our ops cannot run goes whole to onnxruntime (``delegated``; see run).
+        self.delegated = _needs_onnxruntime(source)
+        if self.delegated and onnx_source is None:
+            raise SwatError("this Graph has quantisation ops the Session cannot run, and a bare Graph cannot be "
+                            "handed to onnxruntime; pass the .onnx file or its ModelProto")
+        self._graph = source if self.delegated else optimize(source, REGISTRY)
         self._threads = threads
         # One explicit thread count for the whole run (the process default when none is given):
         # torch's count stays fixed while the graph runs, see kernels.base.thread_scope.
@@ -157,14 +201,18 @@ class Session:
         self._inputs = list(self._graph.inputs)
         self._outputs = list(self._graph.outputs)
         self._const_t = {}  # constants that runtime steps read, converted to torch once
-        self._steps = [self._make_step(n) for n in self._graph.nodes]
+        self._steps = [] if self.delegated else [self._make_step(n) for n in self._graph.nodes]
         self._programs: dict[tuple[str, ...], tuple[list[_Step], list[list[str]]]] = {}
         self._lock = threading.Lock()
         self._plans: dict[Any, Plan] = {}
-        self._onnx_source = onnx_source if fallback and kernel is None else None
+        self._onnx_source = onnx_source if (fallback and kernel is None) or self.delegated else None
         self._ort: Any = None  # onnxruntime session, opened when a plan first times it
+        if self.delegated and not self._ort_ready(tuple(v.name for v in self._outputs)):
+            raise SwatError("onnxruntime cannot load this quantised model, and the Session has no int8 ops yet; "
+                            "check the file with onnxruntime.InferenceSession")
         # SWAT_SESSION_TUNE_THREADS=0 keeps torch at `threads` always (no one-thread candidate).
         self._tune_threads = os.environ.get("SWAT_SESSION_TUNE_THREADS", "1").strip() not in ("0", "off", "false")
+        self._digest: str | None = None
 
     # ------------------------------------------------------------------ onnxruntime API
 
@@ -174,15 +222,30 @@ class Session:
     def get_outputs(self) -> list[NodeArg]:
         return [NodeArg(v.name, None if v.shape is None else list(v.shape), v.type) for v in self._outputs]
 
+    @_project_errors
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any]) -> list[np.ndarray]:
         """Outputs (numpy, in ``output_names`` order; None = all) for one batch of inputs."""
         names = tuple(output_names) if output_names else tuple(v.name for v in self._outputs)
+        if self.delegated:
+            return self._run_delegated(names, input_feed)
         self._program(names)  # an unknown output name fails here, before any timing
         env = self._feed(input_feed)
         plan = self._plan(names, env)
         if plan.engine == "onnxruntime":
             return self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
         return self._run_kernels(names, env, plan.threads)
+
+    def _run_delegated(self, names: tuple[str, ...], input_feed: dict[str, Any]) -> list[np.ndarray]:
+        """The whole graph on onnxruntime (``delegated``), recorded as that shape's plan."""
+        known = [v.name for v in self._outputs]
+        for name in names:
+            if name not in known:
+                raise SwatError(f"unknown output '{name}'; the model's outputs are {known}")
+        env = self._feed(input_feed)
+        key = (names,) + tuple((k, tuple(v.shape)) for k, v in sorted(env.items()))
+        with self._lock:
+            self._plans.setdefault(key, Plan("onnxruntime", self._ctx.threads, {}))
+        return self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
 
     def _run_kernels(self, names: tuple[str, ...], env: dict[str, torch.Tensor], threads: int) -> list[np.ndarray]:
         steps, frees = self._program(names)
@@ -205,6 +268,15 @@ class Session:
         plan = self._plans.get(key)
         if plan is not None:
             return plan
+        with autotune.tuning_budget(_tune_budget_s()):
+            plan = self._choose_plan(key, names, env)
+        with self._lock:
+            self._plans[key] = plan
+            if self._ort is not None and all(p.engine != "onnxruntime" for p in self._plans.values()):
+                self._ort = None  # not used by any plan: free its dense weights (reopened if needed)
+        return plan
+
+    def _choose_plan(self, key: tuple, names: tuple[str, ...], env: dict[str, torch.Tensor]) -> Plan:
         threads = self._ctx.threads
         runs: dict[str, Callable[[], Any]] = {
             f"swat/{threads}": lambda: self._run_kernels(names, dict(env), threads)}
@@ -214,19 +286,35 @@ class Session:
             feed = {k: v.numpy() for k, v in env.items()}
             runs["onnxruntime"] = lambda: self._ort.run(list(names), feed)
         if len(runs) == 1:
-            plan = Plan("swat", threads, {})
-        else:
-            ms = _time_candidates(runs)
-            ours = 1 if "swat/1" in ms and ms["swat/1"] < 0.9 * ms[f"swat/{threads}"] else threads
-            if "onnxruntime" in ms and ms["onnxruntime"] < 0.95 * ms[f"swat/{ours}"]:
-                plan = Plan("onnxruntime", threads, ms)
-            else:
-                plan = Plan("swat", ours, ms)
-        with self._lock:
-            self._plans[key] = plan
-            if self._ort is not None and all(p.engine != "onnxruntime" for p in self._plans.values()):
-                self._ort = None  # not used by any plan: free its dense weights (reopened if needed)
-        return plan
+            return Plan("swat", threads, {})
+        ms = _time_candidates(runs)
+        ours = "swat/1" if "swat/1" in ms and ms["swat/1"] < 0.9 * ms[f"swat/{threads}"] else f"swat/{threads}"
+        choice = "onnxruntime" if "onnxruntime" in ms and ms["onnxruntime"] < 0.95 * ms[ours] else ours
+        # Sticky across processes: what an earlier process chose for this model and shape stays
+        # unless it is now more than 10 % slower, so near-ties do not flip from run to run.
+        cache_key = f"{self._fingerprint()}|" + ";".join(f"{k}={'x'.join(map(str, s))}" for k, s in key[1:])
+        before = autotune.lookup_plan(cache_key, threads) if autotune.enabled() else None
+        if before in ms and before != choice and ms[before] <= 1.10 * ms[choice]:
+            choice = before
+        if autotune.enabled() and choice != before:
+            autotune.store_plan(cache_key, choice, ms, threads)
+        if choice == "onnxruntime":
+            return Plan("onnxruntime", threads, ms)
+        return Plan("swat", int(choice.split("/")[1]), ms)
+
+    def _fingerprint(self) -> str:
+        """A digest of the graph (ops, attributes, weights) naming this model in the plan cache."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for n in self._graph.nodes:
+                h.update(repr((n.op_type, n.inputs, n.outputs, sorted(n.attrs.items(), key=lambda kv: kv[0])))
+                         .encode())
+            for name in sorted(self._graph.constants):
+                arr = np.ascontiguousarray(self._graph.constants[name])
+                h.update(f"{name}|{arr.dtype}|{arr.shape}".encode())
+                h.update(arr.tobytes())
+            self._digest = h.hexdigest()[:32]
+        return self._digest
 
     def _ort_ready(self, names: tuple[str, ...]) -> bool:
         """Open onnxruntime on the same model if a fallback is possible for these outputs."""
@@ -370,6 +458,17 @@ def _check_input(vi: ValueInfo, value: Any) -> torch.Tensor:
                 raise SwatError(f"input '{vi.name}' dim {i} must be {dim} (shape {vi.shape}), "
                                 f"got shape {list(arr.shape)}; resize the input")
     return to_torch(arr)
+
+
+def _tune_budget_s() -> float | None:
+    """Seconds the first run of a new input shape may spend tuning layers (SWAT_TUNE_BUDGET_S,
+    default 8; 0 or less: no limit). Layers past it run on the rule's kernel until a later run."""
+    raw = os.environ.get("SWAT_TUNE_BUDGET_S", "8")
+    try:
+        v = float(raw)
+    except ValueError:
+        raise SwatError(f"SWAT_TUNE_BUDGET_S={raw!r} is not a number of seconds; unset it or give e.g. 8") from None
+    return v if v > 0 else None
 
 
 def _time_candidates(runs: dict[str, Callable[[], Any]]) -> dict[str, float]:

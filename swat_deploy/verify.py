@@ -14,6 +14,19 @@ from run.json), or the test split is unavailable - reported as one line naming t
 Thresholds: accuracy within 0.001 of run.json, top-1 agreement >= 0.999, max |logit diff|
 <= 1e-3 (float32 weights) or <= 5e-2 for ``--fp16`` exports (float16 keeps ~3 significant
 digits; logits of O(10) then move by up to ~1e-2), per-layer sparsity within 0.005.
+
+Closeness of logits alone cannot prove a file is the run's: a weight changed by 1e-4 moves the
+logits by less than 1e-3. So every float32 / fp16 export's tensors (layer weights decoded from
+their compact form, biases, normalisation) must equal the run's pruned model bit for bit (fp16:
+its float16 rounding), and the deploy metadata (class names, normalisation, epochs, seed, ...)
+must equal run.json. Every export ``swat export`` wrote into the run dir (``exports.json``) is
+expected: a missing one fails unless ``allow_missing``; the report names the files it checked.
+
+int8 (QDQ) exports (``model.int8.onnx``) are judged as int8: integrity, provenance and metadata
+as above; per layer, the zeros counted in the stored int8 weights must be exactly the zeros of
+the pruned float32 weights; accuracy within 1.0 pt of the float32 export (the one judged in the
+same call, else run.json's). Agreement and logit difference are reported, not thresholded:
+int8 rounding moves logits by design.
 """
 from __future__ import annotations
 
@@ -28,15 +41,18 @@ import torch
 from training import data as datasets
 from training.errors import SwatError
 from training.rundir import Run, load_trained_model, read_run
+from training.text import escape_control as esc
 from training.trainer import iterate_batches
 from swat_deploy import artifact as art
-from swat_deploy.export import DEFAULT_NAMES
+from swat_deploy.export import DEFAULT_NAMES, INT8_NAME
+from swat_deploy.qdq import is_quantized
 
 ACCURACY_TOL = 0.001
 AGREEMENT_MIN = 0.999
 SPARSITY_TOL = 0.005
 LOGIT_TOL = 1e-3
 LOGIT_TOL_FP16 = 5e-2
+INT8_ACCURACY_TOL_PT = 1.0  # int8 export vs float32 export, percentage points
 BATCH = 256
 
 
@@ -57,6 +73,7 @@ class ArtifactResult:
     agreement: float | None = None
     max_abs_diff: float | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_diff_pt: float | None = None  # int8 exports: accuracy - float32 export's, in points
 
 
 @dataclass
@@ -67,6 +84,10 @@ class Report:
     samples: int
     checks: list[Check] = field(default_factory=list)
     artifacts: list[ArtifactResult] = field(default_factory=list)
+    block: int = 1  # run.json's --block: groups of output channels claimed to share their zeros
+    checked: list[str] = field(default_factory=list)  # files judged, as given / found
+    missing: list[str] = field(default_factory=list)  # exports expected (exports.json) but absent
+    allow_missing: bool = False
 
     @property
     def passed(self) -> bool:
@@ -80,9 +101,12 @@ class Report:
             "exported_accuracy": primary.accuracy,
             "agreement": primary.agreement,
             "max_abs_diff": primary.max_abs_diff,
+            "block": self.block,
             "layers": primary.layers,
             "samples": self.samples,
             "reference_accuracy": self.reference_accuracy,
+            "checked_files": list(self.checked),
+            "missing_files": list(self.missing),
             "checks": [asdict(c) for c in self.checks],
             "artifacts": [asdict(a) for a in self.artifacts],
         }
@@ -126,6 +150,8 @@ def _session_runner(path: Path) -> Runner | None:
     except ImportError:
         return None
     sess = Session(path, fallback=False)  # the proof is about our kernels, not onnxruntime's
+    if getattr(sess, "delegated", False):  # a graph it hands whole to onnxruntime: nothing of ours to judge
+        return None
     return lambda x: sess.run(None, {"input": x})[0]
 
 
@@ -136,14 +162,69 @@ def _torchscript_runner(module: Any) -> Runner:
     return run
 
 
-def _find_artifacts(run: Run, model: str | Path | None) -> list[Path]:
+def _find_artifacts(run: Run, model: str | Path | None) -> tuple[list[Path], list[str]]:
+    """(files to judge, expected exports that are missing).
+
+    Expected: every file ``swat export`` recorded in RUN/exports.json, plus the default names
+    present (run dirs exported before exports.json existed).
+    """
+    from training.rundir import read_exports
+
     if model is not None:
-        return [Path(model)]
-    found = [run.path / name for name in DEFAULT_NAMES.values() if (run.path / name).is_file()]
-    if not found:
+        return [Path(model)], []
+    names = list(dict.fromkeys([*DEFAULT_NAMES.values(), INT8_NAME, *read_exports(run.path)]))
+    found = [run.path / n for n in names if (run.path / n).is_file()]
+    missing = [n for n in read_exports(run.path) if not (run.path / n).is_file()]
+    if not found and not missing:
         raise SwatError(f"no exported model in {run.path}; run `swat export {run.path} --format onnx` "
                         f"(or pass --model FILE)")
-    return found
+    return found, missing
+
+
+def _exact_weights(stored: dict[str, np.ndarray], expected: dict[str, np.ndarray], fp16_names: set[str],
+                   fp16: bool, used: set[str] | None = None) -> tuple[str, bool]:
+    """(value, passed) of the exact-weights row: every tensor of the pruned model, by name, equal
+    to the file's (the layer weights rounded to float16 for an fp16 export).
+
+    ``used``: the tensors the file's Conv / Gemm / MatMul compute with; each must be one of the
+    run's (a layer fed another tensor than the one named after it is caught here). An all-zero
+    tensor may be absent: exporters drop zero biases.
+    """
+    foreign = sorted(((used or set()) & set(stored)) - set(expected))  # constants only, not activations
+    if foreign:
+        return f"a layer computes with {foreign[0]!r}, not a tensor of the run", False
+    missing, differ = [], []
+    for name, want in expected.items():
+        got = stored.get(name)
+        if got is None:
+            if np.any(want):
+                missing.append(name)
+            continue
+        if fp16 and name in fp16_names:
+            want = want.astype(np.float16).astype(np.float32)
+        got = np.asarray(got)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            differ.append((name, f"shape/dtype {list(got.shape)} {got.dtype}"))
+        elif not np.array_equal(got, want):
+            diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+            differ.append((name, f"max diff {diff:.3g}"))
+    if not missing and not differ:
+        return f"{len(expected)} tensors exact", True
+    parts = [f"{n} {why}" for n, why in differ[:2]] + [f"{n} missing" for n in missing[:2]]
+    more = len(differ) + len(missing) - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else ""), False
+
+
+def _block_pattern(w: np.ndarray, block: int) -> tuple[str, str, bool]:
+    """(value, threshold, passed) of a block-structure row: every group of ``block`` consecutive
+    output channels of ``w`` must have one zero pattern (what block kernels rely on)."""
+    from swat_deploy.formats import block_pattern_violations
+
+    groups = w.shape[0] // block if w.ndim else 0
+    if w.ndim == 0 or w.shape[0] % block:
+        return f"{w.shape[0] if w.ndim else 0} channels", f"a multiple of {block}", False
+    bad = block_pattern_violations(w, block)
+    return ("shared" if not bad else f"{bad} of {groups} groups differ"), "every group shares its zeros", bad == 0
 
 
 def _metadata_claims(meta: dict[str, str], run: Run) -> list[str]:
@@ -153,6 +234,8 @@ def _metadata_claims(meta: dict[str, str], run: Run) -> list[str]:
     for key in ("model", "dataset", "mode", "topk"):
         if key in meta and meta[key] != str(rm.get(key)):
             bad.append(key)
+    if "block" in meta and meta["block"] != str(rm.get("block", 1)):
+        bad.append("block")
     for key, want in (("sparsity", rm.get("sparsity")), ("test_accuracy", rm.get("test_accuracy")),
                       ("num_classes", rm.get("num_classes"))):
         try:
@@ -160,9 +243,18 @@ def _metadata_claims(meta: dict[str, str], run: Run) -> list[str]:
                 bad.append(key)
         except (TypeError, ValueError):
             bad.append(key)
+    for key, want in (("epochs", rm.get("epochs")), ("seed", rm.get("seed")), ("producer", "swat")):
+        if meta.get(key) != str(want):
+            bad.append(key)
+    for key, want in (("class_names", rm.get("class_names", [])), ("normalization", rm.get("normalization", {}))):
+        try:
+            if key not in meta or json.loads(meta[key]) != want:
+                bad.append(key)
+        except (json.JSONDecodeError, TypeError):
+            bad.append(key)
     try:
         claimed = {l["name"]: (list(l["shape"]), float(l["sparsity"])) for l in json.loads(meta.get("layers", "[]"))}
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         claimed = None
     expected = {l["name"]: (list(l["shape"]), float(l["sparsity"])) for l in run.layers}
     if claimed is None or claimed.keys() != expected.keys() or any(
@@ -187,19 +279,22 @@ def _check_same_model(path: Path, run: Run, weights: dict[str, np.ndarray] | Non
         except json.JSONDecodeError:
             got = None
         if got is not None and got != want:
-            raise SwatError(f"{path} takes input {got[1:]} but run.json's model takes {want[1:]}; "
+            shown = got[1:] if isinstance(got, list) else got
+            raise SwatError(f"{path} takes input {shown} but run.json's model takes {want[1:]}; "
                             f"verify it against the run dir it was exported from")
 
 
 def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: str | None = None,
-           limit: int | None = None, backend: bool = True, pruned: bool = True) -> Report:
+           limit: int | None = None, backend: bool = True, pruned: bool = True,
+           allow_missing: bool = False) -> Report:
     """Check every exported artefact of ``run_dir`` (or ``model``) against the run; see module doc.
 
     ``backend``: also run ONNX files in our sparse ``Session``; ``pruned``: also judge the pruned
     model of :func:`swat_deploy.prune.prune` (what the exports were made from).
+    ``allow_missing``: an export recorded in exports.json but deleted since is listed, not failed.
     """
     run = read_run(run_dir)
-    paths = _find_artifacts(run, model)
+    paths, missing_exports = _find_artifacts(run, model)
     if limit is not None and limit < 1:
         raise SwatError(f"--limit {limit} must be a positive number of test images")
     # parse every file first: a missing / truncated / foreign file is a one-line error up front
@@ -236,10 +331,33 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
     target_acc = float(run.meta["test_accuracy"]) if limit is None else ref_acc
     report = Report(str(run.path), float(run.meta["test_accuracy"]), ref_acc, len(labels))
     expected = {l["name"]: float(l["sparsity"]) for l in run.layers}
+    blocks_of = {l["name"]: int(l.get("block", 1)) for l in run.layers}  # a block run's claim, per layer
+    report.block = int(run.meta.get("block", 1))
+    report.checked = [str(p) for p in paths]
+    report.missing, report.allow_missing = list(missing_exports), allow_missing
+    if not allow_missing:
+        for name in missing_exports:
+            report.checks.append(Check(name, "exported file present", "missing",
+                                       "written by swat export (exports.json)", False))
+    pruned_cache: list[Any] = []
+
+    def pruned_weights() -> dict[str, np.ndarray]:
+        """The pruned float32 weights (what every export was made from), built once."""
+        if not pruned_cache:
+            from swat_deploy.prune import prune
+
+            pruned_cache.append(prune(run))
+        return {k: v.numpy() for k, v in pruned_cache[0].weights().items()}
+
+    def pruned_state() -> dict[str, np.ndarray]:
+        """Every tensor of the pruned model (weights, biases, normalisation), by name."""
+        pruned_weights()
+        return {k: v.detach().numpy() for k, v in pruned_cache[0].module.state_dict().items()}
 
     def judge(name: str, path: Path, make_runner: Callable[[], Runner | None],
               get_weights: Callable[[], dict[str, np.ndarray]] | None,
-              meta: dict[str, str] | None, actual_hash: str | None, tol: float = LOGIT_TOL) -> None:
+              meta: dict[str, str] | None, actual_hash: str | None, tol: float = LOGIT_TOL,
+              int8: bool = False, exact: Callable[[], tuple[str, bool]] | None = None) -> None:
         res = ArtifactResult(name, str(path))
         add = lambda check, value, threshold, ok: report.checks.append(Check(name, check, value, threshold, bool(ok)))
         if meta is not None:
@@ -251,6 +369,13 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
                 f"= {str(run.meta.get('weights_sha256'))[:16]}", origin == run.meta.get("weights_sha256"))
             bad = _metadata_claims(meta, run)
             add("metadata claims vs run.json", ", ".join(bad) or "consistent", "all equal", not bad)
+        if exact is not None:
+            try:
+                value, ok = exact()
+            except SwatError as e:
+                value, ok = str(e)[:80], False
+            add("weights = run's pruned weights (exact)", value,
+                "bit-equal" + (" to their float16 rounding" if tol == LOGIT_TOL_FP16 else ""), ok)
         weights = None
         if get_weights is not None:
             try:
@@ -261,12 +386,21 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
             missing = sorted(set(expected) - set(weights))
             if missing:
                 add("layers present", f"missing {missing[:3]}", "all run.json layers", False)
+            floats = pruned_weights() if int8 else {}
             for lname, exp in expected.items():
                 if lname not in weights:
                     continue
                 w = weights[lname]
                 measured = float((w == 0).sum()) / max(w.size, 1)
-                res.layers.append({"name": lname, "expected_sparsity": exp, "measured_sparsity": measured})
+                res.layers.append({"name": lname, "expected_sparsity": exp, "measured_sparsity": measured,
+                                   "block": blocks_of.get(lname, 1)})
+                if blocks_of.get(lname, 1) > 1:
+                    add(f"block {blocks_of[lname]}x1 pattern {lname}", *_block_pattern(w, blocks_of[lname]))
+                if int8:  # exact: the int8 zeros are the float32 zeros, no more, no fewer
+                    ref = floats.get(lname)
+                    same = ref is not None and ref.shape == w.shape and np.array_equal(ref == 0, w == 0)
+                    add(f"int8 zeros {lname}", round(measured, 4), f"= float32 zeros ({exp:.4f})", same)
+                    continue
                 add(f"sparsity {lname}", round(measured, 4), f"{exp:.4f} +/- {SPARSITY_TOL}",
                     abs(measured - exp) <= SPARSITY_TOL)
         try:
@@ -292,6 +426,17 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
         res.accuracy = float((pred == labels).mean())
         res.agreement = float((pred == ref_pred).mean())
         res.max_abs_diff = float(np.abs(logits - ref_logits).max()) if len(logits) else 0.0
+        if int8:
+            float_acc = next((a.accuracy for a in report.artifacts if a.name == "onnxruntime"
+                              and a.accuracy is not None), None)
+            source = "float32 export" if float_acc is not None else "run.json, which the float32 export matches"
+            float_acc = target_acc if float_acc is None else float_acc
+            res.accuracy_diff_pt = round(100.0 * (res.accuracy - float_acc), 3)
+            add("accuracy vs float32 export",
+                f"{res.accuracy_diff_pt:+.2f} pt ({res.accuracy:.4f} vs {float_acc:.4f}, {source})",
+                f"|diff| <= {INT8_ACCURACY_TOL_PT:g} pt", abs(res.accuracy_diff_pt) <= INT8_ACCURACY_TOL_PT)
+            report.artifacts.append(res)
+            return
         add("accuracy vs run.json", round(res.accuracy, 5), f"{target_acc:.5f} +/- {ACCURACY_TOL}",
             abs(res.accuracy - target_acc) <= ACCURACY_TOL)
         add("top-1 agreement with trained model", round(res.agreement, 5), f">= {AGREEMENT_MIN}",
@@ -304,34 +449,52 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
             def onnx_weights(proto: Any = obj) -> dict[str, np.ndarray]:
                 return art.onnx_layer_weights(proto)
             tol = LOGIT_TOL_FP16 if meta.get("fp16") == "true" else LOGIT_TOL
-            judge("onnxruntime", path, lambda p=path: _onnxruntime_runner(p), onnx_weights, meta,
-                  art.onnx_weights_sha256(obj), tol)
+            int8 = meta.get("int8") == "true" or is_quantized(obj)
+            suffix = " int8" if int8 else ""
+            def exact_onnx(proto: Any = obj, fp16: bool = meta.get("fp16") == "true") -> tuple[str, bool]:
+                used = {i for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+                        for i in n.input[1:3] if i}
+                return _exact_weights(art.onnx_named_tensors(proto), pruned_state(),
+                                      set(art.onnx_stored_weights(proto)), fp16, used)
+            judge("onnxruntime" + suffix, path, lambda p=path: _onnxruntime_runner(p), onnx_weights, meta,
+                  art.onnx_weights_sha256(obj), tol, int8, None if int8 else exact_onnx)
             if backend:
-                judge("swat Session", path, lambda p=path: _session_runner(p), None, None, None, tol)
+                judge("swat Session" + suffix, path, lambda p=path: _session_runner(p), None, None, None, tol, int8)
         else:
             def ts_weights(module: Any = obj) -> dict[str, np.ndarray]:
                 return art.torchscript_layer_weights(module)
+            def exact_ts(module: Any = obj) -> tuple[str, bool]:
+                return _exact_weights(art.torchscript_named_tensors(module), pruned_state(), set(), False)
             judge("torchscript", path, lambda m=obj: _torchscript_runner(m), ts_weights, meta,
-                  art.torchscript_weights_sha256(obj))
+                  art.torchscript_weights_sha256(obj), exact=exact_ts)
     if pruned and model is None:
-        from swat_deploy.prune import prune
-
-        sm = prune(run)
+        pruned_weights()  # prunes once: the int8 rows may have done it already
+        sm = pruned_cache[0]
         judge("pruned model", run.path, lambda: _torchscript_runner(sm.module),
               lambda: {k: v.numpy() for k, v in sm.weights().items()}, None, None)
     return report
 
 
-def format_report(report: Report) -> str:
-    """The human-readable table: one row per check, PASS / FAIL."""
+def format_checks(checks: list[Check]) -> list[str]:
+    """The table of checks, one row each with PASS / FAIL (run-dir and module verifies alike)."""
     rows = [("artifact", "check", "value", "threshold", "result")]
-    for c in report.checks:
-        rows.append((c.artifact, c.check, str(c.value), c.threshold, "PASS" if c.passed else "FAIL"))
+    for c in checks:
+        rows.append((esc(c.artifact), esc(c.check), esc(str(c.value)), esc(c.threshold), "PASS" if c.passed else "FAIL"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_report(report: Report) -> str:
+    """The human-readable table: one row per check, PASS / FAIL."""
+    lines = format_checks(report.checks)
     verdict = "PASSED" if report.passed else "FAILED"
     lines.append("")
+    lines.append("checked: " + (", ".join(esc(c) for c in report.checked) or "no exported file"))
+    if report.missing:
+        how = "not checked (--allow-missing)" if report.allow_missing else "FAIL"
+        lines.append(f"missing: {', '.join(esc(m) for m in report.missing)} (listed in exports.json) - {how}")
     lines.append(f"{verdict}: {sum(c.passed for c in report.checks)}/{len(report.checks)} checks on "
                  f"{report.samples} test images of {report.run_dir} (run.json accuracy {report.train_accuracy:.4f})")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from training.errors import SwatError
 def _no_autotune(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SWAT_AUTOTUNE", "0")
     monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setenv("SWAT_INT8_CACHE", str(tmp_path / "int8"))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_bench_onnx_file_reports_engines_layers_and_sweep(cnn_onnx: Path, tmp_pa
     report = bench(cnn_onnx, [1, 3], threads=1, repeats=3, layers=True, sweep=True,
                    sweep_sparsities=[0.5, 0.9], sweep_png=png)
     engines = {(r.engine, r.batch) for r in report.results}
-    assert engines == {("onnxruntime", 1), ("swat", 1), ("onnxruntime", 3), ("swat", 3)}
+    assert engines == {(e, b) for e in ("onnxruntime", "onnxruntime-int8", "swat") for b in (1, 3)}
     for r in report.results:
         assert r.median_ms > 0 and r.throughput == pytest.approx(r.batch / (r.median_ms / 1e3))
         if r.engine == "onnxruntime":
@@ -113,6 +114,22 @@ def test_sweep_of_a_run_dir_with_a_compact_export(tmp_path: Path) -> None:
     assert report.sweep[0].ideal == pytest.approx(1 / 0.15, rel=0.05)  # pruned further than trained
     assert {r.engine for r in report.results} >= {"torch", "onnxruntime", "swat"}
     assert next(r for r in report.results if r.engine == "swat").plan is not None
+    assert "onnxruntime-int8" in {r.engine for r in report.results} and "digits train" in report.int8_source
+
+
+def test_bench_int8_calibrates_on_random_images_when_the_data_set_is_missing(tmp_path: Path, monkeypatch) -> None:
+    from swat_deploy import quantize
+    from test_export import make_run
+
+    run = make_run(tmp_path / "run")
+
+    def missing(*a, **k):
+        raise quantize.CalibrationDataMissing("cannot calibrate int8: training split of 'digits' unavailable")
+
+    monkeypatch.setattr(quantize, "calibration_images", missing)
+    report = bench(run, [1], threads=1, repeats=3, engines=("onnxruntime", "onnxruntime-int8"))
+    assert {r.engine for r in report.results} == {"onnxruntime", "onnxruntime-int8"}
+    assert "random n=16" in report.int8_source and "data set is not here" in report.int8_source
 
 
 def test_bench_rejects_bad_arguments(cnn_onnx: Path, tmp_path: Path) -> None:
@@ -131,9 +148,11 @@ def test_swat_bench_cli_json_and_errors(cnn_onnx: Path) -> None:
     ok = subprocess.run(base + ["--json"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
-    assert {r["engine"] for r in data["results"]} == {"onnxruntime", "swat"} and data["threads"] == 1
+    assert {r["engine"] for r in data["results"]} == {"onnxruntime", "onnxruntime-int8", "swat"}
+    assert data["threads"] == 1 and data["cpu"]["model"] and data["int8_source"]
     table = subprocess.run(base + ["--layers"], capture_output=True, text=True, env=env)
     assert table.returncode == 0 and "vs ORT" in table.stdout and "kernel" in table.stdout
+    assert "onnxruntime-int8" in table.stdout and "vs int8" in table.stdout and "CPU: " in table.stdout
     bad = subprocess.run(base + ["--batch-size", "1,x"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--batch-size" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -146,3 +165,39 @@ def test_lower_quartile_sees_through_bursts() -> None:
     assert lower_quartile([7.0]) == 7.0
     (got, _), = time_interleaved({"e": lambda: None}, repeats=3, per_turn=1, stat=lambda v: -len(v)).values()
     assert got == -3  # the statistic sees every timed call
+
+
+def test_bench_times_onnxruntime_int8_next_to_float32_and_caches_the_quantised_model(
+        cnn_onnx: Path, tmp_path: Path, monkeypatch) -> None:
+    from swat_deploy import quantize
+    from swat_deploy.cpu import cpu_info
+
+    calls = []
+    real = quantize.quantize_qdq
+    monkeypatch.setattr(quantize, "quantize_qdq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = bench(cnn_onnx, [2], threads=1, repeats=3, engines=("onnxruntime", "onnxruntime-int8"))
+    rows = {r.engine: r for r in first.results}
+    assert set(rows) == {"onnxruntime", "onnxruntime-int8"} and calls == [1]
+    assert rows["onnxruntime-int8"].vs_onnxruntime_int8 == pytest.approx(1.0)
+    assert rows["onnxruntime"].vs_onnxruntime_int8 == pytest.approx(
+        rows["onnxruntime-int8"].median_ms / rows["onnxruntime"].median_ms)
+    assert rows["onnxruntime-int8"].vs_onnxruntime == pytest.approx(
+        rows["onnxruntime"].median_ms / rows["onnxruntime-int8"].median_ms)
+    assert "now cached" in first.int8_source and first.cpu == cpu_info()
+    assert len(list((tmp_path / "int8").glob("*.onnx"))) == 1
+    second = bench(cnn_onnx, [2], threads=1, repeats=3, engines=("onnxruntime-int8",))
+    assert calls == [1] and "cached in" in second.int8_source and "now" not in second.int8_source
+    data = json.loads(json.dumps(second.to_dict()))
+    assert data["results"][0]["engine"] == "onnxruntime-int8" and data["cpu"]["isa"] == cpu_info()["isa"]
+
+
+def test_bench_of_a_qdq_file_times_it_as_the_int8_engine(cnn_onnx: Path, tmp_path: Path) -> None:
+    from swat_deploy.quantize import quantize_qdq, random_images
+
+    qpath = tmp_path / "cnn.int8.onnx"
+    onnx.save(quantize_qdq(cnn_onnx, random_images((3, 12, 12), 8)), str(qpath))
+    report = bench(qpath, [1], threads=1, repeats=3)
+    assert {r.engine for r in report.results} == {"onnxruntime-int8", "swat"}
+    assert all(r.vs_onnxruntime is None and r.vs_onnxruntime_int8 > 0 for r in report.results)
+    assert report.int8_source.startswith("the file itself") and report.sparsity == pytest.approx(0.8, abs=0.02)
+    assert next(r for r in report.results if r.engine == "swat").plan == "onnxruntime fallback"

@@ -16,7 +16,8 @@ CONFIG_VERSION = 1
 MODES = ("dense", "swat", "saw", "meprop")
 TOPK_VARIANTS = ("nchw", "chw", "hw", "random")
 BUDGETS = ("uniform", "erk")
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "thirds", "cosine", "constant")
+FORWARD_ONLY = ("", "weights", "activations")
 DEVICES = ("auto", "cpu", "cuda")
 # The paper trains with batch 128; digits has only 1437 training images, where 128 would give
 # 11 steps an epoch - 32 gives enough steps to converge in the 15-epoch demo.
@@ -33,7 +34,10 @@ class TrainConfig:
     sparsity: float = 0.7
     topk: str = "nchw"
     refresh_every: int = 1
+    cache_weight_threshold: bool = False  # refresh the weight Top-K threshold every N steps too
+    forward_only: str = ""  # "weights" | "activations": the Figure 2a ablation (mode dense only)
     budget: str = "uniform"
+    block: int = 1  # consecutive output channels sharing one weight zero pattern (training.blocks)
     exclude: tuple[str, ...] = ()
     per_layer: dict[str, float] = field(default_factory=dict)
     epochs: int = 15
@@ -56,6 +60,14 @@ class TrainConfig:
         def bad(what: str, fix: str) -> SwatError:
             return SwatError(f"invalid {what}; {fix}")
 
+        import models  # the registry: an unknown name fails here, before a run dir is created
+        from training import data as datasets
+
+        if not isinstance(self.model, str) or self.model not in models.names():
+            raise bad(f"model {self.model!r}", f"choose one of: {', '.join(models.names())} (see `swat info --models`)")
+        if not isinstance(self.dataset, str):
+            raise bad(f"dataset {self.dataset!r}", f"choose one of: {', '.join(datasets.names())}")
+        datasets.canonical(self.dataset)  # unknown name: a SwatError listing the data sets
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise bad(f"sparsity {self.sparsity!r}", "use a value in [0, 1), e.g. --sparsity 0.7")
         if self.mode not in MODES:
@@ -64,6 +76,20 @@ class TrainConfig:
             raise bad(f"topk {self.topk!r}", f"choose one of: {', '.join(TOPK_VARIANTS)}")
         if self.budget not in BUDGETS:
             raise bad(f"budget {self.budget!r}", f"choose one of: {', '.join(BUDGETS)}")
+        if self.forward_only not in FORWARD_ONLY:
+            raise bad(f"forward-only {self.forward_only!r}", "choose weights or activations (or leave it unset)")
+        if self.forward_only and self.mode != "dense":
+            raise bad(f"forward-only {self.forward_only!r} with mode {self.mode!r}",
+                      "use --mode dense: the forward-only ablation sparsifies the forward and keeps the backward dense")
+        if not isinstance(self.cache_weight_threshold, bool):
+            raise bad(f"cache_weight_threshold {self.cache_weight_threshold!r}", "use true or false")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1 \
+                or self.block & (self.block - 1):
+            raise bad(f"block {self.block!r}", "use a power of two: 1 (unstructured), 2, 4, 8 or 16")
+        if self.block > 1 and (self.mode not in ("swat", "saw") or self.topk == "random" or self.forward_only):
+            raise bad(f"block {self.block} with mode {self.mode!r}, topk {self.topk!r}",
+                      "blocks shape the weight Top-K of --mode swat / saw with --topk nchw, chw or hw; "
+                      "use --block 1 otherwise")
         if self.schedule not in SCHEDULES:
             raise bad(f"schedule {self.schedule!r}", f"choose one of: {', '.join(SCHEDULES)}")
         if self.device not in DEVICES:

@@ -28,6 +28,7 @@ What stays identical on every rank, and why (checked, see :func:`check_identical
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -338,11 +339,11 @@ def train_worker(ctx: DistContext, spec: dict[str, Any], log: Optional[Callable[
                     f.write(blob)
                 ckpt = Path(ckpt_tmp)
             cfg = checkpoint_config(ckpt)
-            if spec.get("epochs") is not None:
-                cfg.epochs = int(spec["epochs"])
+            if spec.get("updates"):  # --workers / --device / --data-dir given with --resume
+                cfg = dataclasses.replace(cfg, **spec["updates"]).validate()
             trainer = Trainer(cfg, out, log=log or print_logger, progress=spec.get("progress"), dist=ctx,
                               check_every_step=checks_every_step())
-            trainer.restore(ckpt)
+            trainer.restore(ckpt, epochs=spec.get("epochs"))
         else:
             cfg = TrainConfig.from_json(spec["config"])
             if not spec.get("prepared"):

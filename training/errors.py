@@ -13,3 +13,8 @@ class SwatError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UnsafeInputError(SwatError):
+    """A file asked for something refused for safety (e.g. ONNX external data outside the
+    model's folder). Its own type so callers can tell a refusal from a damaged file."""

@@ -1,7 +1,9 @@
-"""Forward-only weight sparsification: the paper's Figure 2a ablation.
+"""Forward-only sparsification of weights or activations: the paper's Figure 2a ablation.
 
-The forward pass computes with TopK(W); the backward pass is the *dense* one (grad_input from
-the dense W, grad_W from the dense input), so only the forward is perturbed.  ``swatify``
+The forward pass computes with TopK(W) (``what="weights"``) or with TopK(a_in)
+(``what="activations"``, the layer's input, zeros never counted as kept); the backward pass is
+the *dense* one (grad_input from the dense W, grad_W from the dense input), so only the forward
+is perturbed.  Evaluation uses the same sparse forward.  ``swatify``
 cannot express this: its swat mode ties the weight and the activation sparsity of a layer
 together and sparsifies the backward too.
 
@@ -11,14 +13,15 @@ small study models can afford; it is an ablation, not a training mode to deploy.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.budget import layer_sparsities, prunable_layers
-from training.topk import check_topk, topk_weight
+from training.errors import SwatError
+from training.topk import check_topk, select_bits, topk_weight
 
 __all__ = ["forward_only", "ForwardOnlyConv2d", "ForwardOnlyLinear"]
 
@@ -26,6 +29,7 @@ __all__ = ["forward_only", "ForwardOnlyConv2d", "ForwardOnlyLinear"]
 class _ForwardOnlyMixin:
     fo_sparsity: float
     fo_topk: str
+    fo_what: str = "weights"
     weight: Tensor
     bias: Optional[Tensor]
     training: bool
@@ -33,13 +37,18 @@ class _ForwardOnlyMixin:
     def _fo_op(self, x: Tensor, w: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _fo_sparse(self, x: Tensor) -> Tensor:
+        if self.fo_what == "activations":
+            mask = select_bits(x, self.fo_sparsity, self.fo_topk, drop_zeros=True).mask
+            return self._fo_op(torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)), self.weight)
+        return self._fo_op(x, topk_weight(self.weight, self.fo_sparsity, self.fo_topk))
+
     def forward(self, x: Tensor) -> Tensor:
-        w_s = topk_weight(self.weight, self.fo_sparsity, self.fo_topk)
         if not (self.training and torch.is_grad_enabled()):
-            return self._fo_op(x, w_s)
+            return self._fo_sparse(x)
         dense = self._fo_op(x, self.weight)
         with torch.no_grad():
-            sparse = self._fo_op(x, w_s)
+            sparse = self._fo_sparse(x)
         # the value of the sparse forward, the gradient of the dense one
         return dense + (sparse - dense).detach()
 
@@ -58,19 +67,26 @@ class ForwardOnlyLinear(_ForwardOnlyMixin, nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def forward_only(model: nn.Module, sparsity: float, topk: str = "nchw") -> nn.Module:
+def forward_only(model: nn.Module, sparsity: float, topk: str = "nchw", what: str = "weights",
+                 exclude: Sequence[str] = ()) -> nn.Module:
     """Make every plain Conv2d / Linear of ``model`` forward-sparse (in place; returns model).
 
-    Parameters are untouched, so an optimizer built before the call keeps working.  The model
-    must not be swatified (call :func:`training.swatify.unswatify` first).
+    ``what``: "weights" (TopK(W)) or "activations" (TopK of each layer's input).  Parameters are
+    untouched, so an optimizer built before the call keeps working.  The model must not be
+    swatified (call :func:`training.swatify.unswatify` first).
     """
     check_topk(topk)
-    plan = layer_sparsities(model, sparsity)
+    if what not in ("weights", "activations"):
+        raise SwatError(f"forward_only what={what!r}; choose 'weights' or 'activations'")
+    plan = layer_sparsities(model, sparsity, "uniform", list(exclude))
     for name, m in prunable_layers(model):
+        if name not in plan:
+            continue
         if getattr(type(m), "_swat_layer", False):
             raise ValueError(f"layer {name!r} is a SWAT layer; call training.unswatify(model) before "
                              "forward_only(model, ...)")
         m.__class__ = ForwardOnlyConv2d if isinstance(m, nn.Conv2d) else ForwardOnlyLinear
         m.fo_sparsity = plan[name]
         m.fo_topk = topk
+        m.fo_what = what
     return model

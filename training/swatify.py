@@ -41,6 +41,22 @@ exactly on every N-th training step of that layer; in between the layer keeps
 ``|a| >= cached threshold`` (never exact zeros).  Per-group thresholds are cached as their
 mean over dim 0 (a threshold belongs to the layer / channel, not to whichever sample happened
 to sit at index i): ``chw`` caches one scalar, ``hw`` one value per channel.
+
+Weight threshold caching (``cache_weight_threshold=True``, off by default): as in the paper's
+code, the weight's K-th magnitude(s) are refreshed on the same every-N-steps schedule and in
+between the layer keeps ``|W| >= cached threshold`` (per filter for ``chw``, per filter and
+input channel for ``hw``), so the kept count drifts as the weights move.  Off, the weight Top-K
+is exact every step and the training forward equals :func:`training.topk.topk_weight`.  At
+``refresh_every=1`` both are the same computation.
+
+``random``: weights *and* activations are drawn at random each step among all entries, at the
+Top-K kept count, from the layer's own generator (the paper's null hypothesis; see
+:mod:`training.topk` for its inference form).
+
+Blocks (``block=B``, swat / saw): the weight Top-K keeps or drops whole groups of B consecutive
+output channels at one input position, ranked by the group's squared L2 norm
+(:mod:`training.blocks`), in training (forward for swat, backward for both), eval and pruning
+alike; the activation Top-K stays element-wise.  A layer uses gcd(its outputs, B).
 """
 from __future__ import annotations
 
@@ -51,10 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training import memory
+from training import blocks, memory
 from training.budget import BUDGETS, layer_sparsities, match_any, prunable_layers
 from training.functions import ConvGeometry, MePropSpec, meprop_conv2d, meprop_linear, swat_conv2d, swat_linear
-from training.topk import SwatValueError, check_topk, select_bits, topk_weight
+from training.topk import Selection, SwatValueError, check_topk, select_bits, topk_weight
 
 __all__ = ["MODES", "swatify", "output_layer", "unswatify", "swat_layers", "layer_table", "layer_stats",
            "swat_state_dict", "load_swat_state_dict", "SwatConv2d", "SwatLinear"]
@@ -68,7 +84,8 @@ _NO_OUTER = torch.empty(0, dtype=torch.uint8)
 
 _ATTRS = ("swat_mode", "swat_sparsity", "swat_topk", "swat_refresh_every", "swat_step", "_swat_orig_class",
           "_swat_rng_state", "_swat_act_last", "_swat_act_sum", "_swat_act_n", "_swat_grad_last",
-          "_swat_grad_sum", "_swat_grad_n")
+          "_swat_grad_sum", "_swat_grad_n", "swat_cache_weight", "swat_weight_threshold", "_swat_w_sum", "_swat_w_n",
+          "swat_block")
 
 
 class _SwatLayerMixin:
@@ -79,7 +96,12 @@ class _SwatLayerMixin:
     bias: Optional[Tensor]
     training: bool
 
-    def _swat_configure(self, mode: str, sparsity: float, topk: str, refresh_every: int) -> None:
+    def _swat_configure(self, mode: str, sparsity: float, topk: str, refresh_every: int,
+                        cache_weight: bool = False, block: int = 1) -> None:
+        self.swat_block = int(block)  # output channels sharing one zero pattern (training.blocks)
+        self.swat_cache_weight = bool(cache_weight)
+        self.swat_weight_threshold: Optional[Tensor] = None
+        self._swat_w_sum, self._swat_w_n = 0.0, 0
         self.swat_mode = mode
         self.swat_sparsity = float(sparsity)
         self.swat_topk = topk
@@ -112,10 +134,46 @@ class _SwatLayerMixin:
     def _swat_commit_generator(self, g: torch.Generator) -> None:
         self._swat_rng_state = g.get_state()
 
+    def _swat_weight_selection(self) -> Selection:
+        """This training step's weight selection: random draw, cached threshold or exact Top-K."""
+        w, s = self.weight, self.swat_sparsity
+        if self.swat_block > 1:
+            return self._swat_block_selection()
+        if self.swat_topk == "random":
+            g = self._swat_generator()
+            sel = select_bits(w, s, "random", generator=g)
+            self._swat_commit_generator(g)
+            return sel
+        if not getattr(self, "swat_cache_weight", False):
+            return select_bits(w, s, self.swat_topk)
+        cached = self.swat_weight_threshold
+        if cached is None or self.swat_step % self.swat_refresh_every == 0:
+            sel = select_bits(w, s, self.swat_topk)
+            self.swat_weight_threshold = sel.thresholds.detach().to(device=w.device, dtype=torch.float32).clone()
+            return sel
+        t = cached.to(dtype=w.dtype)
+        a = w.detach().abs()
+        mask = (a >= t.view(t.shape + (1,) * (w.dim() - t.dim()))) & (a != 0)
+        return Selection(w.shape, int(mask.sum()), cached, mask=mask)
+
+    def _swat_block_selection(self) -> Selection:
+        """Block Top-K (:mod:`training.blocks`), exact or on the cached score threshold."""
+        w, s, b = self.weight, self.swat_sparsity, self.swat_block
+        if not getattr(self, "swat_cache_weight", False):
+            return blocks.select_block(w, s, self.swat_topk, b)
+        cached = self.swat_weight_threshold
+        if cached is None or self.swat_step % self.swat_refresh_every == 0:
+            sel = blocks.select_block(w, s, self.swat_topk, b)
+            self.swat_weight_threshold = sel.thresholds.detach().to(device=w.device, dtype=torch.float32).clone()
+            return sel
+        return blocks.select_block_cached(w, b, cached)
+
     def _swat_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(forward weight, compact values, bitmask) of this step's exact weight Top-K."""
+        """(forward weight, compact values, bitmask) of this step's weight selection."""
         w = self.weight
-        sel = select_bits(w, self.swat_sparsity, self._swat_weight_topk())
+        sel = self._swat_weight_selection()
+        self._swat_w_sum += sel.count / w.numel() if w.numel() else 0.0
+        self._swat_w_n += 1
         vals = memory.compact(w, sel.bits, sel.count)
         w_fwd = memory.expand(vals, sel.bits, w.shape) if self.swat_mode == "swat" else w.detach()
         return w_fwd, vals, sel.bits
@@ -199,7 +257,7 @@ class _SwatLayerMixin:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         return (f"{base}, swat_mode={self.swat_mode}, sparsity={self.swat_sparsity:g}, topk={self.swat_topk}, "
-                f"refresh_every={self.swat_refresh_every}")
+                f"refresh_every={self.swat_refresh_every}" + (f", block={self.swat_block}" if self.swat_block > 1 else ""))
 
 
 class SwatConv2d(_SwatLayerMixin, nn.Conv2d):
@@ -230,7 +288,8 @@ class SwatConv2d(_SwatLayerMixin, nn.Conv2d):
             return self._conv_forward(x, self.weight, self.bias)
         if not self._swat_is_training_step(x):
             if mode == "swat":
-                return self._conv_forward(x, topk_weight(self.weight, self.swat_sparsity, self.swat_topk), self.bias)
+                return self._conv_forward(x, topk_weight(self.weight, self.swat_sparsity, self.swat_topk,
+                                                         self.swat_block), self.bias)
             return self._conv_forward(x, self.weight, self.bias)
         unbatched = x.dim() == 3
         if unbatched:
@@ -253,7 +312,8 @@ class SwatLinear(_SwatLayerMixin, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if not self._swat_is_training_step(x):
             if mode == "swat":
-                return F.linear(x, topk_weight(self.weight, self.swat_sparsity, self.swat_topk), self.bias)
+                return F.linear(x, topk_weight(self.weight, self.swat_sparsity, self.swat_topk, self.swat_block),
+                                self.bias)
             return F.linear(x, self.weight, self.bias)
         if mode == "meprop":
             self.swat_step += 1
@@ -304,7 +364,8 @@ def output_layer(model: nn.Module) -> Optional[str]:
 
 def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: str = "nchw",
             refresh_every: int = 1, exclude: Sequence[str] = (), per_layer: Optional[Mapping[str, float]] = None,
-            budget: str = "uniform", dense_output: Optional[bool] = None) -> nn.Module:
+            budget: str = "uniform", dense_output: Optional[bool] = None,
+            cache_weight_threshold: bool = False, block: int = 1) -> nn.Module:
     """Convert ``model`` in place for SWAT training; returns the same object.
 
     Calling it again re-configures from scratch (cached thresholds and step counters reset).
@@ -312,7 +373,11 @@ def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: s
     sparsity, merged over the ``budget`` ("uniform" or "erk").  ``dense_output``: leave the
     output layer (:func:`output_layer`) dense and plain, as if excluded; None means "only for
     meprop", whose definition sparsifies hidden layers' gradients, never the logits' (module
-    docstring: why it diverges otherwise).
+    docstring: why it diverges otherwise).  ``cache_weight_threshold``: refresh the weight
+    Top-K threshold every ``refresh_every`` steps too, as the paper's code does (default off:
+    exact weight Top-K every step; module docstring).  ``block``: B consecutive output channels
+    share one weight zero pattern, Top-K over block scores (:mod:`training.blocks`; swat and saw
+    modes, topk nchw / chw / hw; a layer uses gcd(its outputs, B)); 1 is unstructured.
     """
     _check_choice("mode", mode, MODES)
     check_topk(topk)
@@ -320,6 +385,15 @@ def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: s
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise SwatValueError(f"refresh_every must be an integer >= 1 (1 = exact Top-K every step), "
                              f"got {refresh_every!r}")
+    if not isinstance(cache_weight_threshold, bool):
+        raise SwatValueError(f"cache_weight_threshold must be True or False, got {cache_weight_threshold!r}")
+    blocks.check_block(block)
+    if block > 1 and mode not in ("swat", "saw"):
+        raise SwatValueError(f"block={block} shapes the weight Top-K of swat and saw modes; mode {mode!r} keeps "
+                             f"its weights dense - use block=1 (or mode swat / saw)")
+    if block > 1 and topk == "random":
+        raise SwatValueError(f"block={block} does not combine with topk 'random' (the unstructured control); "
+                             f"use topk nchw, chw or hw with blocks, or block=1")
     if dense_output is not None and not isinstance(dense_output, bool):
         raise SwatValueError(f"dense_output must be True, False or None (None: dense for meprop only), "
                              f"got {dense_output!r}")
@@ -341,7 +415,8 @@ def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: s
         orig = type(m)
         m.__class__ = SwatConv2d if isinstance(m, nn.Conv2d) else SwatLinear
         m._swat_orig_class = orig
-        m._swat_configure(mode, plan[name], topk, refresh_every)
+        m._swat_configure(mode, plan[name], topk, refresh_every, cache_weight_threshold,
+                          blocks.layer_block(m.weight.shape[0], block))
     if mode in ("swat", "saw"):
         for name, m in model.named_modules():
             if match_any(name, pats):
@@ -364,12 +439,24 @@ def swat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:
     """Per converted layer: name, weight shape, inference-form sparsity, topk, mode.
 
-    ``sparsity`` is what the deployed weight has (s for swat, 0.0 otherwise); the training
-    sparsity is ``train_sparsity``.
+    ``sparsity`` is what the deployed weight has (the realised 1 - kept / numel for swat, 0.0
+    otherwise; pruning applies ``train_sparsity``, which keeps exactly that count); the training
+    sparsity is ``train_sparsity``.  ``block``: output channels sharing one zero pattern; with
+    ``block`` > 1 ``sparsity`` is the realised one, s rounded to the block grid
+    (:mod:`training.blocks`), so run.json claims exactly what pruning produces.
     """
-    return [{"name": n, "shape": list(m.weight.shape),
-             "sparsity": m.swat_sparsity if m.swat_mode == "swat" else 0.0,
-             "topk": m.swat_topk, "mode": m.swat_mode, "train_sparsity": m.swat_sparsity}
+    def deployed(m: nn.Module) -> float:
+        if m.swat_mode != "swat":
+            return 0.0
+        if m.swat_block > 1:
+            return blocks.block_sparsity(m.weight, m.swat_sparsity, m.swat_topk, m.swat_block)
+        # the realised fraction: Top-K keeps at least one entry per group, so at s = 0.999999 a
+        # 150-weight layer keeps 1 (0.9933), and that is what the deployed weight has
+        n = m.weight.numel()
+        return 1.0 - select_bits(m.weight.detach(), m.swat_sparsity, m._swat_weight_topk()).count / n if n else 0.0
+
+    return [{"name": n, "shape": list(m.weight.shape), "sparsity": deployed(m),
+             "topk": m.swat_topk, "mode": m.swat_mode, "train_sparsity": m.swat_sparsity, "block": m.swat_block}
             for n, m in swat_layers(model)]
 
 
@@ -383,7 +470,9 @@ def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     ``weight_sparsity``: zeros in the weight the layer computes with (TopK(W) for swat/saw).
     ``act_sparsity`` / ``act_sparsity_mean``: realised sparsity of the saved TopK(a_in) on the
     last step / averaged since the last call (drift between refreshes shows here).
-    ``act_threshold``: cached K-th magnitude (mean over groups).  meProp reports the realised
+    ``weight_sparsity_train_mean``: realised sparsity of the weight the training steps used,
+    averaged since the last call (differs from ``weight_sparsity`` with cached weight
+    thresholds).  ``act_threshold``: cached K-th magnitude (mean over groups).  meProp reports the realised
     sparsity of the output gradient as ``grad_sparsity`` / ``grad_sparsity_mean``.
     None where a quantity does not apply.
     """
@@ -391,7 +480,8 @@ def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, m in swat_layers(model):
         w = m.weight.detach()
         if m.swat_mode in ("swat", "saw"):
-            kept = select_bits(w, m.swat_sparsity, m._swat_weight_topk()).count
+            kept = (blocks.select_block(w, m.swat_sparsity, m.swat_topk, m.swat_block).count if m.swat_block > 1
+                    else select_bits(w, m.swat_sparsity, m._swat_weight_topk()).count)
             wsp = 1.0 - kept / w.numel() if w.numel() else 0.0
         else:
             wsp = float((w == 0).sum()) / w.numel() if w.numel() else 0.0
@@ -405,7 +495,10 @@ def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
             "act_threshold": None if thr is None or thr.numel() == 0 else float(thr.float().mean()),
             "grad_sparsity": None if m._swat_grad_last is None else 1.0 - m._swat_grad_last,
             "grad_sparsity_mean": None if not m._swat_grad_n else 1.0 - m._swat_grad_sum / m._swat_grad_n,
+            "weight_sparsity_train_mean": (None if not getattr(m, "_swat_w_n", 0)
+                                           else 1.0 - m._swat_w_sum / m._swat_w_n),
         }
+        m._swat_w_sum, m._swat_w_n = 0.0, 0
         m._swat_act_sum, m._swat_act_n = 0.0, 0
         m._swat_grad_sum, m._swat_grad_n = 0.0, 0
     return out
@@ -414,7 +507,8 @@ def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
 def swat_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The per-layer SWAT state a resumed run needs to continue bit for bit.
 
-    ``<layer>.swat_step`` (int64), ``<layer>.swat_threshold`` (float32, when cached) and
+    ``<layer>.swat_step`` (int64), ``<layer>.swat_threshold`` (float32, when cached),
+    ``<layer>.swat_weight_threshold`` (float32, with ``cache_weight_threshold``) and
     ``<layer>.swat_rng`` (uint8 generator state, topk "random" only).  Plain tensors, so the
     dict can go into safetensors.
     """
@@ -424,6 +518,8 @@ def swat_state_dict(model: nn.Module) -> dict[str, Tensor]:
         state[p + "swat_step"] = torch.tensor(m.swat_step, dtype=torch.int64)
         if m.swat_threshold is not None:
             state[p + "swat_threshold"] = m.swat_threshold.detach().clone().contiguous()
+        if getattr(m, "swat_weight_threshold", None) is not None:
+            state[p + "swat_weight_threshold"] = m.swat_weight_threshold.detach().clone().contiguous()
         if m._swat_rng_state is not None:
             state[p + "swat_rng"] = m._swat_rng_state.clone()
     return state
@@ -437,13 +533,15 @@ def load_swat_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     for key, value in state.items():
         name, _, field = key.rpartition(".")
         m = layers.get(name)
-        if m is None or field not in ("swat_step", "swat_threshold", "swat_rng"):
+        if m is None or field not in ("swat_step", "swat_threshold", "swat_rng", "swat_weight_threshold"):
             raise SwatValueError(f"SWAT state key {key!r} does not fit this model; it was saved from a model "
                                  "swatified with different layers (check model name, exclude and mode)")
         if field == "swat_step":
             m.swat_step = int(value.item())
         elif field == "swat_threshold":
             m.swat_threshold = value.detach().to(device=m.weight.device, dtype=torch.float32).clone()
+        elif field == "swat_weight_threshold":
+            m.swat_weight_threshold = value.detach().to(device=m.weight.device, dtype=torch.float32).clone()
         else:
             if m.swat_topk != "random":
                 raise SwatValueError(f"SWAT state key {key!r} holds an RNG state but layer {name!r} uses "

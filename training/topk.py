@@ -7,18 +7,33 @@ Groups (the paper's Figure 3).  For a tensor of shape (d0, d1, ...):
   output neuron for weights);
 * ``hw``     - one group per (d0, d1) slice for tensors of 3+ dims (per sample and channel, per
   filter and input channel); for 2-D tensors (Linear) per row, like ``chw``;
-* ``random`` - the null hypothesis: k entries of the whole tensor drawn uniformly at random.
+* ``random`` - the null hypothesis (the paper's): k entries of the whole tensor drawn uniformly
+  at random among *all* its entries, zeros included, for weights and activations alike.
 
-Every group keeps exactly ``keep_count(group_size, sparsity)`` entries.
+Every group keeps exactly ``keep_count(group_size, sparsity)`` entries - except ``hw`` on
+tensors of 3+ dims, whose groups are small (a 3x3 kernel slice has 9 entries: 70 % would keep
+round(2.7) = 3, i.e. 66.7 % sparsity).  ``hw`` therefore keeps the *layer's* count
+``K = keep_count(numel, sparsity)``: every group keeps ``b = max(1, K // G)`` entries and the
+``K - b * G`` remaining places (if any) go to the groups whose (b+1)-th largest magnitude is
+largest (ties: lowest group index).  Where per-group rounding is already within 0.5 % of ``K``
+(groups of a few hundred entries, e.g. 28x28 activation maps) the plain per-group count is kept:
+the difference is negligible and the balanced rule needs a full sort.  The realised sparsity then matches the requested one
+whenever ``K >= G`` (at most one entry per group apart); above that (e.g. 3x3 at 95 %) every
+group still keeps one entry and the realised sparsity is lower than requested.
 
 Tie rule (shared by training, pruning and eval): entries strictly above the group's K-th
 largest magnitude are kept; entries *equal* to it fill the remaining places in increasing
 flat (row-major, contiguous) index order - the lowest index wins.  The selection is therefore
 a pure function of the values, whatever the backend.
 
-Weights under ``random``: a weight mask drawn at random every step has no inference form to
-prune to, so weights always use magnitude ``nchw`` selection under ``random`` (in training,
-eval and :func:`topk_weight` alike); only activations (and meProp's gradients) are random.
+Weights under ``random``: in training a SWAT / SAW layer draws a fresh random weight mask every
+step (same kept count as Top-K) - the paper's control.  A mask that changes every step has no
+inference form to prune to, so :func:`topk_weight` (eval, pruning, export) keeps using the
+magnitude ``nchw`` selection under ``random``; the random control is meant for SAW (dense
+forward, as in the paper's Figure 3), where the inference form is the dense weight anyway.
+Activations under ``random`` are drawn among all entries; with ``drop_zeros`` the exact zeros
+among the drawn ones are then not stored (a zero contributes nothing to the product), so after
+a ReLU fewer than k values are kept - the selection itself is blind to the values.
 
 Threshold caching: :func:`select_bits` accepts a cached threshold instead of computing the
 K-th magnitude; it then keeps ``|x| >= t`` and never keeps exact zeros (after a ReLU, ``t`` is
@@ -37,7 +52,7 @@ from torch import Tensor
 from training import memory
 from training.errors import SwatError
 
-__all__ = ["SwatValueError", "TOPK_VARIANTS", "keep_count", "topk_mask", "topk_weight", "kth_magnitude", "group_layout",
+__all__ = ["SwatValueError", "TOPK_VARIANTS", "keep_count", "hw_counts", "topk_mask", "topk_weight", "kth_magnitude", "group_layout",
            "Selection", "select_bits", "check_sparsity", "check_topk"]
 
 TOPK_VARIANTS = ("nchw", "chw", "hw", "random")
@@ -183,6 +198,39 @@ def _cached(x: Tensor, threshold: Tensor) -> Selection:
     return Selection(x.shape, int(mask.sum()), threshold, mask=mask)
 
 
+HW_TOLERANCE = 0.005  # per-group rounding within 0.5 % of the layer's count is kept (large groups)
+
+
+def hw_counts(G: int, m: int, sparsity: float) -> Optional[tuple[int, int]]:
+    """(per-group count b, number of groups keeping b + 1) of the balanced ``hw`` rule, or None
+    when every group keeping ``keep_count(m, s)`` already gives the layer's count."""
+    total = keep_count(G * m, sparsity)
+    if abs(G * keep_count(m, sparsity) - total) <= HW_TOLERANCE * total:
+        return None
+    base = min(m, max(1, total // G)) if total else 0
+    extra = max(0, min(G, total - base * G)) if base < m else 0
+    return base, extra
+
+
+def _exact_hw_balanced(x: Tensor, G: int, m: int, s: float, thr_shape: tuple[int, ...],
+                       drop_zeros: bool) -> Selection:
+    """``hw`` keeping the layer's count (module docstring); stable sorts give the tie rule."""
+    base, extra = hw_counts(G, m, s)  # type: ignore[misc]
+    a = x.detach().abs().reshape(G, m)
+    vals, idx = torch.sort(a, dim=1, descending=True, stable=True)
+    counts = torch.full((G,), base, dtype=torch.long, device=x.device)
+    if extra:
+        nxt = vals[:, base]
+        order = torch.sort(nxt, descending=True, stable=True).indices[:extra]
+        counts[order] += 1
+    keep_sorted = torch.arange(m, device=x.device)[None, :] < counts[:, None]
+    mask = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, keep_sorted)
+    thr = vals.gather(1, (counts - 1).clamp(min=0)[:, None]).squeeze(1)
+    if drop_zeros:
+        mask &= a != 0
+    return Selection(x.shape, int(mask.sum()), thr.view(thr_shape), mask=mask.view(x.shape))
+
+
 def select_bits(x: Tensor, sparsity: float, topk: str = "nchw", *, threshold: Optional[Tensor] = None,
                 drop_zeros: bool = False, generator: Optional[torch.Generator] = None,
                 group: Optional[str] = None) -> Selection:
@@ -196,14 +244,18 @@ def select_bits(x: Tensor, sparsity: float, topk: str = "nchw", *, threshold: Op
     if threshold is not None:
         return _cached(x, threshold)
     if topk == "random":
-        keys = torch.rand(x.shape, generator=generator, dtype=torch.float32, device="cpu").to(x.device)
+        # uniform keys in (0, 1]: the draw is blind to x, and no key is an exact zero
+        keys = 1.0 - torch.rand(x.shape, generator=generator, dtype=torch.float32, device="cpu")
+        sel = select_bits(keys.to(x.device), s, group or "nchw")
         if drop_zeros:
-            keys = keys * (x.detach() != 0)
-        sel = select_bits(keys, s, group or "nchw", drop_zeros=drop_zeros)
+            mask = sel.mask & (x.detach() != 0)
+            return Selection(x.shape, int(mask.sum()), None, mask=mask)
         sel.thresholds = None
         return sel
     G, m, thr_shape = group_layout(x.shape, topk)
     k = keep_count(m, s)
+    if topk == "hw" and x.dim() >= 3 and x.numel() and hw_counts(G, m, s) is not None:
+        return _exact_hw_balanced(x, G, m, s, thr_shape, drop_zeros)
     if x.numel() == 0 or k == 0:
         inf = torch.full(thr_shape, math.inf, dtype=x.dtype, device=x.device)
         return Selection(x.shape, 0, inf, mask=torch.zeros(x.shape, dtype=torch.bool, device=x.device))
@@ -222,11 +274,15 @@ def topk_mask(x: Tensor, sparsity: float, topk: str = "nchw", *,
     return select_bits(x, sparsity, topk, generator=generator).mask
 
 
-def topk_weight(w: Tensor, sparsity: float, topk: str = "nchw") -> Tensor:
+def topk_weight(w: Tensor, sparsity: float, topk: str = "nchw", block: int = 1) -> Tensor:
     """The sparse weight a SWAT layer's forward uses - and the one pruning must reproduce.
 
     Under ``random`` weights use magnitude ``nchw`` selection (module docstring: why).
+    ``block`` > 1: whole groups of that many consecutive output channels (:mod:`training.blocks`).
     """
+    if block != 1:
+        from training.blocks import block_topk_weight  # blocks builds on this module
+        return block_topk_weight(w, sparsity, topk, block)
     variant = "nchw" if topk == "random" else check_topk(topk)
     mask = select_bits(w, sparsity, variant).mask
     return torch.where(mask, w.detach(), torch.zeros((), dtype=w.dtype, device=w.device))

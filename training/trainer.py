@@ -8,13 +8,14 @@ and ends with bit-identical weights on CPU.
 from __future__ import annotations
 
 
+import contextlib
 import json
 import math
 import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from training import distributed as ddp
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.errors import SwatError
-from training.fileio import atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_file
+from training.fileio import (HASH_SCHEME, atomic_write_json, atomic_write_text, check_writable_dir, load_tensors,
+                             save_tensors, sha256_tensors)
 from training.progress import EpochProgress, Logger, print_logger
 from training.rundir import (CHECKPOINT, METRICS, RUN_FORMAT_VERSION, RUN_JSON, SWAT_STATE, WEIGHTS,
                              build_model, prepare_out_dir, read_metrics)
@@ -161,21 +163,46 @@ class Trainer:
                                          weight_decay=config.weight_decay)
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.seconds_before = 0.0  # training time of earlier sessions of this run (resume)
+        self.epoch_changes: list[dict[str, int]] = []  # --resume --epochs N extensions, for run.json
 
     # -- resume ---------------------------------------------------------------------------
-    def restore(self, checkpoint: str | Path | None = None) -> None:
+    def restore(self, checkpoint: str | Path | None = None, epochs: int | None = None) -> None:
         """Continue from RUN/checkpoint.safetensors; the epoch in flight when it died is redone.
 
         ``checkpoint``: read this copy instead (a rank on another machine gets rank 0's bytes).
+        ``epochs``: train to this many epochs instead of the run's (at least the epochs done);
+        the change is recorded in run.json's ``epoch_changes``.
         """
         ckpt = Path(checkpoint) if checkpoint is not None else self.out / CHECKPOINT
         if not ckpt.is_file():
             raise SwatError(f"{self.out} has no {CHECKPOINT} to resume from; start a new run with --out")
         header, swat = load_checkpoint(ckpt, self.model, self.optimizer)
         load_swat_state_dict(self.model, {k: v.to(self.device) for k, v in swat.items()})
-        self.start_epoch = int(header["epoch"])
+        try:
+            self.start_epoch = int(header["epoch"])
+            changes = list(header.get("epoch_changes") or [])
+            seconds = header.get("train_seconds")
+        except (KeyError, TypeError, ValueError):
+            raise SwatError(f"{ckpt} has a damaged header (no epoch); it cannot be resumed - start a new run "
+                            f"with --out") from None
+        self.epoch_changes = [c for c in changes if isinstance(c, dict)]
+        if epochs is not None and epochs != self.config.epochs:
+            check_resume_epochs(epochs, self.start_epoch, self.config.epochs, self.out)
+            self.epoch_changes.append({"after_epoch": self.start_epoch, "from": self.config.epochs, "to": epochs})
+            self.log(f"changing the run's length from {self.config.epochs} to {epochs} epochs after epoch "
+                     f"{self.start_epoch} (recorded in run.json as epoch_changes)")
+            self.config = replace(self.config, epochs=epochs)
+        bad: list[int] = []
+        rows = read_metrics(self.out, bad)
+        if bad and self.is_main:
+            self.log(f"warning: {self.out / METRICS} line(s) {', '.join(map(str, bad[:5]))} are not JSON rows; "
+                     f"skipped them and kept the {len(rows)} valid rows")
         # metrics written after the checkpoint (a killed epoch) are dropped and redone
-        self.history = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.start_epoch]
+        self.history = [r for r in rows if r["epoch"] <= self.start_epoch]
+        # time of the earlier sessions: the checkpoint's own count, else the epochs' sum (older runs)
+        self.seconds_before = float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) \
+            else float(sum(r.get("seconds", 0.0) for r in self.history if isinstance(r.get("seconds"), (int, float))))
         if self.is_main:
             atomic_write_text(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resuming {self.out} after epoch {self.start_epoch}/{self.config.epochs}")
@@ -208,7 +235,7 @@ class Trainer:
             if not finite and self.dist is None:
                 bar.close()
                 raise SwatError(f"loss became {loss.item()} at epoch {epoch + 1} batch {i + 1}; lower --lr "
-                                f"(now {cfg.lr}) or the sparsity; checkpoints of earlier epochs are kept",
+                                f"(now {cfg.lr}) or the sparsity and start a new run; {self._kept(epoch)}",
                                 exit_code=1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -220,7 +247,7 @@ class Trainer:
                     raise SwatError(f"loss became non-finite on rank {', '.join(map(str, bad))} of "
                                     f"{self.dist.world_size} at epoch {epoch + 1} batch {i + 1}; lower --lr "
                                     f"(now {cfg.lr}) or the sparsity, or check that rank's data; "
-                                    f"checkpoints of earlier epochs are kept", exit_code=1)
+                                    f"{self._kept(epoch)}", exit_code=1)
             self.optimizer.step()
             if self.check_every_step:
                 ddp.check_identical(self.model, self.dist, f"after epoch {epoch + 1} step {i + 1}")
@@ -233,6 +260,13 @@ class Trainer:
         if self.dist is not None:
             loss_sum, correct, seen = ddp.all_reduce_sum([loss_sum, correct, seen], self.dist)
         return {"lr": lr, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+    def _kept(self, epoch: int) -> str:
+        """What a failed epoch leaves behind, for its error message (``epoch``: 0-based, failed)."""
+        if epoch == 0 or not (self.out / CHECKPOINT).is_file():
+            return "no checkpoint was written (it failed in the first epoch)"
+        return (f"the checkpoint after epoch {epoch} is kept, but resuming replays the same steps; "
+                f"use it only to inspect the run")
 
     def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randperm(len(self.train_ds), generator=gen)
@@ -264,11 +298,13 @@ class Trainer:
                 with open(self.out / METRICS, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, swat_state_dict(self.model),
-                                {"epoch": epoch + 1, "config": cfg.to_json()})
+                                {"epoch": epoch + 1, "config": cfg.to_json(),
+                                 "train_seconds": round(self.seconds_before + time.perf_counter() - started, 3),
+                                 "epoch_changes": self.epoch_changes})
             self.log(f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
                      f"train {row['train_accuracy']:.4f}  test {row['test_accuracy']:.4f}  "
                      f"({row['seconds']:.1f}s)")
-        return self.finish(time.perf_counter() - started)
+        return self.finish(self.seconds_before + time.perf_counter() - started)
 
     def finish(self, seconds: float) -> TrainResult:
         """Final evaluation in inference form, then the files every later stage reads."""
@@ -319,6 +355,7 @@ class Trainer:
             "mode": cfg.mode,
             "sparsity": cfg.sparsity,
             "topk": cfg.topk,
+            "block": cfg.block,
             "epochs": cfg.epochs,
             "seed": cfg.seed,
             "test_accuracy": final["accuracy"],
@@ -329,8 +366,10 @@ class Trainer:
             "class_names": list(info.class_names),
             "layers": layer_table(self.model),
             "weights": WEIGHTS,
-            "weights_sha256": sha256_file(self.out / WEIGHTS),
+            "weights_sha256": sha256_tensors(load_tensors(self.out / WEIGHTS)[0]),
+            "weights_hash": HASH_SCHEME,  # a hash of the tensors (name, dtype, shape, data), not the file
             "train_seconds": round(seconds, 2),
+            **({"epoch_changes": self.epoch_changes} if self.epoch_changes else {}),
             "world_size": self.dist.world_size if self.dist is not None else 1,
             "torch": torch.__version__,
             "machine": platform.machine(),
@@ -364,46 +403,160 @@ def train(config: TrainConfig, out: str | Path, *, force: bool = False, log: Log
     if ddp.launched_by_torchrun():
         spec = {"config": config.to_json(), "out": str(out), "force": force, "progress": progress}
         return _from_worker(ddp.run_from_env(spec, config.device, log))
+    created = not Path(out).exists()
     if nproc > 1:
         ddp.check_world(int(config.batch_size), nproc)
         out = prepare_out_dir(out, force)
         spec = {"config": config.to_json(), "out": str(out), "prepared": True, "progress": progress}
-        return _from_worker(ddp.spawn(spec, nproc, config.device))
+        with _remove_if_left_empty(out, created):
+            return _from_worker(ddp.spawn(spec, nproc, config.device))
     out = prepare_out_dir(out, force)
-    trainer = Trainer(config, out, log=log, progress=progress)
-    return trainer.fit()
+    with _remove_if_left_empty(out, created):
+        trainer = Trainer(config, out, log=log, progress=progress)
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _remove_if_left_empty(out: Path, created: bool) -> Iterator[None]:
+    """A run that fails before writing anything (data set missing, loss NaN in the first epoch)
+    leaves no empty dir behind - only one this call created."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            try:
+                out.rmdir()  # only succeeds when empty
+            except OSError:
+                pass
+        raise
+
+
+def checkpoint_header(ckpt: str | Path) -> dict[str, Any]:
+    """The JSON header of a checkpoint (epoch, config, ...), read without loading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            header = json.loads((f.metadata() or {})["header"])
+    except (KeyError, json.JSONDecodeError):
+        raise SwatError(f"{ckpt} has no readable header; it was not written by swat train") from None
+    except OSError as e:
+        raise SwatError(f"cannot read {ckpt} ({e.strerror or e}); check its permissions") from None
+    except Exception as e:  # safetensors raises its own types for damaged files
+        raise SwatError(f"{ckpt} is not a readable checkpoint ({e}); the run cannot be resumed - start a new "
+                        f"one with --out") from None
+    if not isinstance(header, dict) or not isinstance(header.get("config"), dict):
+        raise SwatError(f"{ckpt} has no readable config; it was not written by swat train")
+    return header
 
 
 def checkpoint_config(ckpt: str | Path) -> TrainConfig:
     """The TrainConfig a checkpoint was written with."""
-    _, meta = load_tensors(ckpt)
+    config = checkpoint_header(ckpt)["config"]
     try:
-        return TrainConfig.from_json(json.loads(meta["header"])["config"])
-    except (KeyError, json.JSONDecodeError):
-        raise SwatError(f"{ckpt} has no readable config; it was not written by swat train") from None
+        return TrainConfig.from_json(config).validate()
+    except (TypeError, ValueError, AttributeError) as e:
+        raise SwatError(f"{ckpt} holds an invalid config ({type(e).__name__}: {e}); it cannot be resumed") from None
+
+
+# options a resumed run may take a new value for: where and how it runs, not what it trains
+RESUME_MAY_CHANGE = ("workers", "device", "data_dir")
+
+
+def check_resume_epochs(epochs: Any, done: int, planned: int, run_dir: str | Path) -> int:
+    """``--resume --epochs N``: N may extend (or shorten) the run, but never below what is trained."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise SwatError(f"--epochs {epochs!r} must be a positive integer")
+    if epochs < done:
+        raise SwatError(f"--epochs {epochs} is fewer than the {done} epochs {run_dir} has already trained; "
+                        f"give --epochs {done} or more (or leave it out to finish the planned {planned})")
+    return epochs
+
+
+def _option(field: str) -> str:
+    return "--" + {"per_layer": "layer-sparsity", "cache_weight_threshold": "refresh-weights"}.get(
+        field, field.replace("_", "-"))
+
+
+def _same_setting(field: str, given: Any, current: Any) -> bool:
+    if field == "dataset":
+        from training import data as datasets
+
+        try:
+            return datasets.canonical(given) == datasets.canonical(current)
+        except SwatError:
+            return False
+    if field == "exclude":
+        return tuple(given or ()) == tuple(current or ())
+    if field == "per_layer":
+        return {k: float(v) for k, v in (given or {}).items()} == {k: float(v) for k, v in (current or {}).items()}
+    if field == "data_dir":
+        return (str(Path(given)) if given else None) == (str(Path(current)) if current else None)
+    return given == current
+
+
+def resume_config(cfg: TrainConfig, given: Mapping[str, Any], run_dir: str | Path) -> TrainConfig:
+    """Check the options given with ``--resume`` against the run's config (every one, none dropped).
+
+    Equal to the run's: fine. ``RESUME_MAY_CHANGE`` (where and how it runs): applied. Anything
+    else would make the run's files describe a run that never happened: refused, one line.
+    ``epochs`` is not checked here (see :func:`check_resume_epochs`).
+    """
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    updates: dict[str, Any] = {}
+    for field, value in given.items():
+        if field == "epochs":
+            continue
+        if field not in fields:
+            raise SwatError(f"{_option(field)} is not a training setting; drop it")
+        current = getattr(cfg, field)
+        if _same_setting(field, value, current):
+            continue
+        if field in RESUME_MAY_CHANGE:
+            updates[field] = value
+            continue
+        raise SwatError(f"{_option(field)} {value!r} differs from the run's {current!r} ({run_dir}); a resumed run "
+                        f"keeps its settings - drop {_option(field)}, or start a new run with --out")
+    return replace(cfg, **updates).validate() if updates else cfg
 
 
 def resume(run_dir: str | Path, *, log: Logger = print_logger, progress: bool | None = None,
-           epochs: int | None = None, nproc: int = 1) -> TrainResult:
+           epochs: int | None = None, nproc: int = 1, block: int | None = None,
+           given: Mapping[str, Any] | None = None) -> TrainResult:
     """``swat train --resume RUN``: continue from the last checkpoint (optionally to more epochs).
 
     A run may be resumed with another ``nproc`` than it started with (the global batch stays).
+    ``block``: what the caller asked for (None: the run's own); another value than the run was
+    trained with is refused - the weights' zero pattern cannot change block size midway.
+    ``epochs``: train to N epochs (>= those done; recorded in run.json's ``epoch_changes``).
+    ``given``: other TrainConfig fields the user set explicitly, checked by :func:`resume_config`.
     """
     _check_nproc(nproc)
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT
-    spec = {"resume": True, "out": str(run_dir), "epochs": epochs, "progress": progress}
+    given = dict(given or {})
+    if ckpt.is_file():  # every check before any work (torchrun ranks without the file skip them)
+        header = checkpoint_header(ckpt)
+        cfg = resume_config(checkpoint_config(ckpt), given, run_dir)
+        if epochs is not None:
+            check_resume_epochs(epochs, int(header.get("epoch", 0)), cfg.epochs, run_dir)
+        check_writable_dir(run_dir, "run dir")
+    updates = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    spec = {"resume": True, "out": str(run_dir), "epochs": epochs, "progress": progress, "updates": updates}
+    trained = checkpoint_config(ckpt).block if block is not None and ckpt.is_file() else block
+    if block != trained:
+        raise SwatError(f"{run_dir} was trained with --block {trained}; resume it with --block {trained} "
+                        f"(or without --block), or start a new run with --out for --block {block}")
     if ddp.launched_by_torchrun():  # rank 0 reads the checkpoint and sends it to the others
         device = checkpoint_config(ckpt).device if ckpt.is_file() else "auto"
-        return _from_worker(ddp.run_from_env(spec, device, log))
+        return _from_worker(ddp.run_from_env(spec, updates.get("device", device), log))
     if not ckpt.is_file():
         raise SwatError(f"no {CHECKPOINT} in {run_dir}; nothing to resume (start a run with --out {run_dir})")
-    cfg = checkpoint_config(ckpt)
-    if epochs is not None:
-        cfg.epochs = epochs
     if nproc > 1:
         ddp.check_world(int(cfg.validate().batch_size), nproc)
         return _from_worker(ddp.spawn(spec, nproc, cfg.device))
     trainer = Trainer(cfg, run_dir, log=log, progress=progress)
-    trainer.restore()
+    trainer.restore(epochs=epochs)
     return trainer.fit()

@@ -1,4 +1,4 @@
-"""Weight storage formats: CSR (int32), BSR (1x4, 4x4, 8x8 blocks) and dense.
+"""Weight storage formats: CSR (int32), BSR (1x4, 4x4, 8x8 and Bx1 blocks) and dense.
 
 Every format has ``nbytes``, ``to_dense()``, ``to_state(prefix) -> (tensors, header)`` and
 ``from_state(tensors, header, prefix)``: the tensors are a flat ``{"<layer>.values": ...}``
@@ -11,6 +11,7 @@ from typing import Any, Union
 
 import torch
 
+from .blocks import BLOCK_CANDIDATES, block_pattern_violations, block_size_of
 from .bsr import BLOCK_SHAPES, BSRWeight, bsr_nbytes, to_bsr
 from .csr import INDEX_DTYPE, CSRWeight, csr_nbytes, matrix_shape, to_csr
 from .dense import DenseWeight, to_dense_format
@@ -20,8 +21,8 @@ SparseWeight = Union[CSRWeight, BSRWeight, DenseWeight]
 # Names accepted by `to_format` and returned by `choose_format`.
 FORMAT_NAMES: tuple[str, ...] = ("dense", "csr") + tuple(f"bsr{bh}x{bw}" for bh, bw in BLOCK_SHAPES)
 
-__all__ = ["BLOCK_SHAPES", "BSRWeight", "CSRWeight", "DenseWeight", "FORMAT_NAMES", "INDEX_DTYPE", "SparseWeight",
-           "choose_format", "format_nbytes", "load_state", "matrix_shape", "to_bsr", "to_csr", "to_dense_format",
+__all__ = ["BLOCK_CANDIDATES", "BLOCK_SHAPES", "BSRWeight", "CSRWeight", "DenseWeight", "FORMAT_NAMES", "INDEX_DTYPE",
+           "SparseWeight", "block_pattern_violations", "block_size_of", "choose_format", "format_nbytes", "load_state", "matrix_shape", "to_bsr", "to_csr", "to_dense_format",
            "to_format"]
 
 
@@ -62,7 +63,14 @@ def format_nbytes(dense: torch.Tensor, name: str) -> int:
 
 
 def choose_format(weight: torch.Tensor, candidates: tuple[str, ...] = FORMAT_NAMES) -> str:
-    """The candidate format that stores `weight` in the fewest bytes (first listed wins ties)."""
+    """The candidate format that stores `weight` in the fewest bytes (first listed wins ties).
+
+    A weight whose B consecutive output channels share their zeros (`block_size_of`, e.g.
+    trained with ``--block B``) also competes as BSR with (B, 1) blocks over its (O, rest) view.
+    """
+    block = block_size_of(weight) if weight.dim() >= 1 else 1
+    if block > 1 and f"bsr{block}x1" not in candidates:
+        candidates = tuple(candidates) + (f"bsr{block}x1",)
     sizes = {name: format_nbytes(weight, name) for name in candidates}
     return min(candidates, key=sizes.__getitem__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from training.errors import SwatError
+from training.errors import SwatError, UnsafeInputError
 
 from .base import Node, onnx_dtype_to_numpy, onnx_type_name
 
@@ -61,6 +61,12 @@ class Graph:
 def _tensor(proto: Any) -> np.ndarray:
     from onnx import numpy_helper
 
+    from ..onnx_load import uses_external_data
+
+    if uses_external_data(proto):  # never let onnx resolve a location itself (against the cwd)
+        raise UnsafeInputError(f"refused: ONNX tensor '{proto.name}' still points at external data; load the "
+                               "model with swat_deploy.onnx_load (Session(path) does), which reads it from "
+                               "inside the model's folder only")
     try:
         return np.asarray(numpy_helper.to_array(proto))
     except Exception as exc:  # external data not found, unsupported type, ...
@@ -134,6 +140,32 @@ def _value_info(vi: Any) -> ValueInfo:
     return ValueInfo(vi.name, shape, int(tt.elem_type))
 
 
+def _check_attributes(node: Any, opset: int) -> None:
+    """Refuse an attribute the op's ONNX schema does not define, or of the wrong type.
+
+    A misspelt or damaged attribute (``stsides``) would otherwise be ignored and the node run
+    with defaults - onnxruntime refuses such a model, and so does the Session. Ops of other
+    domains (no schema here) are left to the op registry.
+    """
+    if node.domain not in ("", "ai.onnx"):
+        return
+    import onnx.defs
+
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except Exception:  # unknown op: the registry names it with a better message
+        return
+    for a in node.attribute:
+        spec = schema.attributes.get(a.name)
+        if spec is None:
+            raise SwatError(f"node '{node.name or node.op_type}' has attribute '{a.name}', which {node.op_type} "
+                            f"(opset {opset}) does not define; the file is damaged or was written for another "
+                            "runtime - re-export it")
+        if int(a.type) != int(spec.type):
+            raise SwatError(f"node '{node.name or node.op_type}' attribute '{a.name}' has the wrong type for "
+                            f"{node.op_type}; the file is damaged - re-export it")
+
+
 def graph_from_onnx(model: Any) -> Graph:
     """ModelProto -> Graph: attributes decoded, initializers (dense and sparse) as numpy."""
     opset = None
@@ -152,6 +184,7 @@ def graph_from_onnx(model: Any) -> Graph:
         constants[sp.values.name] = _sparse_tensor(sp)
     nodes = []
     for i, n in enumerate(g.node):
+        _check_attributes(n, opset)
         attrs = {a.name: _attr_value(a) for a in n.attribute}
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             attrs = _constant_attrs(attrs)

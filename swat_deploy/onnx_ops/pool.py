@@ -31,6 +31,9 @@ def _geometry(node: Node, x: torch.Tensor):
     ceil_mode = bool(node.attr("ceil_mode", 0))
     total_ends = []
     for size, k, s, d, b, e in zip(spatial, kernel, strides, dilations, begins, ends):
+        if b >= k or e >= k:  # a window of padding only (onnxruntime refuses such a model as well)
+            raise node.error(f"pads {list(begins)} / {list(ends)} are not all smaller than kernel {kernel}",
+                             "fix pads")
         span = (k - 1) * d + 1
         room = size + b + e - span
         if room < 0:

@@ -6,13 +6,20 @@ imported on first use.
 """
 from training.errors import SwatError
 
+# These three functions share their names with the submodules that define them. Imported
+# lazily, the function would be replaced by the submodule as soon as anything imported it
+# (Python binds a loaded submodule onto its package), and `swat_deploy.prune(run)` would fail
+# with "module is not callable". Bound here, after the submodules load, they stay functions.
+from .export import export  # noqa: E402
+from .prune import prune  # noqa: E402
+from .verify import verify  # noqa: E402
+
 __all__ = ["SwatError", "prune", "SparseModel", "Session", "export", "export_onnx", "export_torchscript",
            "verify", "verify_module", "ModuleReport", "prune_module"]
 
 _LAZY = {
-    "prune": "swat_deploy.prune", "SparseModel": "swat_deploy.prune", "Session": "swat_deploy.session",
-    "export": "swat_deploy.export", "export_onnx": "swat_deploy.export", "export_torchscript": "swat_deploy.export",
-    "verify": "swat_deploy.verify",
+    "SparseModel": "swat_deploy.prune", "Session": "swat_deploy.session",
+    "export_onnx": "swat_deploy.export", "export_torchscript": "swat_deploy.export",
     "verify_module": "swat_deploy.module_verify", "ModuleReport": "swat_deploy.module_verify",
     "prune_module": "swat_deploy.from_module",
 }

@@ -67,8 +67,8 @@ def _load_graph(source: Any) -> tuple[Graph, Callable[[], bytes | str] | None]:
 
     ONNX comes in through :mod:`swat_deploy.onnx_load` only: external data is read from inside
     the model file's folder, and refused for bytes / a ModelProto (they have no folder). Then it
-    must pass the ONNX checker (as onnxruntime requires), and a swat export whose tensors no
-    longer match its recorded hash is refused (damaged or edited).
+    must pass strict ONNX type and shape inference (as onnxruntime requires), and a swat export
+    whose tensors no longer match its recorded hash is refused (damaged or edited).
     """
     if isinstance(source, Graph):
         return source, None
@@ -105,8 +105,7 @@ def _load_graph(source: Any) -> tuple[Graph, Callable[[], bytes | str] | None]:
 
         return _from_sparse_model(load_sparse(path))
     graph = checked(read_model(path), str(path))
-    # onnxruntime reads the same file: every external data location in it was checked (and read)
-    # by read_model just now; the path, not our copy, so a > 2 GB model needs no re-serialisation
+    # the fallback opens the path through ort_session, which confines external data the same way
     return graph, lambda: str(path)
 
 

@@ -218,7 +218,7 @@ def _info_outcome(path: Path) -> str:
     return "shown" if r.exit_code == 0 else "refused"
 
 
-def _fuzz(files: dict, n: int, tmp_path: Path, monkeypatch) -> dict:
+def _fuzz(files: dict, n: int, monkeypatch) -> dict:
     monkeypatch.setenv("SWAT_AUTOTUNE", "0")
     # decoys inside each folder that lead outside it
     for folder in (files["inline"].parent, files["external"].parent):
@@ -245,14 +245,13 @@ def _fuzz(files: dict, n: int, tmp_path: Path, monkeypatch) -> dict:
     return counts
 
 
-def test_damaged_copies_run_and_match_or_raise_the_project_error(model_files: dict, tmp_path: Path,
-                                                                  monkeypatch) -> None:
-    counts = _fuzz(model_files, FAST_CASES, tmp_path, monkeypatch)
+def test_damaged_copies_run_and_match_or_raise_the_project_error(model_files: dict, monkeypatch) -> None:
+    counts = _fuzz(model_files, FAST_CASES, monkeypatch)
     # the corpus must exercise both outcomes, or the test proves nothing
     assert sum(v for (s, _), v in counts.items() if s == "refused") >= 5, counts
     assert sum(v for (s, _), v in counts.items() if s == "ran") >= 5, counts
 
 
 @pytest.mark.slow
-def test_damaged_copies_many(model_files: dict, tmp_path: Path, monkeypatch) -> None:
-    _fuzz(model_files, SLOW_CASES, tmp_path, monkeypatch)
+def test_damaged_copies_many(model_files: dict, monkeypatch) -> None:
+    _fuzz(model_files, SLOW_CASES, monkeypatch)

@@ -164,6 +164,7 @@ class Trainer:
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.seconds_before = 0.0  # training time of earlier sessions of this run (resume)
+        self.seconds_done = 0.0  # ... and up to the last finished epoch of this one
         self.epoch_changes: list[dict[str, int]] = []  # --resume --epochs N extensions, for run.json
 
     # -- resume ---------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class Trainer:
             else float(sum(r.get("seconds", 0.0) for r in self.history if isinstance(r.get("seconds"), (int, float))))
         if self.is_main:
             atomic_write_text(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
+        self.seconds_done = self.seconds_before
         self.log(f"resuming {self.out} after epoch {self.start_epoch}/{self.config.epochs}")
 
     # -- one epoch ------------------------------------------------------------------------
@@ -294,17 +296,20 @@ class Trainer:
             row = {"epoch": epoch + 1, **row, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                    "seconds": round(time.perf_counter() - t0, 3), "layers": layer_stats(self.model)}
             self.history.append(row)
+            # training time so far, all sessions: the checkpoint carries it, so a resume (even of
+            # a finished run) continues the count instead of restarting it
+            self.seconds_done = round(self.seconds_before + time.perf_counter() - started, 3)
             if self.is_main:
                 with open(self.out / METRICS, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, swat_state_dict(self.model),
                                 {"epoch": epoch + 1, "config": cfg.to_json(),
-                                 "train_seconds": round(self.seconds_before + time.perf_counter() - started, 3),
+                                 "train_seconds": self.seconds_done,
                                  "epoch_changes": self.epoch_changes})
             self.log(f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
                      f"train {row['train_accuracy']:.4f}  test {row['test_accuracy']:.4f}  "
                      f"({row['seconds']:.1f}s)")
-        return self.finish(self.seconds_before + time.perf_counter() - started)
+        return self.finish(self.seconds_done)
 
     def finish(self, seconds: float) -> TrainResult:
         """Final evaluation in inference form, then the files every later stage reads."""

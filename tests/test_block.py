@@ -28,12 +28,7 @@ from training.swatify import layer_stats, layer_table, swat_layers, swatify
 from training.topk import SwatValueError, keep_count, select_bits, topk_weight
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _nonzero_randn(*shape: int) -> torch.Tensor:

@@ -179,3 +179,16 @@ def test_compiled_loop_direct_call_matches_numpy() -> None:
         native.shift_rows(False)(native.isa_code(isa), indptr, offs, vals, bias, x, chunk, out, run, 1, blk,
                                  ntg, tg, nrg)
         np.testing.assert_allclose(out.reshape(rows * blk, run), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_compiled_kernels_the_numba_loops_give_the_same_result(monkeypatch) -> None:  # noqa: ANN001
+    """A build without the extension (no C compiler) still runs unstructured layers, on numba."""
+    wt = _block_sparse((16, 8, 3, 3), 0.8, 1, seed=5)
+    x = torch.randn(3, 8, 9, 9)
+    monkeypatch.setattr(native, "available", lambda: False)
+    for kernel in ("csr_direct", "csr_im2col"):
+        op = make_conv2d(wt, None, 2, 1, kernel=kernel)
+        torch.testing.assert_close(op(x), F.conv2d(x, wt, None, 2, 1), rtol=1e-4, atol=1e-4)
+    lin = make_linear(wt.reshape(16, -1), None, kernel="csr_rows")
+    xl = torch.randn(5, 72)
+    torch.testing.assert_close(lin(xl), F.linear(xl, wt.reshape(16, -1)), rtol=1e-4, atol=1e-4)

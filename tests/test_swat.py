@@ -24,13 +24,7 @@ from training.swatify import (SwatConv2d, SwatLinear, layer_stats, load_swat_sta
 from training.topk import keep_count, kth_magnitude, select_bits, topk_weight
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine's two cores are shared; one thread keeps the file fast and predictable
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------ references

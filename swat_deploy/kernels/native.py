@@ -109,6 +109,25 @@ def lanes(name: str | None = None) -> int:
 BLOCKS = (1, 2, 4, 8, 16)  # block heights the compiled loops have micro-kernels for
 
 
+@functools.lru_cache(maxsize=1)
+def _item_span() -> Any:
+    """Work item i -> (image chunk b, rows r0..r1, grid t0..t1): items are chunk-major, then
+    tile groups of `tg` floats, then `nrg` row groups (see `split`)."""
+    from numba import njit
+
+    @njit(cache=False, inline="always")
+    def span(i, rows, run, ntg, tg, nrg):  # noqa: ANN001, ANN202
+        per_b = ntg * nrg
+        b = i // per_b
+        rest = i - b * per_b
+        g = rest // nrg
+        q = rest - g * nrg
+        t0 = g * tg
+        return b, (rows * q) // nrg, (rows * (q + 1)) // nrg, t0, min(run, t0 + tg)
+
+    return span
+
+
 def shift_rows(par: bool) -> Any:
     """numba loop over (chunk, tile group, row group) calling the C shift kernel (see module doc)."""
     return _numba_loops()[1 if par else 0]
@@ -119,20 +138,13 @@ def _numba_loops() -> tuple[Any, Any]:
     from numba import njit, prange
 
     fn = _lib().shift_f32
+    span = _item_span()
 
     # out[b][(r*B + j)*run + t] = bias + sum_k vals[k*B + j] * packed[b*chunk_in + offs[k] + t]
     @njit(cache=False, inline="always")
     def _item(i, code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg):  # noqa: ANN001, ANN202
         rows = indptr.shape[0] - 1
-        per_b = ntg * nrg
-        b = i // per_b
-        rest = i - b * per_b
-        g = rest // nrg
-        q = rest - g * nrg
-        t0 = g * tg
-        t1 = min(run, t0 + tg)
-        r0 = (rows * q) // nrg
-        r1 = (rows * (q + 1)) // nrg
+        b, r0, r1, t0, t1 = span(i, rows, run, ntg, tg, nrg)
         fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
            packed.ctypes.data + 4 * b * chunk_in, out.ctypes.data + 4 * b * rows * blk * run,
            blk, run, r0, r1, t0, t1)
@@ -241,20 +253,13 @@ def _numba_epi_loops() -> tuple[Any, Any]:
     from numba import njit, prange
 
     fn = _lib().shift_f32_epi
+    span = _item_span()
 
     @njit(cache=False, inline="always")
     def _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
               run, nb, blk, ntg, tg, nrg):
         rows = indptr.shape[0] - 1
-        per_b = ntg * nrg
-        b = i // per_b
-        rest = i - b * per_b
-        g = rest // nrg
-        q = rest - g * nrg
-        t0 = g * tg
-        t1 = min(run, t0 + tg)
-        r0 = (rows * q) // nrg
-        r1 = (rows * (q + 1)) // nrg
+        b, r0, r1, t0, t1 = span(i, rows, run, ntg, tg, nrg)
         img = 4 * b * rows * blk * plane
         rp = res.ctypes.data + img if has_res else 0
         fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,

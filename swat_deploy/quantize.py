@@ -114,8 +114,7 @@ def quantize_qdq(model: Any, images: np.ndarray, *, batch: int = CALIB_BATCH) ->
     compactly. Raises :class:`SwatError` for a model the quantiser cannot handle.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    CalibrationMethod, QuantFormat, QuantType, quantize_static, quant_pre_process = _ort_quantization()
 
     from swat_deploy.qdq import is_quantized
 
@@ -260,3 +259,20 @@ def quantize_cached(float_model: bytes, images: Callable[[], np.ndarray], calibr
     except OSError:
         pass
     return data, False
+
+
+def _ort_quantization() -> tuple[Any, ...]:
+    """onnxruntime's quantisation API, imported without the side effect on sys.path.
+
+    Importing it appends onnxruntime/transformers to sys.path, whose ``models`` package then
+    shadows this project's ``models`` in every process started later with spawn (distributed
+    training's ranks failed with "module 'models' has no attribute 'names'")."""
+    import sys
+
+    before = list(sys.path)
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    finally:
+        sys.path[:] = before
+    return CalibrationMethod, QuantFormat, QuantType, quantize_static, quant_pre_process

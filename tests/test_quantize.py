@@ -271,3 +271,15 @@ def test_cpu_info_names_the_model_and_isa() -> None:
         assert "avx512f" in info["flags"] and info["isa"] in ("avx512f", "avx512_vnni")
     if " avx512_vnni" in flags:
         assert info["int8_dot"] in ("amx_int8", "avx512_vnni")
+
+
+def test_onnxruntime_quantization_leaves_sys_path_alone() -> None:
+    """onnxruntime's import appends its transformers folder (with a package named ``models``)
+    to sys.path; spawned processes then imported that instead of this project's models."""
+    import sys
+
+    from swat_deploy.quantize import _ort_quantization
+
+    before = list(sys.path)
+    _ort_quantization()
+    assert sys.path == before

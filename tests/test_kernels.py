@@ -204,8 +204,9 @@ def test_autotune_picks_a_kernel_and_caches_it(monkeypatch) -> None:  # noqa: AN
     assert entry["kernel"] == op.kernel_name and key.startswith("conv2d|") and "in=1x16x8x8" in key
     timed = {n.split(autotune.SERIAL_SUFFIX)[0] for n in entry["times_us"]}
     assert timed <= set(kernel_names()) and "dense" in entry["times_us"]
-    # With several threads every kernel is also timed on one thread; the pick records which won.
-    assert (torch.get_num_threads() == 1) or ("dense" + autotune.SERIAL_SUFFIX in entry["times_us"])
+    # With several threads every numba / compiled kernel is also timed on one thread (torch's
+    # dense kernel is not: resizing torch's team per op stalls); the pick records which won.
+    assert (torch.get_num_threads() == 1) or any(n.endswith(autotune.SERIAL_SUFFIX) for n in entry["times_us"])
     assert op.threads == (1 if entry["serial"] else None)
     fastest = min(entry["times_us"], key=entry["times_us"].get)
     if fastest.split(autotune.SERIAL_SUFFIX)[0] != "dense" and not entry["kernel"] == "dense":
@@ -238,7 +239,7 @@ def test_autotune_cache_separates_threads_and_shapes() -> None:
 def test_corrupt_cache_is_ignored_with_a_warning() -> None:
     path = autotune.cache_path()
     path.write_text("{not json")
-    with pytest.warns(UserWarning, match="corrupt autotune cache"):
+    with pytest.warns(UserWarning, match="autotune cache .* not JSON text.*rewrote the file"):
         op = make_linear(_sparse((64, 64), 0.9, 13), None, input_shape=(4, 64))
     assert op.kernel_name in kernel_names()
     assert json.loads(path.read_text())["version"] == autotune.CACHE_VERSION  # rewritten, valid

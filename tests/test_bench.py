@@ -18,11 +18,7 @@ from swat_deploy.bench import bench, magnitude_prune_onnx, time_interleaved
 from training.errors import SwatError
 
 
-@pytest.fixture(autouse=True)
-def _no_autotune(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("SWAT_AUTOTUNE", "0")
-    monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
-    monkeypatch.setenv("SWAT_INT8_CACHE", str(tmp_path / "int8"))
+pytestmark = pytest.mark.usefixtures("isolated_caches")
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,7 @@ from training.errors import SwatError
 INT8_ZEROS = "int8 zeros"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_caches(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("SWAT_AUTOTUNE", "0")
-    monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
-    monkeypatch.setenv("SWAT_INT8_CACHE", str(tmp_path / "int8"))
+pytestmark = pytest.mark.usefixtures("isolated_caches")
 
 
 @pytest.fixture(scope="module")

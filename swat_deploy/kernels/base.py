@@ -73,30 +73,29 @@ def serial_call() -> bool:
 
 
 @contextlib.contextmanager
-def serial_scope() -> Iterator[None]:
-    """numba / compiled kernels in the block take their serial loops; numba's pool is left
-    alone (resizing it down and back up cost 10-16 us a call)."""
-    prev = getattr(_serial, "on", False)
-    _serial.on = True
+def _local(store: threading.local, name: str, value: object, default: object) -> Iterator[None]:
+    """store.name = value within the block (this thread), then what it was."""
+    prev = getattr(store, name, default)
+    setattr(store, name, value)
     try:
         yield
     finally:
-        _serial.on = prev
+        setattr(store, name, prev)
 
 
-@contextlib.contextmanager
-def torch_thread_cap(cap: int | None) -> Iterator[None]:
+def serial_scope() -> contextlib.AbstractContextManager[None]:
+    """numba / compiled kernels in the block take their serial loops; numba's pool is left
+    alone (resizing it down and back up cost 10-16 us a call)."""
+    return _local(_serial, "on", True, False)
+
+
+def torch_thread_cap(cap: int | None) -> contextlib.AbstractContextManager[None]:
     """Within the block, ops never use more than `cap` threads, torch or numba (this thread only).
 
     The Session uses it to run a whole graph on one thread when that is measured faster (a
     loaded machine), without each dense op resizing torch's OpenMP team back up.
     """
-    old = getattr(_cap, "value", None)
-    _cap.value = cap
-    try:
-        yield
-    finally:
-        _cap.value = old
+    return _local(_cap, "value", cap, None)
 
 
 @contextlib.contextmanager

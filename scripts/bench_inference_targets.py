@@ -102,7 +102,7 @@ def _magnitude(work: Path, model: str, size: int, sparsity: float, block: int) -
 
 
 def _cpu() -> str:
-    from swat_deploy.kernels import native
+    import swat_native as native
 
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

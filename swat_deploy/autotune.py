@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .kernels import native
+import swat_native as native
 from .kernels.base import Kernel, LayerSpec, Prepared, serial_scope, thread_scope
 
 CACHE_VERSION = 3  # bump when kernels change speed: old timings no longer hold

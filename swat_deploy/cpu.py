@@ -25,7 +25,7 @@ def cpu_info() -> dict[str, Any]:
     int8_dot = next((f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in flags), None)
     isa = next((f for f in ("avx512_vnni", "avx512f", "avx_vnni", "avx2", "sse4_2", "asimddp", "asimd", "neon")
                 if f in flags), None)
-    from .kernels import native  # the ISA our compiled kernels run at here (SWAT_ISA may lower it)
+    import swat_native as native  # the ISA our compiled kernels run at here (SWAT_ISA may lower it)
 
     return {"model": model or platform.processor() or platform.machine() or "unknown",
             "isa": isa, "int8_dot": int8_dot, "flags": present, "cores": os.cpu_count(),

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swat_deploy.kernels import detect_block, make_conv2d, make_linear, native
+import swat_native as native
+from swat_deploy.kernels import detect_block, make_conv2d, make_linear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="compiled kernels not built (pip install -e .)")
 

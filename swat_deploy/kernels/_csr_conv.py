@@ -12,7 +12,7 @@ import torch
 
 from ..formats import to_csr
 from . import _numba_common as nc
-from . import native
+import swat_native as native
 from .base import LayerSpec, add_relu_
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _numba_common as nc
-from . import native
+import swat_native as native
 from ._csr_conv import CsrConvWeights
 from .base import LayerSpec
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import _numba_common as nc
-from . import native
+import swat_native as native
 from ._csr_conv import CsrConvWeights
 from .base import LayerSpec
 

@@ -1,9 +1,12 @@
-"""The compiled kernels (``swat_deploy/_swatk*.so``, built by ``pip install -e .``) and the ISA they run at.
+"""The compiled kernel core (``swat_native/_swatk*.so``, built by ``pip install -e .``) and the ISA it runs at.
+
+It sits below ``training`` and ``swat_deploy`` (it imports neither), so the sparse inference
+backend and SWAT's training products share one set of loops.
 
 Why a C extension: the sparse row loop wins only if its output tile stays in vector
 registers at the machine's full width. numba's LLVM targets 256-bit vectors on AVX-512 CPUs
 and cannot be told which loop order keeps a tile's input window in L1; the C loops in
-``kernels/native/*.c`` are written once per ISA (AVX-512, AVX2+FMA, portable C) with gcc's
+``swat_native/csrc/*.c`` are written once per ISA (AVX-512, AVX2+FMA, portable C) with gcc's
 per-function ``target`` attribute, so one build runs on any x86-64 CPU and picks its path at
 run time.
 
@@ -54,7 +57,7 @@ class _Lib:
 
 
 def _find_library() -> Path | None:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         p = here / f"{_LIB_NAME}{suffix}"
         if p.is_file():

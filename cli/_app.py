@@ -2,6 +2,10 @@
 
 Each command group lives in its own module (``cli/main.py`` train/export/verify/prune, ``cli/bench.py``,
 ``cli/info.py``, ...) and registers on :data:`app`; ``cli/main.py`` imports them all.
+
+The library raises :class:`~training.errors.SwatError` in library terms; this module adds what is
+the CLI's own: exit codes per error kind (:data:`EXIT_CODES`), the flag spelling of each library
+parameter a message names (:func:`flag`), and how to continue an interrupted command.
 """
 from __future__ import annotations
 
@@ -11,10 +15,33 @@ from typing import Callable, Optional
 
 import typer
 
-from training.errors import SwatError
+from training.errors import BAD_INPUT, FAILED, SwatError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train sparse CNNs with SWAT, prune, export (ONNX / TorchScript), run sparse, verify.")
+
+
+# error kind -> exit status: 2 the request was wrong (bad usage / input), 1 the work failed
+EXIT_CODES = {BAD_INPUT: 2, FAILED: 1}
+INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+# library parameter -> flag, where the flag is not simply --name-with-dashes
+_FLAGS = {"per_layer": "--layer-sparsity", "cache_weight_threshold": "--refresh-weights", "fmt": "--format",
+          "batch_sizes": "--batch-size"}
+
+
+def flag(name: str) -> str:
+    """The ``swat`` flag of a library parameter (``batch_size`` -> ``--batch-size``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def exit_code(error: SwatError) -> int:
+    return EXIT_CODES.get(error.kind, 1)
+
+
+def message(error: SwatError) -> str:
+    """A library error as the CLI shows it: flags spelled as typed."""
+    return error.render(flag)
 
 
 def fail(message: str, code: int) -> None:
@@ -29,21 +56,37 @@ def one_line(text: str, limit: int = 500) -> str:
     return escape_control(" ".join(str(text).split()))[:limit]
 
 
+def _how_to_continue(command: str, kwargs: dict) -> str:
+    """What an interrupted command left and how to go on - per command, not always `--resume`."""
+    if command == "train":
+        run = kwargs.get("resume") or kwargs.get("out")
+        if run is None:
+            return "interrupted before training started; nothing was written"
+        nproc = kwargs.get("nproc") or 1
+        extra = f" --nproc {nproc}" if nproc != 1 else ""
+        return (f"interrupted; the last checkpoint is kept - continue with `swat train --resume {run}{extra}` "
+                f"(if no epoch finished, start again with --out {run} --force)")
+    if command == "study":
+        return "interrupted; finished runs are kept in runs.jsonl - run the same command again to continue"
+    return f"interrupted; files are written atomically, so nothing is half-written - run `swat {command}` again"
+
+
 def handled(fn: Callable) -> Callable:
     """Turn errors into one line + exit code, never a traceback.
 
-    Project errors (SwatError) carry their own message and code. What the OS refuses (a full
-    disk, a permission) is the user's to fix: one line, exit 1. Anything else is a bug: one line
-    asking for a report, exit 1 - ``SWAT_TRACEBACK=1`` shows the traceback. Ctrl-C: exit 130.
+    Project errors (SwatError): their message with flags spelled as typed, the exit code of
+    their kind. What the OS refuses (a full disk, a permission) is the user's to fix: one line,
+    exit 1. Anything else is a bug: one line asking for a report, exit 1 - ``SWAT_TRACEBACK=1``
+    shows the traceback. Ctrl-C: how to continue this command, exit 130.
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SwatError as e:
-            fail(one_line(str(e)), e.exit_code)
+            fail(one_line(message(e)), exit_code(e))
         except KeyboardInterrupt:
-            fail("interrupted; the last checkpoint is kept (resume with `swat train --resume RUN`)", 130)
+            fail(one_line(_how_to_continue(fn.__name__, kwargs)), INTERRUPTED)
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:

@@ -50,37 +50,6 @@ def bench(
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
-    load = ", ".join(f"{v:.2f}" for v in report.load)
-    from swat_deploy.cpu import describe
+    from swat_deploy.bench import format_report
 
-    typer.echo(f"{report.model}  ({report.target})  weight sparsity {report.sparsity:.3f}  "
-               f"FLOP ideal {report.ideal:.2f}x  threads {report.threads}  load avg {load}")
-    typer.echo(f"CPU: {describe(report.cpu)}")
-    if report.int8_source:
-        typer.echo(f"onnxruntime-int8: {report.int8_source}")
-    typer.echo(f"{'engine':<16} {'batch':>5} {'median ms':>10} {'img/s':>10} {'vs ORT':>7} {'vs int8':>7} {'rounds':>6}")
-    for r in report.results:
-        ratio = "" if r.vs_onnxruntime is None else f"{r.vs_onnxruntime:.2f}x"
-        ratio8 = "" if r.vs_onnxruntime_int8 is None else f"{r.vs_onnxruntime_int8:.2f}x"
-        plan = f"  ({r.plan})" if r.plan else ""
-        typer.echo(f"{r.engine:<16} {r.batch:>5} {r.median_ms:>10.3f} {r.throughput:>10.1f} {ratio:>7} {ratio8:>7} "
-                   f"{r.repeats:>6}{plan}")
-    if report.layers:
-        typer.echo("")
-        typer.echo(f"{'layer':<34} {'weight':<16} {'input':<16} {'sparsity':>8} {'kernel':<11} "
-                   f"{'dense us':>9} {'ours us':>9} {'speedup':>7} {'ideal':>6}")
-        for l in report.layers:
-            typer.echo(f"{l.name[-34:]:<34} {'x'.join(map(str, l.weight_shape)):<16} "
-                       f"{'x'.join(map(str, l.input_shape or [])):<16} {l.sparsity:>8.3f} {l.kernel:<11} "
-                       f"{l.dense_us:>9.1f} {l.chosen_us:>9.1f} {l.speedup:>6.2f}x {l.ideal:>5.1f}x")
-    if report.sweep:
-        typer.echo("")
-        typer.echo(f"{'sparsity':>8} {'batch':>5} {'ORT ms':>9} {'swat ms':>9} {'speedup':>7} {'ideal':>6}")
-        for p in report.sweep:
-            plan = f"  ({p.plan})" if p.plan else ""
-            typer.echo(f"{p.sparsity:>8.2f} {p.batch:>5} {p.onnxruntime_ms:>9.3f} {p.swat_ms:>9.3f} "
-                       f"{p.speedup:>6.2f}x {p.ideal:>5.1f}x{plan}")
-    if report.sweep_png:
-        typer.echo(f"wrote {report.sweep_png}")
-    for note in report.notes:
-        typer.echo(f"note: {note}")
+    typer.echo(format_report(report))

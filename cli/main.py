@@ -13,7 +13,7 @@ import typer
 
 from training.errors import SwatError
 
-from cli._app import _csv, app, handled
+from cli._app import _csv, app, exit_code, handled, message
 
 
 def _per_layer(items: list[str]) -> dict[str, float]:
@@ -70,10 +70,14 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="train on N local processes with torch DDP (gloo on CPU, nccl on "
                               "GPU); --batch-size stays the global batch. Several machines: run this command "
                               "under torchrun without --nproc"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per training process "
+                                          "(default: torch's own choice, all cores or OMP_NUM_THREADS; with "
+                                          "--nproc N: cores / N). On a machine shared with other busy jobs, "
+                                          "1 is often fastest"),
 ) -> None:
     """Train a model with SWAT and write a run dir (weights, run.json, metrics.jsonl, plots)."""
     from training.config import TrainConfig
-    from training.trainer import resume as resume_run, train as train_run
+    from training.launch import resume as resume_run, train as train_run
 
     settings = dict(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, mode=mode,
                     sparsity=sparsity, topk=topk, refresh_every=refresh_every,
@@ -88,12 +92,13 @@ def train(
         if force:
             raise SwatError("--force does not apply to --resume (nothing is overwritten); drop --force, or start "
                             "a new run with --out RUN --force")
-        result = resume_run(resume, nproc=nproc, block=block, epochs=given.pop("epochs", None), given=given)
+        result = resume_run(resume, nproc=nproc, block=block, epochs=given.pop("epochs", None), given=given,
+                            threads=threads)
     else:
         if out is None:
             raise SwatError("missing --out RUN (the run dir to create); e.g. --out runs/demo")
         config = TrainConfig(block=1 if block is None else block, **settings)
-        result = train_run(config, out, force=force, nproc=nproc)
+        result = train_run(config, out, force=force, nproc=nproc, threads=threads)
     if result.is_main:  # under torchrun every rank runs this command; one summary line is enough
         typer.echo(f"test accuracy {result.test_accuracy:.4f}  ({result.seconds:.1f}s)  -> {result.run_dir}")
 
@@ -164,41 +169,25 @@ def prune(
     force: bool = typer.Option(False, help="overwrite an existing file"),
 ) -> None:
     """Write the sparse model (Top-K as trained, BN folded; CSR / BSR / dense per layer) and print its table."""
-    from swat_deploy.prune import prune as prune_run, save_sparse
+    from swat_deploy.prune import format_storage, prune as prune_run, save_sparse
 
     sm = prune_run(run)
     path, rows = save_sparse(sm, out, force=force)
-    typer.echo(f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'block':>5} {'format':<8} {'dense B':>10} {'stored B':>10}")
-    for r in rows:
-        typer.echo(f"{r.name:<28} {'x'.join(map(str, r.shape)):<18} {r.sparsity:>8.4f} {r.block:>5} {r.format:<8} "
-                   f"{r.dense_bytes:>10} {r.stored_bytes:>10}")
-    dense, stored = sum(r.dense_bytes for r in rows), sum(r.stored_bytes for r in rows)
-    typer.echo(f"{'total':<28} {'':<18} {'':>8} {'':>5} {'':<8} {dense:>10} {stored:>10}  "
-               f"({dense / max(stored, 1):.1f}x smaller)")
+    typer.echo(format_storage(rows))
     typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
-def _register_command_modules() -> None:
-    """Import the modules whose ``@app.command`` functions extend the CLI (one per command group)."""
-    import importlib
-    import pkgutil
-
-    import cli
-
-    for info in pkgutil.iter_modules(cli.__path__):
-        if not info.name.startswith("_") and info.name != "main":
-            importlib.import_module(f"cli.{info.name}")
-
-
-_register_command_modules()
+# The other command groups, registered explicitly: importing a module adds its @app.command
+# functions to the app (a new command module is added here).
+from cli import bench, info, study  # noqa: E402,F401
 
 
 def main() -> None:
     try:
         app()
     except SwatError as e:  # raised outside a command body (should not happen, but never a traceback)
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+        typer.echo(f"error: {message(e)}", err=True)
+        sys.exit(exit_code(e))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""The int8 baseline of issue 19: onnxruntime float32 vs onnxruntime int8 (QDQ) on one model, and file sizes.
+"""The int8 baseline of issue 19: onnxruntime float32 vs onnxruntime int8 (QDQ) on one model, and file sizes;
+and (``--synthetic``) swat's sparse int8 Session vs onnxruntime int8 on the same QDQ file.
 
     python scripts/bench_int8.py RUN                      # a run dir (resnet18 CIFAR stem in the issue)
     python scripts/bench_int8.py RUN --processes 3 --batch-size 1,64 --threads 2
+    python scripts/bench_int8.py --synthetic 0.9,0.7      # ResNet-18 CIFAR, weights pruned in 4-blocks
+
+``--synthetic``: a CIFAR-stem ResNet-18 with random weights and BN statistics, every conv with a
+multiple of 4 input channels magnitude-pruned per tensor in blocks of 4 consecutive input
+channels (one output channel, one tap: the int8 dot product's block), quantised by onnxruntime's
+``quantize_static`` (QDQ, `swat_deploy.quantize.quantize_qdq`, 16 random calibration images).
+Times ``Session(path, fallback=False)`` (our kernels only) against onnxruntime on that file,
+interleaved, median; ``--layers`` adds where the Session's time goes per op type.
 
 Writes RUN/model.onnx, RUN/model.int8.onnx (compact) and, for the size table and the speed check
 of compact int8 storage, RUN/bench-int8/{dense.onnx,dense.int8.onnx} (plain weights) unless they
@@ -41,16 +50,119 @@ def _swat(*args: str) -> None:
         sys.exit(f"swat {' '.join(args)} failed: {r.stderr.strip()}")
 
 
+def _pruned_qdq(sparsity: float, out: Path, seed: int = 0) -> Path:
+    """The synthetic model of ``--synthetic`` (see the module doc), written once to ``out``."""
+    if out.is_file():
+        return out
+    import onnx
+    import torch
+
+    import models
+    from swat_deploy.quantize import quantize_qdq, random_images
+
+    torch.manual_seed(seed)
+    m = models.build("resnet18", num_classes=10, stem="cifar").eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+        if isinstance(mod, torch.nn.Conv2d) and mod.in_channels % 4 == 0:
+            w = mod.weight.data
+            o, i, kh, kw = w.shape
+            blocks = w.permute(0, 2, 3, 1).reshape(o, kh, kw, i // 4, 4)
+            score = blocks.abs().sum(-1)
+            k = int(round(sparsity * score.numel()))
+            keep = score > score.flatten().kthvalue(k).values if k > 0 else torch.ones_like(score, dtype=torch.bool)
+            mod.weight.data = (blocks * keep.unsqueeze(-1)).reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+    tmp = out.with_suffix(".f32.onnx")
+    torch.onnx.export(m, (torch.rand(1, 3, 32, 32),), str(tmp), opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    q = quantize_qdq(onnx.load(str(tmp)), random_images((3, 32, 32), 16, seed))
+    part = out.with_suffix(".part")
+    onnx.save(q, str(part))
+    part.replace(out)
+    tmp.unlink()
+    return out
+
+
+def _time_steps(sess, x, rounds: int) -> dict[str, float]:  # noqa: ANN001
+    """ms per op type over the Session's steps (min over rounds), for --layers."""
+    import time
+
+    import torch
+
+    names = tuple(v.name for v in sess.get_outputs())
+    steps, _ = sess._program(names)
+    best: dict[int, float] = {}
+    for _ in range(rounds):
+        env = sess._feed({"input": x})
+        with torch.no_grad():
+            for i, st in enumerate(steps):
+                args = [env[r] if k == "value" else r if k == "const" else None for k, r in st.inputs]
+                t0 = time.perf_counter()
+                outs = st.fn(args)
+                best[i] = min(best.get(i, 1e9), time.perf_counter() - t0)
+                for n, v in zip(st.outputs, outs):
+                    env[n] = v
+    per: dict[str, float] = {}
+    for i, st in enumerate(steps):
+        per[st.node.op_type] = per.get(st.node.op_type, 0.0) + best[i] * 1e3
+    return per
+
+
+def synthetic(sparsities: list[float], batches: list[int], threads: int, rounds: int, out_dir: Path,
+              layers: bool) -> None:
+    import numpy as np
+
+    from swat_deploy import Session
+    from swat_deploy.cpu import describe
+    from swat_deploy.ort import ort_session
+    from swat_deploy.timing import time_interleaved
+
+    print(f"CPU: {describe()}; {threads} threads; median of {rounds} interleaved rounds (batch 1), "
+          f"{max(3, rounds // 6)} (larger batches)")
+    print(f"{'weights':>8} {'batch':>5} {'ORT int8 ms':>12} {'swat int8 ms':>13} {'speedup':>8}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sp in sparsities:
+        path = _pruned_qdq(sp, out_dir / f"resnet18_cifar_b4_{round(sp * 100)}.int8.onnx")
+        sess = Session(str(path), threads=threads, fallback=False)
+        ort = ort_session(str(path), threads)
+        for b in batches:
+            x = np.random.default_rng(0).random((b, 3, 32, 32), dtype=np.float32)
+            feed = {"input": x}
+            sess.run(None, feed)  # plan (our kernels on 1 or all threads) and warm-up
+            ort.run(None, feed)
+            t = time_interleaved({"ort": lambda: ort.run(None, feed), "swat": lambda: sess.run(None, feed)},
+                                 rounds if b == 1 else max(3, rounds // 6), budget_s=60)
+            ms = {k: v[0] * 1e3 for k, v in t.items()}
+            print(f"{sp:>7.0%} {b:>5} {ms['ort']:>12.3f} {ms['swat']:>13.3f} {ms['ort'] / ms['swat']:>7.2f}x")
+            if layers:
+                per = _time_steps(sess, x, 5 if b == 1 else 2)
+                print("         per op type (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+
+
 def main() -> None:
     from swat_deploy.cpu import describe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("run", type=Path, nargs="?")
+    ap.add_argument("--synthetic", default="", help="sparsities, e.g. 0.9,0.7 (no run dir needed)")
+    ap.add_argument("--out-dir", type=Path, default=Path("/tmp/swat-bench-int8"))
+    ap.add_argument("--layers", action="store_true")
     ap.add_argument("--batch-size", default="1,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
+    if args.synthetic:
+        synthetic([float(v) for v in args.synthetic.split(",")], [int(b) for b in args.batch_size.split(",")],
+                  args.threads, args.repeats, args.out_dir, args.layers)
+        return
+    if args.run is None:
+        ap.error("give a run dir, or --synthetic SPARSITIES")
     run, extra = args.run, args.run / "bench-int8"
     files = {"float32": run / "model.onnx", "int8": run / "model.int8.onnx",
              "int8-plain": extra / "dense.int8.onnx", "float32-plain": extra / "dense.onnx"}

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import memory  # noqa: E402
+from training import sparse_products  # noqa: E402
 from training.memory import saved_bytes  # noqa: E402
 from training.swatify import swat_layers, swatify  # noqa: E402
 
@@ -81,10 +81,22 @@ MAIN = [("dense", dict(mode="dense")),
         ("swat N=1", dict(mode="swat", refresh_every=1)),
         ("swat N=20", dict(mode="swat", refresh_every=20)),
         ("swat N=100", dict(mode="swat", refresh_every=100)),
-        ("swat N=20 nested bits", dict(mode="swat", refresh_every=20, nest=True)),
         ("saw N=1", dict(mode="saw", refresh_every=1)),
         ("saw N=20", dict(mode="saw", refresh_every=20)),
         ("meprop", dict(mode="meprop"))]
+# The sparse-kernel products (training.sparse_products) next to today's dense-torch products:
+# "sp" is the sparse-product mode ("off" = dense torch products, as every MAIN config runs).
+SPARSE = [("dense", dict(mode="dense")),
+          ("swat-70 N=20 torch", dict(mode="swat", refresh_every=20, sparsity=0.7)),
+          ("swat-90 N=20 torch", dict(mode="swat", refresh_every=20, sparsity=0.9))]
+for _s in (0.7, 0.8, 0.9):
+    for _n in (1, 20):
+        SPARSE.append((f"swat-{_s:.0%} N={_n} sparse".replace("%", ""),
+                       dict(mode="swat", refresh_every=_n, sparsity=_s, sp="auto")))
+SPARSE += [("swat-90 block4 N=1 sparse", dict(mode="swat", refresh_every=1, sparsity=0.9, block=4, sp="auto")),
+           ("swat-90 block4 N=20 sparse", dict(mode="swat", refresh_every=20, sparsity=0.9, block=4, sp="auto"))]
+SPARSE_TARGETS = [("swat-90 N=20 sparse", 0.75), ("swat-80 N=20 sparse", 0.90), ("swat-70 N=20 sparse", 1.00),
+                  ("swat-90 block4 N=20 sparse", 0.60)]
 VARIANTS = [("swat chw N=1", dict(mode="swat", topk="chw", refresh_every=1)),
             ("swat chw N=20", dict(mode="swat", topk="chw", refresh_every=20)),
             ("swat hw N=1", dict(mode="swat", topk="hw", refresh_every=1)),
@@ -101,7 +113,8 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
                y: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
     runs = []
     for name, kw in configs:
-        net = swatify(copy.deepcopy(base), sparsity, **{k: v for k, v in kw.items() if k != "nest"}).train()
+        opts = {k: v for k, v in kw.items() if k not in ("sp", "sparsity")}
+        net = swatify(copy.deepcopy(base), kw.get("sparsity", sparsity), **opts).train()
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         runs.append((name, kw, net, opt))
 
@@ -116,11 +129,10 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
         order = runs[r % len(runs):] + runs[:r % len(runs)]  # rotate who goes first
         for name, kw, net, opt in order:
             refresh = kw.get("mode") in ("swat", "saw") and _refresh_due(net, kw.get("refresh_every", 1))
-            memory.NEST_IN_RELU_MASK = kw.get("nest", False)
-            w0, c0 = time.perf_counter(), time.process_time()
-            step(net, opt)
-            w1, c1 = time.perf_counter(), time.process_time()
-            memory.NEST_IN_RELU_MASK = False
+            with sparse_products.use_mode(kw.get("sp", "off")):
+                w0, c0 = time.perf_counter(), time.process_time()
+                step(net, opt)
+                w1, c1 = time.perf_counter(), time.process_time()
             if r >= warmup:
                 samples[name].append((w1 - w0, c1 - c0, refresh))
 
@@ -135,7 +147,7 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
         n = kw.get("refresh_every", 1)
         if kw.get("mode") not in ("swat", "saw") or n == 1 or kw.get("topk") == "random":
             continue
-        exact = name.replace(f"N={n}", "N=1").replace(" nested bits", "")
+        exact = name.replace(f"N={n}", "N=1")
         own_refresh = [v for v in samples[name] if v[2]]
         cached = [v for v in samples[name] if not v[2]] or samples[name]
         for i, key in ((0, "wall"), (1, "cpu")):
@@ -175,19 +187,44 @@ def memory_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     for s in (0.5, 0.7, 0.9):
         rows.append((f"swat {s:.0%}", lambda s=s: swatify(copy.deepcopy(base), s, "swat")))
     rows.append(("saw 70%", lambda: swatify(copy.deepcopy(base), 0.7, "saw")))
-    rows.append(("swat 70% nested bits", lambda: swatify(copy.deepcopy(base), 0.7, "swat")))
     rows.append(("meprop 70%", lambda: swatify(copy.deepcopy(base), 0.7, "meprop")))
     at70 = float("nan")
     for name, make in rows:
         net = make()
-        memory.NEST_IN_RELU_MASK = "nested bits" in name
         b = saved_bytes(net, x, y)
         a = saved_bytes(net, x, y, exclude_parameters=True)
-        memory.NEST_IN_RELU_MASK = False
         print(f"| {name} | {b / 2**20:.2f} | {b / dense:.3f} | {a / dense_act:.3f} |")
         if name == "swat 70%":
             at70 = b / dense
     return at70
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def _isa() -> str:
+    try:
+        import swat_native
+        return swat_native.isa() if swat_native.available() else "not built"
+    except ImportError:
+        return "not built"
+
+
+def print_choices() -> None:
+    """How many (product, layer shape) keys the timed choice sent to the sparse kernel."""
+    picks = sparse_products.choices()
+    for prod in ("fwd", "dgrad", "dgrad-s", "wgrad"):
+        mine = [v for k, v in picks.items() if k.split("|", 1)[0] == prod]
+        if mine:
+            print(f"- {prod}: sparse kernel chosen for {sum(mine)} of {len(mine)} (layer shape, density) keys")
 
 
 def _verdict(what: str, value: float, limit: float) -> str:
@@ -201,6 +238,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--no-variants", action="store_true", help="skip the chw/hw/random Top-K variants")
+    ap.add_argument("--tables", choices=("all", "main", "sparse"), default="all",
+                    help="main: today's configurations (dense torch products); sparse: the sparse-kernel "
+                         "products (training.sparse_products) at 70/80/90 %% next to today's")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -209,17 +249,31 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,))
     print(f"# SWAT training benchmark: {source}, batch {args.batch}, 32x32, sparsity {args.sparsity}, "
           f"torch {torch.__version__}")
-    verdicts = [_verdict("resnet20 saved-for-backward bytes at 70%, / dense", memory_table(base, x, y), 0.70)]
+    cpu = _cpu_name()
+    print(f"# CPU: {cpu}; compiled kernels ISA: {_isa()}")
+    verdicts = []
+    if args.tables != "sparse":
+        verdicts.append(_verdict("resnet20 saved-for-backward bytes at 70%, / dense", memory_table(base, x, y), 0.70))
     for t in args.threads:
         torch.set_num_threads(t)
-        res = time_steps(base, MAIN, args.sparsity, x, y, args.rounds)
-        print_times(res, t)
-        r20, d = res["swat N=20"], res["dense"]
-        verdicts.append(_verdict(f"SWAT-{args.sparsity:.0%} N=20 amortised step (cpu time) / dense, {t} thread(s)",
-                                 r20["cpu_amortised"] / d["cpu"], 1.15))
-        if not args.no_variants and t == args.threads[0]:
-            res = time_steps(base, [MAIN[0]] + VARIANTS, args.sparsity, x, y, max(args.rounds // 2, 5))
+        if args.tables != "sparse":
+            res = time_steps(base, MAIN, args.sparsity, x, y, args.rounds)
             print_times(res, t)
+            r20, d = res["swat N=20"], res["dense"]
+            verdicts.append(_verdict(f"SWAT-{args.sparsity:.0%} N=20 amortised step (cpu time) / dense, {t} thread(s)",
+                                     r20["cpu_amortised"] / d["cpu"], 1.15))
+            if not args.no_variants and t == args.threads[0]:
+                res = time_steps(base, [MAIN[0]] + VARIANTS, args.sparsity, x, y, max(args.rounds // 2, 5))
+                print_times(res, t)
+        if args.tables != "main":
+            res = time_steps(base, SPARSE, args.sparsity, x, y, args.rounds)
+            print_times(res, t)
+            print_choices()
+            d = res["dense"]
+            for name, limit in SPARSE_TARGETS:
+                r = res[name]
+                verdicts.append(_verdict(f"{name} amortised step (wall) / dense, {t} thread(s)",
+                                         r["wall_amortised"] / d["wall"], limit))
         sys.stdout.flush()
     print("\n## targets")
     for v in verdicts:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from training.errors import SwatError
+from training.errors import FAILED, SwatError
 
 META_PREFIX = "swat."
 TS_META_FILE = "swat.json"
@@ -119,14 +119,14 @@ def onnx_stored_weights(model: Any) -> dict[str, Any]:
             raise
         except Exception as e:  # any failure to decode a (possibly hostile) file is the file's fault
             raise SwatError(f"stored int8 weights cannot be decoded ({e}); the file was edited - re-export it",
-                            exit_code=1) from None
+                            kind=FAILED) from None
     try:
         out = decode_weights(model)
     except SwatError:
         raise
     except Exception as e:  # ValueError for a tampered stream; IndexError, TypeError... for a damaged file
         raise SwatError(f"stored weights cannot be decoded ({e}); the file was edited - re-export it",
-                        exit_code=1) from None
+                        kind=FAILED) from None
     missing = [n.input[1] for n in model.graph.node
                if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] not in out]
     if missing:
@@ -134,7 +134,7 @@ def onnx_stored_weights(model: Any) -> dict[str, Any]:
             consts = onnx_constants(model)
         except Exception as e:  # a damaged constant: the file's fault, reported like the others
             raise SwatError(f"stored weights cannot be decoded ({type(e).__name__}: {e}); the file was edited or "
-                            f"damaged - re-export it", exit_code=1) from None
+                            f"damaged - re-export it", kind=FAILED) from None
         for name in missing:
             if name in consts:
                 v = np.asarray(consts[name])
@@ -266,7 +266,7 @@ def torchscript_stored_weights(module: Any) -> dict[str, Any]:
             mask = np.unpackbits(bits)[:n].astype(bool)
             if mask.size < n or int(mask.sum()) != vals.size:
                 raise SwatError(f"{prefix}: bitmask marks {int(mask.sum())} nonzeros but {vals.size} values "
-                                f"are stored; the file was edited - re-export it", exit_code=1)
+                                f"are stored; the file was edited - re-export it", kind=FAILED)
             flat = np.zeros(n, np.float32)
             flat[mask] = vals
             out[prefix] = StoredWeight(prefix, "bitmask", dims, int(bits.nbytes + vals.nbytes), flat.reshape(dims))

@@ -24,12 +24,15 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 import swat_native as native
-from .kernels.base import Kernel, LayerSpec, Prepared, serial_scope, thread_scope
+from .threads import serial_scope, thread_scope
+
+if TYPE_CHECKING:  # types only: the kernel package imports this module, not the other way
+    from .kernels.base import Kernel, LayerSpec, Prepared
 
 CACHE_VERSION = 3  # bump when kernels change speed: old timings no longer hold
 # A sparse kernel must be at least this much faster than dense to be chosen: timing noise

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from training.errors import SwatError
+from training.errors import FAILED, SwatError, option
 
 from .cpu import cpu_info
 from .ort import ort_session
@@ -109,6 +109,48 @@ class _Target:
     calib_tag: str = ""          # names them in the int8 cache key
     int8_file: Path | None = None  # the run's exported model.int8.onnx
     quantized: bool = False      # onnx_bytes is already a QDQ model (a quantised file)
+
+
+def format_report(report: BenchReport) -> str:
+    """The report as ``swat bench`` prints it: the header, one row per engine and batch size,
+    then the per-layer and sweep tables when they were measured, and any notes."""
+    from .cpu import describe
+
+    text: list[str] = []
+    put = text.append
+    load = ", ".join(f"{v:.2f}" for v in report.load)
+    put(f"{report.model}  ({report.target})  weight sparsity {report.sparsity:.3f}  "
+        f"FLOP ideal {report.ideal:.2f}x  threads {report.threads}  load avg {load}")
+    put(f"CPU: {describe(report.cpu)}")
+    if report.int8_source:
+        put(f"onnxruntime-int8: {report.int8_source}")
+    put(f"{'engine':<16} {'batch':>5} {'median ms':>10} {'img/s':>10} {'vs ORT':>7} {'vs int8':>7} {'rounds':>6}")
+    for r in report.results:
+        ratio = "" if r.vs_onnxruntime is None else f"{r.vs_onnxruntime:.2f}x"
+        ratio8 = "" if r.vs_onnxruntime_int8 is None else f"{r.vs_onnxruntime_int8:.2f}x"
+        plan = f"  ({r.plan})" if r.plan else ""
+        put(f"{r.engine:<16} {r.batch:>5} {r.median_ms:>10.3f} {r.throughput:>10.1f} {ratio:>7} {ratio8:>7} "
+            f"{r.repeats:>6}{plan}")
+    if report.layers:
+        put("")
+        put(f"{'layer':<34} {'weight':<16} {'input':<16} {'sparsity':>8} {'kernel':<11} "
+            f"{'dense us':>9} {'ours us':>9} {'speedup':>7} {'ideal':>6}")
+        for l in report.layers:
+            put(f"{l.name[-34:]:<34} {'x'.join(map(str, l.weight_shape)):<16} "
+                f"{'x'.join(map(str, l.input_shape or [])):<16} {l.sparsity:>8.3f} {l.kernel:<11} "
+                f"{l.dense_us:>9.1f} {l.chosen_us:>9.1f} {l.speedup:>6.2f}x {l.ideal:>5.1f}x")
+    if report.sweep:
+        put("")
+        put(f"{'sparsity':>8} {'batch':>5} {'ORT ms':>9} {'swat ms':>9} {'speedup':>7} {'ideal':>6}")
+        for p in report.sweep:
+            plan = f"  ({p.plan})" if p.plan else ""
+            put(f"{p.sparsity:>8.2f} {p.batch:>5} {p.onnxruntime_ms:>9.3f} {p.swat_ms:>9.3f} "
+                f"{p.speedup:>6.2f}x {p.ideal:>5.1f}x{plan}")
+    if report.sweep_png:
+        put(f"wrote {report.sweep_png}")
+    for note in report.notes:
+        put(f"note: {note}")
+    return "\n".join(text)
 
 
 def _load_target(target: str | Path) -> _Target:
@@ -215,11 +257,12 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
     from .session import Session
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise SwatError(f"--threads must be a positive integer, got {threads!r}; e.g. --threads 2")
+        raise SwatError(f"{option('threads')} must be a positive integer, got {threads!r}; e.g. {option('threads')} 2")
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise SwatError(f"--batch-size must be positive integers, got {list(batch_sizes)}; e.g. --batch-size 1,64")
+        raise SwatError(f"{option('batch_sizes')} must be positive integers, got {list(batch_sizes)}; e.g. "
+                        f"{option('batch_sizes')} 1,64")
     if repeats < 1:
-        raise SwatError(f"--repeats must be >= 1, got {repeats}")
+        raise SwatError(f"{option('repeats')} must be >= 1, got {repeats}")
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise SwatError(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
@@ -243,7 +286,7 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
             except Exception as e:
                 raise SwatError(f"onnxruntime cannot load the int8 model ({report.int8_source}): "
                                 f"{' '.join(str(e).split())[:200]}; re-export it or delete that cached file",
-                                exit_code=1) from None
+                                kind=FAILED) from None
         if t.quantized:
             report.notes.append("onnxruntime: the file is already int8 (QDQ); bench its float32 model for the "
                                 "float32 row")
@@ -278,7 +321,7 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
                     if not np.allclose(got, ref, rtol=1e-4, atol=1e-4):
                         raise SwatError(f"the sparse Session disagrees with onnxruntime on {t.label} "
                                         f"(max diff {float(np.abs(got - ref).max()):.3g}); please report this",
-                                        exit_code=1)
+                                        kind=FAILED)
                 timed = time_interleaved(fns, repeats)
             ort_ms = timed["onnxruntime"][0] * 1e3 if "onnxruntime" in timed else None
             int8_ms = timed["onnxruntime-int8"][0] * 1e3 if "onnxruntime-int8" in timed else None

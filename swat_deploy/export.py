@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.errors import SwatError
+from training.errors import SwatError, option
 from training.fileio import atomic_write_bytes, check_writable_dir
 from training.rundir import RUN_JSON, Run, read_run, record_export
 from swat_deploy.artifact import META_PREFIX, TS_META_FILE, onnx_weights_sha256, torchscript_weights_sha256
@@ -37,9 +37,10 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 def target_path(run: Run, fmt: str, out: str | Path | None, force: bool, default: str | None = None) -> Path:
     path = Path(out) if out else run.path / (default or DEFAULT_NAMES[fmt])
     if path.exists() and not force:
-        raise SwatError(f"{path} already exists; pass --force to overwrite it or --out to choose another file")
+        raise SwatError(f"{path} already exists; pass {option('force')} to overwrite it or {option('out')} to "
+                        f"choose another file")
     if path.exists() and path.is_dir():
-        raise SwatError(f"{path} is a directory; give --out a file name")
+        raise SwatError(f"{path} is a directory; give {option('out')} a file name")
     check_writable_dir(path.parent, "output directory")  # before seconds of pruning and exporting
     return path
 
@@ -55,7 +56,7 @@ def export_metadata(sm: SparseModel, *, weights: str = "sparse", fp16: bool = Fa
 
     Values are strings (ONNX ``metadata_props`` are string pairs); structured ones are JSON.
     """
-    from training.trainer import SWAT_VERSION
+    from training.version import SWAT_VERSION
 
     meta = sm.run.meta
     return {
@@ -89,9 +90,11 @@ def export_metadata(sm: SparseModel, *, weights: str = "sparse", fp16: bool = Fa
     }
 
 
-def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
+def _check_choice(value: str, choices: tuple[str, ...], param: str) -> None:
+    """``param``: the parameter's name (a flag spelling such as ``--weights`` is accepted too)."""
     if value not in choices:
-        raise SwatError(f"unknown {option} {value!r}; choose one of: {', '.join(choices)}")
+        name = option(param.lstrip("-").replace("-", "_"))
+        raise SwatError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def _module_target(out: str | Path | None, force: bool) -> Path:
@@ -141,7 +144,7 @@ def export_onnx(source: str | Path | Run | nn.Module, out: str | Path | None = N
     float32 in-graph, so compute stays float32. A proto larger than ``external_threshold`` bytes
     (protobuf's hard limit is 2 GB) goes to ``FILE`` + ``FILE.data`` (ONNX external data).
     """
-    _check_choice(weights, WEIGHT_MODES, "--weights")
+    _check_choice(weights, WEIGHT_MODES, "weights")
     sm, path = _pruned(source, "onnx", out, force, {"example_input": example_input, "normalize": normalize,
                                                      "class_names": class_names, "name": name})
     return write_onnx(torch_to_onnx(sm), sm, path, weights=weights, fp16=fp16,
@@ -158,7 +161,7 @@ def write_onnx(base: Any, sm: SparseModel, path: str | Path, *, weights: str = "
 
     from swat_deploy import onnx_compact
 
-    _check_choice(weights, WEIGHT_MODES, "--weights")
+    _check_choice(weights, WEIGHT_MODES, "weights")
     path = Path(path)
     model = onnx.ModelProto()
     model.CopyFrom(base)
@@ -269,7 +272,7 @@ def export_torchscript(source: str | Path | Run | nn.Module, out: str | Path | N
     ``weight_values`` / ``weight_shape``), which runs dense or, for the batch sizes where it was
     timed faster at export, as torch CSR @ dense.
     """
-    _check_choice(weights, WEIGHT_MODES, "--weights")
+    _check_choice(weights, WEIGHT_MODES, "weights")
     sm, path = _pruned(source, "torchscript", out, force, {"example_input": example_input, "normalize": normalize,
                                                             "class_names": class_names, "name": name})
     return write_torchscript(sm, path, weights=weights)
@@ -304,10 +307,12 @@ def export(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None
     if fmt not in FORMATS:
         raise SwatError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if calib is not None and not int8:
-        raise SwatError("--calib applies to --int8 exports only; add --int8 or drop --calib")
+        raise SwatError(f"{option('calib')} applies to {option('int8')} exports only; add {option('int8')} or "
+                        f"drop {option('calib')}")
     if int8:
         if fmt != "onnx" or fp16:
-            raise SwatError("--int8 makes an ONNX QDQ model; use --format onnx without --fp16")
+            raise SwatError(f"{option('int8')} makes an ONNX QDQ model; use {option('fmt')} onnx without "
+                            f"{option('fp16')}")
         from swat_deploy.quantize import CALIB_IMAGES, export_onnx_int8
 
         return export_onnx_int8(run_dir, out, force=force, weights=weights,
@@ -315,5 +320,5 @@ def export(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None
     if fmt == "onnx":
         return export_onnx(run_dir, out, force=force, weights=weights, fp16=fp16)
     if fp16:
-        raise SwatError("--fp16 applies to ONNX only; drop it or use --format onnx")
+        raise SwatError(f"{option('fp16')} applies to ONNX only; drop it or use {option('fmt')} onnx")
     return export_torchscript(run_dir, out, force=force, weights=weights)

@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from training.errors import SwatError, UnsafeInputError
+from training.errors import FAILED, SwatError, UnsafeInputError
 
 EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
 
@@ -111,7 +111,7 @@ def check_integrity(model: Any, what: str) -> None:
     if onnx_weights_sha256(model) != claimed:
         raise SwatError(f"{what}: its weights do not match the hash recorded at export (swat.weights_sha256); "
                         f"the file was damaged or edited - re-export it (or remove that metadata entry to run "
-                        f"an intentionally edited model)", exit_code=1)
+                        f"an intentionally edited model)", kind=FAILED)
 
 
 # ------------------------------------------------------------------------------ external data

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.errors import SwatError
+from training.errors import SwatError, option
 from training.rundir import Run, load_trained_model, read_run
-from training.topk import topk_weight
+from training.weight_topk import topk_weight
 
 
 class Normalize(nn.Module):
@@ -135,11 +135,6 @@ def prune(run_dir: str | Path | Run) -> SparseModel:
     return sparse_model(load_trained_model(run), run)
 
 
-def layer_rows(sm: SparseModel) -> list[dict[str, Any]]:
-    return [{"name": l.name, "shape": l.shape, "expected_sparsity": l.expected_sparsity,
-             "measured_sparsity": l.measured_sparsity} for l in sm.layers]
-
-
 # ------------------------------------------------------------------- sparse.safetensors
 SPARSE_FILE = "sparse.safetensors"
 SPARSE_FORMAT_VERSION = 1
@@ -179,6 +174,18 @@ def storage_plan(sm: SparseModel) -> list[StoredLayer]:
     return rows
 
 
+def format_storage(rows: list[StoredLayer]) -> str:
+    """The per-layer storage table ``swat prune`` prints, with the total and the size ratio."""
+    lines = [f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'block':>5} {'format':<8} {'dense B':>10} {'stored B':>10}"]
+    for r in rows:
+        lines.append(f"{r.name:<28} {'x'.join(map(str, r.shape)):<18} {r.sparsity:>8.4f} {r.block:>5} {r.format:<8} "
+                     f"{r.dense_bytes:>10} {r.stored_bytes:>10}")
+    dense, stored = sum(r.dense_bytes for r in rows), sum(r.stored_bytes for r in rows)
+    lines.append(f"{'total':<28} {'':<18} {'':>8} {'':>5} {'':<8} {dense:>10} {stored:>10}  "
+                 f"({dense / max(stored, 1):.1f}x smaller)")
+    return "\n".join(lines)
+
+
 def save_sparse(sm: SparseModel, path: str | Path | None = None, *, force: bool = False) -> tuple[Path, list[StoredLayer]]:
     """``swat prune``: write the pruned model as one safetensors file (default RUN/sparse.safetensors).
 
@@ -194,7 +201,7 @@ def save_sparse(sm: SparseModel, path: str | Path | None = None, *, force: bool 
 
     path = Path(path) if path is not None else sm.run.path / SPARSE_FILE
     if path.exists() and not force:
-        raise SwatError(f"{path} already exists; pass --force to overwrite it")
+        raise SwatError(f"{path} already exists; pass {option('force')} to overwrite it")
     plan = storage_plan(sm)
     prunable = {f"net.{row.name}.weight": row for row in plan}
     tensors: dict[str, torch.Tensor] = {}

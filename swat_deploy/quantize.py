@@ -54,7 +54,7 @@ def calibration_images(run: Run | str | Path, n: int = CALIB_IMAGES, seed: int =
     """``n`` images of the run's training split (as trained: same ``--limit``), a seeded random
     sample, float32 NCHW in [0, 1] - what exported models take."""
     from training import data as datasets
-    from training.trainer import iterate_batches
+    from training.evaluation import iterate_batches
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SwatError(f"--calib must be a positive number of images, got {n!r}; e.g. --calib 256")

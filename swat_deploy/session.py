@@ -189,10 +189,13 @@ class Session:
         self.metadata: dict[str, str] = dict(source.metadata)
         # A quantised graph our ops cannot run goes whole to onnxruntime (``delegated``; see run).
         self.delegated = _needs_onnxruntime(source)
+        qdq = _qdq_graph(source, kernel) if self.delegated else None  # int8 kernels: see the QDQ section
+        if qdq is not None:
+            self.delegated = False
         if self.delegated and onnx_source is None:
             raise SwatError("this Graph has quantisation ops the Session cannot run, and a bare Graph cannot be "
                             "handed to onnxruntime; pass the .onnx file or its ModelProto")
-        self._graph = source if self.delegated else optimize(source, REGISTRY)
+        self._graph = source if self.delegated else qdq if qdq is not None else optimize(source, REGISTRY)
         self._threads = threads
         # One explicit thread count for the whole run (the process default when none is given):
         # torch's count stays fixed while the graph runs, see kernels.base.thread_scope.
@@ -380,7 +383,7 @@ class Session:
     # ------------------------------------------------------------------------- internals
 
     def _make_step(self, node: Node) -> _Step:
-        op = REGISTRY[node.op_type]
+        op = REGISTRY[node.op_type] if node.op_type in REGISTRY else _qdq_ops()[node.op_type]
         fn = op.prepare(node, self._graph.constants, self._ctx) if op.prepare is not None else None
         if fn is None:
             fn = functools.partial(op.run_torch, node)
@@ -481,3 +484,28 @@ def _time_candidates(runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
 
     timed = time_interleaved(runs, repeats=15, budget_s=1.0, stat=lower_quartile)
     return {k: sec * 1e3 for k, (sec, _) in timed.items()}
+
+
+# ------------------------------------------------------------------ QDQ fusion (int8 kernels)
+# A quantised (QDQ) graph whose convs fit swat's sparse int8 kernels runs here instead of being
+# handed whole to onnxruntime: swat_deploy/kernels/int8_qdq.py fuses DQ -> Conv -> Q into one
+# uint8 -> uint8 step and runs the other Q / DQ as torch ops; the planner then times it against
+# onnxruntime on the same file, as for float32. SWAT_INT8=0 keeps the old delegation.
+
+def _qdq_graph(source: Graph, kernel: str | None) -> Graph | None:
+    """The fused QDQ graph, or None (not fusable, int8 kernels missing, a forced float kernel)."""
+    if kernel is not None or os.environ.get("SWAT_INT8", "1").strip().lower() in ("0", "off", "false"):
+        return None
+    from .kernels.int8_qdq import build_graph
+
+    try:
+        built = build_graph(source, REGISTRY)
+    except SwatError:
+        return None
+    return None if built is None else built[0]
+
+
+def _qdq_ops() -> dict:
+    from .kernels.int8_qdq import OPS
+
+    return OPS

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from training import data as datasets
-from training.errors import SwatError
+from training.errors import FAILED, SwatError, option
 from training.rundir import Run, load_trained_model, read_run
 from training.text import escape_control as esc
-from training.trainer import iterate_batches
+from training.evaluation import iterate_batches
 from swat_deploy import artifact as art
 from swat_deploy.export import DEFAULT_NAMES, INT8_NAME
 from swat_deploy.qdq import is_quantized
@@ -119,10 +119,10 @@ def _test_images(run: Run, data_dir: str | None, limit: int | None) -> tuple[tor
     name = run.meta["dataset"]
     try:
         ds = datasets.load(name, "test", data_dir or run.config.data_dir)
-    except SwatError as e:  # its message already names the files and the --data-dir fix
-        raise SwatError(f"cannot verify: test split of {name!r} unavailable: {e}") from None
+    except SwatError as e:  # its message already names the files and the data_dir fix
+        raise SwatError(f"cannot verify: test split of {name!r} unavailable: {e.template}", e.kind) from None
     except (OSError, ValueError) as e:
-        raise SwatError(f"test split of {name!r} unavailable ({type(e).__name__}: {e}); pass --data-dir DIR "
+        raise SwatError(f"test split of {name!r} unavailable ({type(e).__name__}: {e}); pass {option('data_dir')} DIR "
                         f"where it is stored") from None
     n = len(ds) if limit is None else min(limit, len(ds))
     xs, ys = [], []
@@ -177,7 +177,7 @@ def _find_artifacts(run: Run, model: str | Path | None) -> tuple[list[Path], lis
     missing = [n for n in read_exports(run.path) if not (run.path / n).is_file()]
     if not found and not missing:
         raise SwatError(f"no exported model in {run.path}; run `swat export {run.path} --format onnx` "
-                        f"(or pass --model FILE)")
+                        f"(or pass {option('model')} FILE)")
     return found, missing
 
 
@@ -296,7 +296,7 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
     run = read_run(run_dir)
     paths, missing_exports = _find_artifacts(run, model)
     if limit is not None and limit < 1:
-        raise SwatError(f"--limit {limit} must be a positive number of test images")
+        raise SwatError(f"{option('limit')} {limit} must be a positive number of test images")
     # parse every file first: a missing / truncated / foreign file is a one-line error up front
     loaded = []
     for path in paths:
@@ -314,7 +314,7 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
         try:
             weights = get()
         except SwatError as e:
-            if e.exit_code != 1:  # 1: stored weights do not decode - reported as a FAIL row
+            if e.kind != FAILED:  # stored weights that do not decode are reported as a FAIL row
                 raise
             weights = None
         _check_same_model(path, run, weights, meta)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -115,18 +116,39 @@ BLOCKS = (1, 2, 4, 8, 16)  # block heights the compiled loops have micro-kernels
 @functools.lru_cache(maxsize=1)
 def _item_span() -> Any:
     """Work item i -> (image chunk b, rows r0..r1, grid t0..t1): items are chunk-major, then
-    tile groups of `tg` floats, then `nrg` row groups (see `split`)."""
+    tile groups of `tg` floats, then `nrg` row groups (see `split`). Row groups hold equal
+    shares of the non-zeros (not of the rows): rows of a sparse weight differ a lot in length,
+    and an even row split left one of two threads with up to 1.5x the other's work."""
     from numba import njit
 
     @njit(cache=False, inline="always")
-    def span(i, rows, run, ntg, tg, nrg):  # noqa: ANN001, ANN202
+    def row_at(indptr, share, parts):  # noqa: ANN001, ANN202
+        rows = indptr.shape[0] - 1
+        if share <= 0:
+            return 0
+        if share >= parts:
+            return rows
+        want = (np.int64(indptr[rows]) * share) // parts
+        lo, hi = 0, rows
+        while lo < hi:  # first row whose start reaches `want`
+            mid = (lo + hi) // 2
+            if indptr[mid] < want:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    @njit(cache=False, inline="always")
+    def span(i, indptr, run, ntg, tg, nrg):  # noqa: ANN001, ANN202
         per_b = ntg * nrg
         b = i // per_b
         rest = i - b * per_b
         g = rest // nrg
         q = rest - g * nrg
         t0 = g * tg
-        return b, (rows * q) // nrg, (rows * (q + 1)) // nrg, t0, min(run, t0 + tg)
+        if nrg == 1:
+            return b, 0, indptr.shape[0] - 1, t0, min(run, t0 + tg)
+        return b, row_at(indptr, q, nrg), row_at(indptr, q + 1, nrg), t0, min(run, t0 + tg)
 
     return span
 
@@ -147,7 +169,7 @@ def _numba_loops() -> tuple[Any, Any]:
     @njit(cache=False, inline="always")
     def _item(i, code, indptr, offs, vals, bias, packed, chunk_in, out, run, nb, blk, ntg, tg, nrg):  # noqa: ANN001, ANN202
         rows = indptr.shape[0] - 1
-        b, r0, r1, t0, t1 = span(i, rows, run, ntg, tg, nrg)
+        b, r0, r1, t0, t1 = span(i, indptr, run, ntg, tg, nrg)
         fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
            packed.ctypes.data + 4 * b * chunk_in, out.ctypes.data + 4 * b * rows * blk * run,
            blk, run, r0, r1, t0, t1)
@@ -262,7 +284,7 @@ def _numba_epi_loops() -> tuple[Any, Any]:
     def _item(i, code, indptr, offs, vals, bias, packed, chunk_in, y, res, has_res, relu, pitch, w_out, plane,  # noqa: ANN001, ANN202
               run, nb, blk, ntg, tg, nrg):
         rows = indptr.shape[0] - 1
-        b, r0, r1, t0, t1 = span(i, rows, run, ntg, tg, nrg)
+        b, r0, r1, t0, t1 = span(i, indptr, run, ntg, tg, nrg)
         img = 4 * b * rows * blk * plane
         rp = res.ctypes.data + img if has_res else 0
         fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
@@ -289,16 +311,21 @@ def _numba_epi_loops() -> tuple[Any, Any]:
 def split(run: int, nb: int, rows: int, threads: int) -> tuple[int, int, int]:
     """(tile-group count, tile-group floats, row-group count) for one call.
 
-    Tile groups are the unit of work that keeps an input window in one core's L1/L2; rows are
-    split too only when there are too few (chunk, tile group) items to keep every thread busy.
+    The C loop walks its tiles outermost, so a tile's input window stays in L1 whatever the
+    group size; groups exist only to share the work. numba's prange hands each thread one
+    contiguous block of items, so the items must be equal and their count a multiple of the
+    thread count: then every thread gets the same work. Each image chunk is cut into
+    `parts` equal pieces, by tiles when a piece keeps at least 8 vectors (full-width register
+    tiles), else by rows of equal non-zero count (small maps such as 4x4 at batch 1).
     """
-    tg = 256 if run > 512 else run
-    tg = -(-tg // 16) * 16
-    ntg = -(-run // tg)
-    items = nb * ntg
-    want = 4 * threads if threads > 1 else 1
-    nrg = 1 if items >= want else max(1, min(rows, -(-want // items)))
-    return ntg, tg, nrg
+    tiles = -(-run // 16)
+    if threads <= 1 or nb % threads == 0:
+        return 1, tiles * 16, 1
+    parts = threads // math.gcd(nb, threads)
+    if tiles >= 8 * parts:
+        tg = -(-tiles // parts) * 16
+        return -(-run // tg), tg, 1
+    return 1, tiles * 16, max(1, min(rows, parts))
 
 
 def check_offsets(offs: np.ndarray) -> np.ndarray:

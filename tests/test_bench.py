@@ -46,18 +46,22 @@ def test_time_interleaved_alternates_order_in_turns_and_counts_rounds() -> None:
     assert all(t >= 0 for t, _ in out.values())
 
 
-def test_time_interleaved_drops_the_first_call_of_each_turn() -> None:
-    import time
+def test_time_interleaved_drops_the_first_call_of_each_turn(monkeypatch) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
 
+    from swat_deploy import timing
+
+    clock = {"now": 0.0}  # a fake clock: no real timing in the default suite
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
     last = {"who": None}
 
     def engine(name: str) -> None:  # slow right after the other engine ran (cold cache), fast after
-        time.sleep(0.02 if last["who"] != name else 0.0)
+        clock["now"] += 0.02 if last["who"] != name else 0.001
         last["who"] = name
 
     fns = {n: (lambda n=n: engine(n)) for n in ("a", "b")}
-    assert all(m < 0.01 for m, _ in time_interleaved(fns, repeats=3, per_turn=3).values())
-    assert all(m >= 0.02 for m, _ in time_interleaved(fns, repeats=3, per_turn=1).values())
+    assert all(m == pytest.approx(0.001) for m, _ in time_interleaved(fns, repeats=3, per_turn=3).values())
+    assert all(m == pytest.approx(0.02) for m, _ in time_interleaved(fns, repeats=3, per_turn=1).values())
 
 
 def test_magnitude_prune_hits_the_sparsity_on_weights_only(cnn_onnx: Path) -> None:
@@ -99,7 +103,7 @@ def test_sweep_of_a_run_dir_with_a_compact_export(tmp_path: Path) -> None:
     """The user's model.onnx stores weights as values + bitmask; the sweep re-prunes the plain model."""
     from swat_deploy.export import export
     from training.config import TrainConfig
-    from training.trainer import train
+    from training.launch import train
 
     run = tmp_path / "run"
     train(TrainConfig(model="lenet5", dataset="digits", sparsity=0.7, epochs=1, limit=64), run,
@@ -129,7 +133,7 @@ def test_bench_int8_calibrates_on_random_images_when_the_data_set_is_missing(tmp
 
 
 def test_bench_rejects_bad_arguments(cnn_onnx: Path, tmp_path: Path) -> None:
-    with pytest.raises(SwatError, match="batch-size"):
+    with pytest.raises(SwatError, match="`batch_sizes`"):
         bench(cnn_onnx, [0])
     with pytest.raises(SwatError, match="threads"):
         bench(cnn_onnx, [1], threads=0)

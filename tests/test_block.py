@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,13 @@ from swat_deploy import onnx_compact
 from swat_deploy.formats import block_pattern_violations, block_size_of, choose_format, load_state, to_format
 from training import blocks
 from training.swatify import layer_stats, layer_table, swat_layers, swatify
-from training.topk import SwatValueError, keep_count, select_bits, topk_weight
+from training.topk import SwatValueError, keep_count, select_bits
+from training.weight_topk import topk_weight
+
+from conftest import invoke_swat
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "isolated_caches")
 
 
 def _nonzero_randn(*shape: int) -> torch.Tensor:
@@ -344,18 +346,7 @@ def test_decode_follows_the_graph_when_a_block_bit_is_flipped():
 
 
 # ------------------------------------------------------------------------ CLI, prune, verify
-def swat(*args: str) -> subprocess.CompletedProcess:
-    import cli.main  # noqa: F401 - registers every command
-    from cli._app import app
-    from typer.testing import CliRunner
-
-    r = CliRunner().invoke(app, list(args))
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
-
-
-@pytest.fixture(autouse=True)
-def _no_autotune(monkeypatch):
-    monkeypatch.setenv("SWAT_AUTOTUNE", "0")  # the Session picks kernels by rule: fast, deterministic
+swat = invoke_swat  # the real command, in process
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,7 @@ def test_mnist_missing_names_where_and_how(tmp_path):
     with pytest.raises(SwatError) as e:
         D.load("mnist", data_dir=tmp_path)
     msg = one_line_error(e)
-    assert str(tmp_path) in msg and "train-images-idx3-ubyte.gz" in msg and "--data-dir" in msg
+    assert str(tmp_path) in msg and "train-images-idx3-ubyte.gz" in msg and "`data_dir`" in msg
 
 
 def test_idx_damaged_files_are_named(tmp_path):
@@ -372,7 +372,7 @@ def test_imagefolder_resize_gray_limit(tmp_path):
 
 
 def test_imagefolder_errors(tmp_path):
-    with pytest.raises(SwatError, match="--data-dir"):
+    with pytest.raises(SwatError, match="`data_dir`"):
         D.load("imagefolder")
     make_folder(tmp_path, "train", {"a": 1})
     with pytest.raises(SwatError) as e:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from conftest import run_swat
+
 EPOCHS = 4
 TRAIN = ["train", "--model", "lenet5", "--dataset", "digits", "--mode", "swat", "--sparsity", "0.7",
          "--seed", "0"]
 
 
-def swat(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MPLBACKEND="Agg", SWAT_AUTOTUNE="0")
-    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"swat {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+swat = run_swat  # the real command, in its own process
 
 
 @pytest.fixture(scope="module")

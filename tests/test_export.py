@@ -25,7 +25,7 @@ from training.config import TrainConfig
 from training.fileio import atomic_write_json, save_tensors, sha256_file
 from training.rundir import build_model, load_trained_model, read_run
 from training.swatify import layer_table
-from training.trainer import evaluate
+from training.evaluation import evaluate
 
 
 def make_run(path: Path, model: str = "lenet5", dataset: str = "digits", sparsity: float = 0.7,
@@ -256,9 +256,9 @@ def test_bad_options_are_one_line_errors(lenet: dict, tmp_path: Path) -> None:
     from swat_deploy.export import export
     from training.errors import SwatError
 
-    with pytest.raises(SwatError, match="--weights"):
+    with pytest.raises(SwatError, match="`weights`"):
         export(lenet["run"], "onnx", tmp_path / "a.onnx", weights="csr")
-    with pytest.raises(SwatError, match="--fp16"):
+    with pytest.raises(SwatError, match="`fp16`"):
         export(lenet["run"], "torchscript", tmp_path / "a.pt", fp16=True)
 
 

@@ -71,7 +71,7 @@ def base_run(tmp_path_factory) -> Path:
     """lenet5 on digits, 2 epochs of 64 images, exported to ONNX and TorchScript (library calls)."""
     from swat_deploy.export import export_onnx, export_torchscript
     from training.config import TrainConfig
-    from training.trainer import train
+    from training.launch import train
 
     run = tmp_path_factory.mktemp("hardening") / "run"
     cfg = TrainConfig(model="lenet5", dataset="digits", sparsity=0.7, epochs=2, limit=64, batch_size=16, seed=0)
@@ -344,7 +344,7 @@ def test_resume_with_more_epochs_extends_the_run_and_records_it(run_copy: Path) 
 
 def test_resuming_a_finished_run_keeps_its_hash_and_exports_valid(run_copy: Path) -> None:
     from swat_deploy.verify import verify
-    from training.trainer import resume
+    from training.launch import resume
 
     old = json.loads((run_copy / "run.json").read_text())
     resume(run_copy, log=lambda line: None, progress=False)
@@ -370,7 +370,7 @@ def test_extreme_sparsity_claims_what_the_minimum_kept_count_leaves(tmp_path: Pa
     from swat_deploy.prune import prune
     from training.config import TrainConfig
     from training.rundir import read_run
-    from training.trainer import train
+    from training.launch import train
 
     s = 0.999999
     train(TrainConfig(model="lenet5", dataset="digits", sparsity=s, epochs=1, limit=32, batch_size=16),

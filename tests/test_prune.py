@@ -1,9 +1,6 @@
 """Pruning to the deployed model, the sparse.safetensors file and `swat prune`."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +10,14 @@ import torch
 from swat_deploy.prune import load_sparse, prune, save_sparse, storage_plan, to_onnx_model
 from training.errors import SwatError
 
+from conftest import run_swat
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny real run: LeNet-5 trained with SWAT at 70 % on 64 digits for one epoch."""
     from training.config import TrainConfig
-    from training.trainer import train
+    from training.launch import train
 
     out = tmp_path_factory.mktemp("prune") / "run"
     cfg = TrainConfig(model="lenet5", dataset="digits", mode="swat", sparsity=0.7, epochs=1, limit=64, seed=0)
@@ -26,10 +25,7 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _no_autotune(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("SWAT_AUTOTUNE", "0")
-    monkeypatch.setenv("SWAT_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
+pytestmark = pytest.mark.usefixtures("isolated_caches")
 
 
 def _images(n: int = 16) -> torch.Tensor:
@@ -74,7 +70,7 @@ def test_sparse_file_round_trip_is_lossless(run_dir: Path, tmp_path: Path) -> No
 def test_sparse_file_refuses_overwrite_and_rejects_other_files(run_dir: Path, tmp_path: Path) -> None:
     sm = prune(run_dir)
     path, _ = save_sparse(sm, tmp_path / "m.safetensors")
-    with pytest.raises(SwatError, match="--force"):
+    with pytest.raises(SwatError, match="`force`"):
         save_sparse(sm, path)
     save_sparse(sm, path, force=True)
     with pytest.raises(SwatError, match="not a swat sparse model"):
@@ -99,12 +95,10 @@ def test_session_runs_run_dir_and_sparse_file_like_onnxruntime(run_dir: Path, tm
 
 @pytest.mark.slow  # two `swat` subprocesses (~5 s)
 def test_swat_prune_cli(run_dir: Path) -> None:
-    env = dict(os.environ, MPLBACKEND="Agg", SWAT_AUTOTUNE="0")
-    cmd = [sys.executable, "-m", "cli", "prune", str(run_dir)]
-    first = subprocess.run(cmd + ["--force"], capture_output=True, text=True, env=env)
+    first = run_swat("prune", str(run_dir), "--force")
     assert first.returncode == 0, first.stderr
     assert "format" in first.stdout and "stored B" in first.stdout and "csr" in first.stdout
     assert (run_dir / "sparse.safetensors").is_file()
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    again = run_swat("prune", str(run_dir))
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
     assert len(storage_plan(prune(run_dir))) == len(first.stdout.splitlines()) - 3  # header, total, wrote

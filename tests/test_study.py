@@ -17,7 +17,8 @@ from training.forward_only import forward_only
 from training.study import store, verdicts as V
 from training.study.configurations import runs_of
 from training.swatify import layer_stats, swatify
-from training.topk import keep_count, select_bits, topk_weight
+from training.topk import keep_count, select_bits
+from training.weight_topk import topk_weight
 
 
 # ------------------------------------------------------------------------ verdict maths

@@ -21,7 +21,8 @@ from training.budget import layer_sparsities
 from training.memory import SwatMaxPool2d, SwatReLU, saved_bytes, saved_tensors
 from training.swatify import (SwatConv2d, SwatLinear, layer_stats, load_swat_state_dict, output_layer,
                               swat_layers, swat_state_dict, swatify, unswatify)
-from training.topk import keep_count, kth_magnitude, select_bits, topk_weight
+from training.topk import keep_count, kth_magnitude, select_bits
+from training.weight_topk import topk_weight
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -588,7 +589,7 @@ def test_output_layer_is_what_the_model_returns(name):
 def test_meprop_70_learns_digits_well_above_chance(tmp_path):
     """Before the output layer was kept dense this run stayed near chance (0.27 here; 0.075 at 5 epochs)."""
     from training.config import TrainConfig
-    from training.trainer import train
+    from training.launch import train
 
     cfg = TrainConfig(dataset="digits", model="lenet5", mode="meprop", sparsity=0.7, epochs=3, seed=0)
     res = train(cfg, tmp_path / "run", log=lambda line: None, progress=False)
@@ -664,60 +665,6 @@ def test_saved_bytes_of_block_and_resnet20_at_70_percent():
     assert saved_bytes(swatify(copy.deepcopy(net), 0.7, "meprop"), x, y) / dense == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("n", [1, 7, 64, 1001, 40000])
-def test_nested_bitmask_round_trips_on_both_backends(n):
-    g = torch.Generator().manual_seed(n)
-    outer = torch.rand(n, generator=g) < 0.5
-    full = outer & (torch.rand(n, generator=g) < 0.4)
-    res = []
-    for b in _backends():
-        with memory.use_backend(b):
-            ob, fb = memory.pack_bits(outer), memory.pack_bits(full)
-            sub = memory.nest_bits(ob, fb, n)
-            assert sub.numel() == (int(outer.sum()) + 7) // 8
-            assert torch.equal(memory.unpack_bits(sub, int(outer.sum())), full[outer])
-            assert torch.equal(memory.unnest_bits(ob, sub, n), fb)
-            if not outer.all():   # a selection with a bit outside the outer mask cannot be nested
-                with pytest.raises(RuntimeError, match="subset"):
-                    memory.nest_bits(ob, memory.pack_bits(~outer), n)
-        res.append(sub)
-    assert torch.equal(res[0], res[1])
-
-
-def test_conv_after_relu_nests_its_bitmask_in_the_relus(monkeypatch):
-    monkeypatch.setattr(memory, "NEST_IN_RELU_MASK", True)
-    torch.manual_seed(21)
-    conv = nn.Conv2d(4, 5, 3, padding=1, bias=False)
-    w = conv.weight.detach().clone()
-    net = swatify(nn.Sequential(nn.ReLU(), conv), 0.7, "swat").train()
-    x = torch.randn(2, 4, 8, 8)
-    g = torch.randn(2, 5, 8, 8)
-    xr = x.clone().requires_grad_(True)
-    out = net(xr)
-    out.backward(g)
-    a = torch.relu(x)
-    a_s = torch.where(ref_mask(a, 0.7, "nchw", drop_zeros=True), a, 0.0)
-    w_s = torch.where(ref_mask(w, 0.7, "nchw"), w, 0.0)
-    _close(out, F.conv2d(a, w_s, padding=1), "out")
-    _close(conv.weight.grad, conv2d_weight(a_s, w.shape, g, padding=1), "grad_weight")
-    _close(xr.grad, conv2d_input(x.shape, w_s, g, padding=1) * (x > 0), "grad_input")
-    recs = [r for r in saved_tensors(net, x.clone().requires_grad_(True), lambda o: o.sum())
-            if r.dtype == torch.uint8]
-    n, nnz = x.numel(), int((x > 0).sum())
-    relu_bits = [r for r in recs if r.nbytes == n // 8]
-    assert len(relu_bits) == 2 and relu_bits[1].duplicate         # the conv reuses the ReLU's mask
-    assert any(r.nbytes == (nnz + 7) // 8 for r in recs)                # 1 bit per positive entry
-    # a ReLU output changed in place afterwards is not reused (its mask no longer describes it)
-    relu, conv2 = SwatReLU(), swatify(nn.Sequential(copy.deepcopy(conv)), 0.7, "saw")[0].train()
-    conv2.weight.grad = None
-    y = relu(x.clone().requires_grad_(True))
-    y.mul_(-1.0)
-    conv2(y).backward(g)
-    ym = -a
-    _close(conv2.weight.grad, conv2d_weight(torch.where(ref_mask(ym, 0.7, "nchw", drop_zeros=True), ym, 0.0),
-                                            w.shape, g, padding=1), "in-place changed input")
-
-
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("inplace", [False, True])
 def test_mask_relu_matches_torch_relu_including_nan(backend, inplace):
@@ -732,23 +679,3 @@ def test_mask_relu_matches_torch_relu_including_nan(backend, inplace):
         out.backward(g)
     assert torch.equal(out.detach().nan_to_num(7.0), ref_out.detach().nan_to_num(7.0))
     assert torch.equal(x.grad, ref_in.grad)
-
-
-def test_nested_and_flat_bitmasks_train_identically():
-    torch.manual_seed(22)
-    base = models.build("resnet20")
-    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    grads, sizes = {}, {}
-    for nest in (False, True):
-        memory.NEST_IN_RELU_MASK = nest
-        try:
-            net = swatify(copy.deepcopy(base), 0.7, "swat", refresh_every=2).train()
-            for _ in range(3):   # refresh and cached steps
-                net.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-            grads[nest] = [p.grad.clone() for p in net.parameters()]
-            sizes[nest] = saved_bytes(net, x, y)
-        finally:
-            memory.NEST_IN_RELU_MASK = False
-    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
-    assert sizes[True] < sizes[False]

@@ -6,10 +6,7 @@ shapes, data set unavailable) -> 2 with one line on stderr.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from swat_deploy.export import export_torchscript, torch_to_onnx, write_onnx
 from swat_deploy.info import format_info, info
 from swat_deploy.prune import prune
 from swat_deploy.verify import verify
+from conftest import invoke_swat, run_swat
 from test_export import make_run
 
 INTEGRITY = "integrity (weights hash vs metadata)"
@@ -31,19 +29,8 @@ CLAIMS = "metadata claims vs run.json"
 LOGIT_ROWS = {"max |logit diff|", "top-1 agreement with trained model", "accuracy vs run.json"}
 
 
-def swat(*args: str) -> subprocess.CompletedProcess:
-    """The real `swat` command, in-process (Typer's runner) to spare a Python start per call."""
-    import cli.main  # noqa: F401 - registers every command
-    from cli._app import app
-    from typer.testing import CliRunner
-
-    r = CliRunner().invoke(app, list(args))
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
-
-
-def swat_process(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MPLBACKEND="Agg", SWAT_AUTOTUNE="0")
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env)
+swat = invoke_swat            # the real command, in process
+swat_process = run_swat      # the real command, in its own process
 
 
 @pytest.fixture(scope="module")
@@ -186,11 +173,11 @@ def test_dataset_unavailable_is_one_line(runs: dict, tmp_path: Path) -> None:
     (other / "run.json").write_text(json.dumps(meta))
     empty = tmp_path / "empty"
     empty.mkdir()
-    from training.errors import SwatError
+    from training.errors import BAD_INPUT, SwatError
 
-    with pytest.raises(SwatError, match="unavailable.*--data-dir") as e:
+    with pytest.raises(SwatError, match="unavailable.*`data_dir`") as e:
         verify(other, data_dir=str(empty))
-    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert e.value.kind == BAD_INPUT and "\n" not in str(e.value)
 
 
 def test_cli_json_contract_and_limit(runs: dict) -> None:

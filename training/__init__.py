@@ -6,7 +6,8 @@ SWAT layers by module surgery (:func:`swatify`) and trains them.
 from training.errors import SwatError
 from training.swatify import (layer_stats, layer_table, load_swat_state_dict, swat_layers, swat_state_dict,
                               swatify, unswatify)
-from training.topk import keep_count, topk_mask, topk_weight
+from training.topk import keep_count, topk_mask
+from training.weight_topk import topk_weight
 
 __all__ = ["SwatError", "swatify", "unswatify", "swat_layers", "layer_table", "layer_stats", "swat_state_dict",
            "load_swat_state_dict", "topk_mask", "topk_weight", "keep_count", "TrainConfig", "train", "resume"]
@@ -18,6 +19,6 @@ def __getattr__(name: str):
         from training.config import TrainConfig
         return TrainConfig
     if name in ("train", "resume"):
-        from training import trainer
-        return getattr(trainer, name)
+        from training import launch
+        return getattr(launch, name)
     raise AttributeError(name)

@@ -13,8 +13,7 @@ one or two streaming passes (about 0.3-1 ms per million elements):
   (``pack_exact`` also keeps the first ``need[g]`` entries equal to the threshold: ties go to
   the lowest flat index, the rule documented in :mod:`training.topk`).
 * ``gather`` / ``expand`` / ``mask_select``: bitmask + values <-> dense tensor.
-* ``nest`` / ``unnest``: a bitmask re-encoded relative to an enclosing one (a ReLU's), via
-  256x256 byte tables (software PEXT / PDEP).
+* ``relu_pack``: ReLU and the bitmask of its positives in one pass.
 
 Every function takes flat contiguous numpy views of torch tensors (zero copy); the Python
 wrappers in :mod:`training.topk` and :mod:`training.memory` choose between these and the
@@ -313,86 +312,7 @@ def mask_select(x_u32, bits, out_u32):
         out_u32[i] = x_u32[i] & (np.uint32(0) - c)
 
 
-# ------------------------------------------------------------------ nested bitmasks
-# A conv whose input is a ReLU output keeps its TopK bitmask *relative to* the ReLU's mask of
-# positives (which the ReLU saves anyway): one bit per positive entry instead of one per entry.
-# PEXT[o, f]: the bits of f at the set positions of o, packed low; PDEP is the inverse.
-_PEXT = np.zeros((256, 256), dtype=np.uint8)
-_PDEP = np.zeros((256, 256), dtype=np.uint8)
-for _o in range(256):
-    _pos = [i for i in range(8) if (_o >> i) & 1]
-    for _f in range(256):
-        _PEXT[_o, _f] = sum(((_f >> p) & 1) << j for j, p in enumerate(_pos))
-    for _s in range(1 << len(_pos)):
-        _PDEP[_o, _s] = sum(((_s >> j) & 1) << p for j, p in enumerate(_pos))
-_PEXT_FLAT = _PEXT.reshape(-1).copy()
-_PDEP_FLAT = _PDEP.reshape(-1).copy()
-
-
-@njit(cache=True, nogil=True)
-def nest(outer, full, sub):
-    """sub = the bits of ``full`` at the set positions of ``outer``, packed; returns their count.
-
-    All three are uint64 words (little-endian, so bit order matches the byte masks); ``sub``
-    needs len(outer) + 1 words.  Returns -1 if ``full`` has a bit outside ``outer``.  A word
-    at a time, branch-free: the per-byte table lookups are independent, only the stream
-    position is a dependency chain.
-    """
-    acc = np.uint64(0)
-    nacc = np.uint64(0)
-    w = 0
-    one = np.uint64(1)
-    for i in range(outer.size):
-        ow = outer[i]
-        fw = full[i]
-        if fw & ~ow:
-            return -1
-        r = np.uint64(0)
-        L = np.uint64(0)
-        for k in range(8):
-            sh = np.uint64(8 * k)
-            ob = np.int64((ow >> sh) & np.uint64(255))
-            fb = np.int64((fw >> sh) & np.uint64(255))
-            r |= np.uint64(_PEXT_FLAT[(ob << 8) | fb]) << L
-            L += np.uint64(_POPC[ob])
-        # append the L (<= 64) bits of r to the stream; acc holds nacc < 64 pending bits
-        lo = acc | ((r << nacc) if nacc < np.uint64(64) else np.uint64(0))
-        spill = nacc + L >= np.uint64(64)
-        sub[w] = lo
-        w += spill
-        hi = (r >> one) >> (np.uint64(63) - nacc)   # r >> (64 - nacc), 0 when nacc == 0
-        acc = hi if spill else lo
-        nacc = nacc + L - (np.uint64(64) if spill else np.uint64(0))
-    sub[w] = acc
-    return w * 64 + np.int64(nacc)
-
-
-@njit(cache=True, nogil=True)
-def unnest(outer, sub, full):
-    """Inverse of ``nest`` (uint64 words; ``sub`` needs one word past its last bit)."""
-    p = np.uint64(0)
-    one = np.uint64(1)
-    for i in range(outer.size):
-        ow = outer[i]
-        L = np.uint64(0)
-        for k in range(8):
-            L += np.uint64(_POPC[np.int64((ow >> np.uint64(8 * k)) & np.uint64(255))])
-        w = np.int64(p >> np.uint64(6))
-        off = p & np.uint64(63)
-        chunk = (sub[w] >> off) | ((sub[w + 1] << one) << (np.uint64(63) - off))
-        if L < np.uint64(64):
-            chunk &= (one << L) - one
-        p += L
-        res = np.uint64(0)
-        for k in range(8):
-            sh = np.uint64(8 * k)
-            ob = np.int64((ow >> sh) & np.uint64(255))
-            c = np.uint64(_POPC[ob])
-            res |= np.uint64(_PDEP_FLAT[(ob << 8) | np.int64(chunk & ((one << c) - one))]) << sh
-            chunk >>= c
-        full[i] = res
-
-
+# ------------------------------------------------------------------------------ ReLU
 @njit(cache=True, nogil=True, inline="always")
 def _relu_byte(x, y, base, count):
     zero = x.dtype.type(0)

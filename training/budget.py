@@ -18,11 +18,10 @@ from typing import Mapping, Optional, Sequence
 
 from torch import nn
 
+from training.config import BUDGETS
 from training.topk import SwatValueError, check_sparsity
 
 __all__ = ["BUDGETS", "layer_sparsities", "prunable_layers", "match_any"]
-
-BUDGETS = ("uniform", "erk")
 
 
 def _convertible(m: nn.Module) -> bool:

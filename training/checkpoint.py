@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.errors import SwatError
+from training.config import TrainConfig
+from training.errors import SwatError, option
 from training.fileio import load_tensors, save_tensors
 
 CHECKPOINT_VERSION = 1
@@ -70,3 +71,31 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         torch.cuda.set_rng_state_all(cuda_states)
     swat = {k[len("swat/"):]: v for k, v in tensors.items() if k.startswith("swat/")}
     return header, swat
+
+
+def checkpoint_header(ckpt: str | Path) -> dict[str, Any]:
+    """The JSON header of a checkpoint (epoch, config, ...), read without loading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            header = json.loads((f.metadata() or {})["header"])
+    except (KeyError, json.JSONDecodeError):
+        raise SwatError(f"{ckpt} has no readable header; it was not written by swat train") from None
+    except OSError as e:
+        raise SwatError(f"cannot read {ckpt} ({e.strerror or e}); check its permissions") from None
+    except Exception as e:  # safetensors raises its own types for damaged files
+        raise SwatError(f"{ckpt} is not a readable checkpoint ({e}); the run cannot be resumed - start a new "
+                        f"one in another {option('out')}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("config"), dict):
+        raise SwatError(f"{ckpt} has no readable config; it was not written by swat train")
+    return header
+
+
+def checkpoint_config(ckpt: str | Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was written with."""
+    config = checkpoint_header(ckpt)["config"]
+    try:
+        return TrainConfig.from_json(config).validate()
+    except (TypeError, ValueError, AttributeError) as e:
+        raise SwatError(f"{ckpt} holds an invalid config ({type(e).__name__}: {e}); it cannot be resumed") from None

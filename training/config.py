@@ -10,9 +10,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from training.errors import SwatError
+from training.errors import SwatError, option
 
 CONFIG_VERSION = 1
+# The choices of each knob, defined here once (this module imports nothing heavy); topk,
+# budget, swatify and measure import them.
 MODES = ("dense", "swat", "saw", "meprop")
 TOPK_VARIANTS = ("nchw", "chw", "hw", "random")
 BUDGETS = ("uniform", "erk")
@@ -69,7 +71,7 @@ class TrainConfig:
             raise bad(f"dataset {self.dataset!r}", f"choose one of: {', '.join(datasets.names())}")
         datasets.canonical(self.dataset)  # unknown name: a SwatError listing the data sets
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
-            raise bad(f"sparsity {self.sparsity!r}", "use a value in [0, 1), e.g. --sparsity 0.7")
+            raise bad(f"sparsity {self.sparsity!r}", f"use a value in [0, 1), e.g. {option('sparsity')} 0.7")
         if self.mode not in MODES:
             raise bad(f"mode {self.mode!r}", f"choose one of: {', '.join(MODES)}")
         if self.topk not in TOPK_VARIANTS:
@@ -80,7 +82,8 @@ class TrainConfig:
             raise bad(f"forward-only {self.forward_only!r}", "choose weights or activations (or leave it unset)")
         if self.forward_only and self.mode != "dense":
             raise bad(f"forward-only {self.forward_only!r} with mode {self.mode!r}",
-                      "use --mode dense: the forward-only ablation sparsifies the forward and keeps the backward dense")
+                      f"use {option('mode')} dense: the forward-only ablation sparsifies the forward and keeps "
+                      f"the backward dense")
         if not isinstance(self.cache_weight_threshold, bool):
             raise bad(f"cache_weight_threshold {self.cache_weight_threshold!r}", "use true or false")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1 \
@@ -88,8 +91,8 @@ class TrainConfig:
             raise bad(f"block {self.block!r}", "use a power of two: 1 (unstructured), 2, 4, 8 or 16")
         if self.block > 1 and (self.mode not in ("swat", "saw") or self.topk == "random" or self.forward_only):
             raise bad(f"block {self.block} with mode {self.mode!r}, topk {self.topk!r}",
-                      "blocks shape the weight Top-K of --mode swat / saw with --topk nchw, chw or hw; "
-                      "use --block 1 otherwise")
+                      f"blocks shape the weight Top-K of {option('mode')} swat / saw with {option('topk')} "
+                      f"nchw, chw or hw; use {option('block')} 1 otherwise")
         if self.schedule not in SCHEDULES:
             raise bad(f"schedule {self.schedule!r}", f"choose one of: {', '.join(SCHEDULES)}")
         if self.device not in DEVICES:

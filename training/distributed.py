@@ -4,14 +4,17 @@ Everything that crosses a process boundary goes through ``torch.distributed`` (g
 on GPU) and :class:`~torch.nn.parallel.DistributedDataParallel`; nothing here invents its own
 communication. Two ways in, one worker body:
 
-* ``swat train ... --nproc N`` (:func:`spawn`): this machine starts N processes with
-  ``torch.multiprocessing`` (spawn), sets the same ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
+* ``swat train ... --nproc N`` (:func:`launch`, called by :mod:`training.launch`): this machine
+  starts N processes with ``torch.multiprocessing`` (spawn), sets the same ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
   ``MASTER_ADDR`` / ``MASTER_PORT`` variables torchrun sets, and watches them: when one dies
   (exception, NaN, signal) the others are terminated and the first cause is raised here as one
   :class:`SwatError` line.
-* ``torchrun --nnodes M --nproc-per-node N -m cli train ...`` (:func:`run_from_env`): each
+* ``torchrun --nnodes M --nproc-per-node N -m cli train ...`` (:func:`init_from_env`): each
   process finds torchrun's variables and joins the group; torchrun's agent ends all workers
   when one fails.
+
+The training worker body (one rank of ``swat train``) is :func:`training.launch.train_worker`;
+this module knows nothing of the Trainer.
 
 What stays identical on every rank, and why (checked, see :func:`check_identical`):
 
@@ -28,7 +31,6 @@ What stays identical on every rank, and why (checked, see :func:`check_identical
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -47,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.errors import SwatError
+from training.errors import BAD_INPUT, FAILED, KINDS, SwatError, option
 from training.fileio import sha256_tensors
 
 TIMEOUT_ENV = "SWAT_DIST_TIMEOUT"
@@ -99,12 +101,13 @@ def _device_for(device_name: str, local_rank: int, world_size: int) -> torch.dev
     if not use_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SwatError("--device cuda requested but no CUDA device is available; use --device cpu or auto")
+        raise SwatError(f"{option('device')} cuda requested but no CUDA device is available; use "
+                        f"{option('device')} cpu or auto")
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise SwatError(f"local rank {local_rank} needs GPU {local_rank} but this machine has {count} "
                         f"(nccl wants one GPU per process); start at most {count} processes per machine "
-                        f"or use --device cpu")
+                        f"or use {option('device')} cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -142,16 +145,16 @@ def shutdown() -> None:
 
 # ------------------------------------------------------------------------------ data sharding
 def check_world(batch_size: int, world_size: int, n_train: int | None = None) -> None:
-    """--batch-size is the global batch: it must split evenly, so every rank runs the same steps."""
+    """The batch size is the global batch: it must split evenly, so every rank runs the same steps."""
     if world_size < 1:
-        raise SwatError(f"--nproc {world_size} must be >= 1")
+        raise SwatError(f"{option('nproc')} {world_size} must be >= 1")
     if batch_size % world_size:
         lo = max(world_size, batch_size // world_size * world_size)
-        raise SwatError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
-                        f"{world_size} processes; use --batch-size {lo} or {lo + world_size}")
+        raise SwatError(f"{option('batch_size')} {batch_size} is the global batch and must be divisible by the "
+                        f"{world_size} processes; use {option('batch_size')} {lo} or {lo + world_size}")
     if n_train is not None and n_train < world_size:
         raise SwatError(f"{n_train} training samples cannot feed {world_size} processes; "
-                        f"use fewer processes or more data (--limit)")
+                        f"use fewer processes or more data ({option('limit')})")
 
 
 def shard_order(order: torch.Tensor, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
@@ -215,17 +218,17 @@ def broadcast_bytes(data: Optional[bytes], ctx: DistContext, src: int = 0) -> by
 
 def run_on_main(fn: Callable[[], Any], ctx: DistContext) -> None:
     """Run ``fn`` on rank 0 only; if it fails, every rank raises the same error (no rank hangs)."""
-    message, code = b"", 2
+    message, kind = b"", BAD_INPUT
     if ctx.is_main:
         try:
             fn()
         except SwatError as e:
-            message, code = str(e).encode(), e.exit_code
+            message, kind = e.template.encode(), e.kind
         except OSError as e:
-            message, code = f"rank 0: {e}".encode(), 1
-    reply = broadcast_bytes(bytes([code]) + message if message else b"", ctx)
+            message, kind = f"rank 0: {e}".encode(), FAILED
+    reply = broadcast_bytes(bytes([KINDS.index(kind)]) + message if message else b"", ctx)
     if reply:
-        raise SwatError(reply[1:].decode(), exit_code=reply[0])
+        raise SwatError(reply[1:].decode(), KINDS[reply[0]])
 
 
 # ------------------------------------------------------------------------------ per-step sync
@@ -305,65 +308,12 @@ def check_identical(model: nn.Module, ctx: DistContext, where: str) -> None:
     if differ:
         raise SwatError(f"ranks {differ} hold different weights / SWAT state than rank 0 {where}; the "
                         f"processes diverged (mixed torch versions or non-deterministic kernels?) - "
-                        f"report this with the command you ran", exit_code=1)
+                        f"report this with the command you ran", FAILED)
 
 
 def checks_every_step() -> bool:
     """Test mode (``SWAT_DIST_CHECK=1``): compare every rank's state digest after every step."""
     return os.environ.get(CHECK_ENV, "") not in ("", "0")
-
-
-# ------------------------------------------------------------------------------ the worker body
-def train_worker(ctx: DistContext, spec: dict[str, Any], log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """One rank of ``swat train`` (new run or resume); returns rank 0's result as JSON."""
-    from training.config import TrainConfig
-    from training.progress import print_logger
-    from training.rundir import CHECKPOINT, prepare_out_dir
-    from training.trainer import Trainer, checkpoint_config
-
-    out = Path(spec["out"])
-    ckpt_tmp: Optional[str] = None
-    try:
-        if spec.get("resume"):
-            ckpt = out / CHECKPOINT
-
-            def read() -> None:
-                if not ckpt.is_file():
-                    raise SwatError(f"no {CHECKPOINT} in {out}; nothing to resume (start a run with --out {out})")
-            run_on_main(read, ctx)
-            # rank 0's bytes go to every rank: other machines need no shared file system
-            blob = broadcast_bytes(ckpt.read_bytes() if ctx.is_main else None, ctx)
-            if not ctx.is_main:
-                fd, ckpt_tmp = tempfile.mkstemp(prefix="swat-ckpt-", suffix=".safetensors")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                ckpt = Path(ckpt_tmp)
-            cfg = checkpoint_config(ckpt)
-            if spec.get("updates"):  # --workers / --device / --data-dir given with --resume
-                cfg = dataclasses.replace(cfg, **spec["updates"]).validate()
-            trainer = Trainer(cfg, out, log=log or print_logger, progress=spec.get("progress"), dist=ctx,
-                              check_every_step=checks_every_step())
-            trainer.restore(ckpt, epochs=spec.get("epochs"))
-        else:
-            cfg = TrainConfig.from_json(spec["config"])
-            if not spec.get("prepared"):
-                run_on_main(lambda: prepare_out_dir(out, bool(spec.get("force"))), ctx)
-            trainer = Trainer(cfg, out, log=log or print_logger, progress=spec.get("progress"), dist=ctx,
-                              check_every_step=checks_every_step())
-        result = trainer.fit()
-    finally:
-        if ckpt_tmp:
-            os.unlink(ckpt_tmp)
-    return {"run_dir": str(result.run_dir), "test_accuracy": result.test_accuracy, "seconds": result.seconds,
-            "meta": result.meta, "is_main": ctx.is_main}
-
-
-def run_from_env(spec: dict[str, Any], device_name: str, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """torchrun entry: this process is one rank; torchrun ends the others if it fails."""
-    ctx = init_from_env(device_name)
-    result = train_worker(ctx, spec, log)
-    shutdown()
-    return result
 
 
 # ------------------------------------------------------------------------------ the spawn launcher
@@ -399,7 +349,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    code = 0
+    code = 1  # the process's exit status only tells the launcher "failed"; the status file says why
     try:
         ctx = init(device_name, rank, world_size, rank)
         result = fn(ctx, *args)
@@ -407,15 +357,13 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         shutdown()
         return
     except SwatError as e:
-        code = e.exit_code
-        _write_status(status_dir, rank, {"ok": False, "message": str(e), "exit_code": code})
+        _write_status(status_dir, rank, {"ok": False, "message": e.template, "kind": e.kind})
     except KeyboardInterrupt:
         code = 130
-        _write_status(status_dir, rank, {"ok": False, "message": "interrupted", "exit_code": code})
+        _write_status(status_dir, rank, {"ok": False, "message": "interrupted", "kind": FAILED})
     except BaseException as e:  # a bug or a broken peer: keep the traceback for the user
-        code = 1
         traceback.print_exc()
-        _write_status(status_dir, rank, {"ok": False, "message": f"{type(e).__name__}: {e}", "exit_code": code})
+        _write_status(status_dir, rank, {"ok": False, "message": f"{type(e).__name__}: {e}", "kind": FAILED})
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no atexit / group teardown that could wait on a dead peer
@@ -455,13 +403,13 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, device: str = "cpu",
     """Run ``fn(ctx, *args)`` on ``nproc`` local processes; return rank 0's (JSON-able) result.
 
     When a process fails or dies, the others are terminated at once and the first cause is
-    raised as a :class:`SwatError` (its exit code kept), so the caller never waits on a hang.
+    raised as a :class:`SwatError` (its kind kept), so the caller never waits on a hang.
     ``fn`` must be importable (a module-level function): children are started with spawn.
     """
     import torch.multiprocessing as mp
 
     if nproc < 1:
-        raise SwatError(f"--nproc {nproc} must be >= 1")
+        raise SwatError(f"{option('nproc')} {nproc} must be >= 1")
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // nproc)
     ctx = mp.get_context("spawn")
@@ -481,7 +429,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, device: str = "cpu",
             raise _failure(procs, failed, status_dir, nproc)
         status = _read_status(status_dir, 0)
         if not status or not status.get("ok"):
-            raise SwatError(f"rank 0 finished without a result; rerun (status: {status})", exit_code=1)
+            raise SwatError(f"rank 0 finished without a result; rerun (status: {status})", FAILED)
         return status.get("result")
 
 
@@ -504,28 +452,11 @@ def _failure(procs: list, failed: list[int], status_dir: str, nproc: int) -> Swa
     if silent:
         r = silent[0]
         what = _describe_exit(procs[r].exitcode)
-        return SwatError(f"rank {r} of {nproc} {what}; stopped the other ranks", exit_code=1)
+        return SwatError(f"rank {r} of {nproc} {what}; stopped the other ranks", FAILED)
     notes = sorted((s["time"], r, s) for r in failed if (s := _read_status(status_dir, r)))
     _, r, s = notes[0]
     message = s["message"]
     if not message.startswith("rank "):
         message = f"rank {r} of {nproc}: {message}"
-    return SwatError(message, exit_code=int(s.get("exit_code", 1)))
-
-
-def spawn(spec: dict[str, Any], nproc: int, device: str = "auto") -> dict[str, Any]:
-    """``swat train --nproc N``: the training worker on N local processes."""
-    from training.rundir import CHECKPOINT
-
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):  # fail before spawning
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count < nproc:
-            raise SwatError(f"--nproc {nproc} on --device {device} needs {nproc} GPUs (nccl wants one per "
-                            f"process), this machine has {count}; use --nproc {max(count, 1)} or --device cpu")
-    try:
-        return launch(train_worker, nproc, spec, device=device)
-    except SwatError as e:
-        if e.exit_code == 2 or not (Path(spec["out"]) / CHECKPOINT).is_file():
-            raise
-        raise SwatError(f"{e}; the last checkpoint is kept - resume with "
-                        f"`swat train --resume {spec['out']} --nproc {nproc}`", exit_code=e.exit_code) from None
+    kind = s.get("kind")
+    return SwatError(message, kind if kind in KINDS else FAILED)

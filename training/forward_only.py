@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from training.budget import layer_sparsities, prunable_layers
 from training.errors import SwatError
-from training.topk import check_topk, select_bits, topk_weight
+from training.topk import check_topk, select_bits
+from training.weight_topk import topk_weight
 
 __all__ = ["forward_only", "ForwardOnlyConv2d", "ForwardOnlyLinear"]
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training import memory
+from training import memory, sparse_products
 from training.topk import select_bits
 
 __all__ = ["ConvGeometry", "swat_conv2d", "swat_linear", "meprop_conv2d", "meprop_linear"]
@@ -57,9 +57,7 @@ def _conv_grads(g: Tensor, x: Optional[Tensor], w: Optional[Tensor], x_shape: to
 
 
 def _expand_activation(vals: Tensor, bits: Tensor, outer: Tensor, shape: torch.Size) -> Tensor:
-    """Dense TopK(a); ``outer`` (non-empty) means ``bits`` is nested in a ReLU's mask."""
-    if outer.numel():
-        bits = memory.unnest_bits(outer, bits, int(torch.Size(shape).numel()))
+    """Dense TopK(a); ``outer`` is always empty (activation bitmasks are no longer nested)."""
     return memory.expand(vals, bits, shape)
 
 
@@ -67,10 +65,15 @@ class _SwatConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], w_fwd: Tensor,  # type: ignore[override]
                 a_vals: Tensor, a_bits: Tensor, a_outer: Tensor, w_vals: Tensor, w_bits: Tensor,
-                geo: ConvGeometry) -> Tensor:
-        out = F.conv2d(x, w_fwd, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+                geo: ConvGeometry, block: int) -> Tensor:
+        density = w_vals.numel() / max(1, weight.numel())
+        if w_fwd.data_ptr() == weight.data_ptr():  # SAW: the forward weight is the dense W
+            out = F.conv2d(x, w_fwd, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+        else:  # SWAT: TopK(W), through the sparse kernel where that wins (training.sparse_products)
+            out = sparse_products.conv_forward(x, w_fwd, bias, geo.stride, geo.padding, geo.dilation, geo.groups,
+                                               density, block)
         ctx.save_for_backward(a_vals, a_bits, a_outer, w_vals, w_bits)
-        ctx.x_shape, ctx.w_shape, ctx.geo = x.shape, weight.shape, geo
+        ctx.x_shape, ctx.w_shape, ctx.geo, ctx.density = x.shape, weight.shape, geo, density
         return out
 
     @staticmethod
@@ -78,10 +81,25 @@ class _SwatConv2dFn(torch.autograd.Function):
         a_vals, a_bits, a_outer, w_vals, w_bits = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         g = g.contiguous()
-        x_s = _expand_activation(a_vals, a_bits, a_outer, ctx.x_shape) if need[1] else None
         w_s = memory.expand(w_vals, w_bits, ctx.w_shape) if need[0] else None
-        gi, gw, gb = _conv_grads(g, x_s, w_s, ctx.x_shape, ctx.w_shape, ctx.geo, need)
-        return gi, gw, gb, None, None, None, None, None, None, None
+        geo = ctx.geo
+        gi = None
+        if need[0]:  # grad_input = TopK(W)^T x grad: a sparse conv for stride 1
+            gi = sparse_products.conv_input_grad(
+                g, w_s, ctx.x_shape, geo.stride, geo.padding, geo.dilation, geo.groups, ctx.density,
+                lambda: _conv_grads(g, None, w_s, ctx.x_shape, ctx.w_shape, geo, (True, False, False))[0])
+        gw = gb = None
+        if need[1]:  # grad_W = grad x TopK(a)^T, straight from the compact TopK(a) where that wins
+            def dense_gw() -> Tensor:
+                x_s = _expand_activation(a_vals, a_bits, a_outer, ctx.x_shape)
+                return _conv_grads(g, x_s, None, ctx.x_shape, ctx.w_shape, geo, (False, True, False))[1]
+
+            gw = dense_gw() if a_outer.numel() else sparse_products.conv_weight_grad(
+                g, a_vals, a_bits, ctx.x_shape, ctx.w_shape, geo.stride, geo.padding, geo.dilation, geo.groups,
+                dense_gw)
+        if need[2]:
+            gb = _conv_grads(g, None, None, ctx.x_shape, ctx.w_shape, geo, (False, False, True))[2]
+        return gi, gw, gb, None, None, None, None, None, None, None, None
 
 
 class _SwatLinearFn(torch.autograd.Function):
@@ -110,12 +128,15 @@ class _SwatLinearFn(torch.autograd.Function):
 
 
 def swat_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], w_fwd: Tensor, a_vals: Tensor, a_bits: Tensor,
-                a_outer: Tensor, w_vals: Tensor, w_bits: Tensor, geo: ConvGeometry) -> Tensor:
+                a_outer: Tensor, w_vals: Tensor, w_bits: Tensor, geo: ConvGeometry, block: int = 1) -> Tensor:
     """SWAT/SAW conv: forward with ``w_fwd``; backward from the compact TopK(a_in) and TopK(W).
 
-    ``a_outer``: empty, or the ReLU bitmask that ``a_bits`` is nested in (memory.nest_bits).
+    On CPU float32 the forward and input-gradient products may run on the sparse kernels
+    (:mod:`training.sparse_products`); ``block`` is the layer's weight block height.
+
+    ``a_outer``: always empty (kept for the call signature).
     """
-    return _SwatConv2dFn.apply(x, weight, bias, w_fwd, a_vals, a_bits, a_outer, w_vals, w_bits, geo)
+    return _SwatConv2dFn.apply(x, weight, bias, w_fwd, a_vals, a_bits, a_outer, w_vals, w_bits, geo, block)
 
 
 def swat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], w_fwd: Tensor, a_vals: Tensor, a_bits: Tensor,

@@ -34,12 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from training.config import MODES
 from training.topk import check_sparsity, topk_mask
 
 __all__ = ["LayerCost", "trace_layers", "training_macs", "activation_elements", "activation_bytes",
            "reduction_table", "sparsification_angle", "gaussian_angles", "gaussian_angle_limit"]
-
-MODES = ("dense", "swat", "saw", "meprop")
 Sparsity = Union[float, Mapping[str, float]]
 
 

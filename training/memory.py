@@ -4,25 +4,21 @@ SWAT's memory claim is that a layer keeps only TopK(a_in) for its backward pass.
 true if the kept activation is stored compactly - here as its non-zero values plus a packed
 bitmask (1 bit per element, little-endian within a byte) - and if the neighbours do not keep
 the dense tensor alive anyway.  A plain ``nn.ReLU`` saves its dense output (the very tensor the
-next conv reads), so :class:`SwatReLU` saves only the bitmask of ``output > 0`` - and, with
-:data:`NEST_IN_RELU_MASK`, a SWAT layer fed by it reuses that bitmask, storing its own TopK
-mask nested inside it (one bit per positive entry, :func:`nest_bits`; the ReLU's mask is then
-one storage saved by both) - and
+next conv reads), so :class:`SwatReLU` saves only the bitmask of ``output > 0``, and
 :class:`SwatMaxPool2d` saves the argmax as a window offset (1 byte) instead of the dense input
 plus int64 indices.  BatchNorm stays dense, as in the paper.
 
 :func:`saved_bytes` measures the result with ``torch.autograd.graph.saved_tensors_hooks``,
 counting every storage once (a tensor saved by two nodes costs memory once).
 
-On CPU float32 the bit work runs in the numba kernels of :mod:`training._swat_kernels`;
-everything else (other dtypes, other devices) uses plain torch.  :func:`use_backend` forces
+On CPU float32 the bit work runs in the numba kernels of :mod:`training._swat_kernels` (numba is
+a dependency); everything else (other dtypes, other devices) uses plain torch.  :func:`use_backend` forces
 one path, so tests can check that both give identical results.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Union
 
@@ -32,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["BACKENDS", "use_backend", "pack_bits", "unpack_bits", "compact", "expand", "masked_grad",
-           "nest_bits", "unnest_bits", "relu_mask_of", "SwatReLU", "SwatMaxPool2d", "SavedTensor", "saved_tensors", "saved_bytes"]
+           "SwatReLU", "SwatMaxPool2d", "SavedTensor", "saved_tensors", "saved_bytes"]
 
 BACKENDS = ("auto", "numba", "torch")
 _backend = "auto"
@@ -53,13 +49,11 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _load_kernels() -> Any:
+    """The numba kernel module, imported on first use (compiling it costs ~1 s)."""
     global _kernels
     if _kernels is None:
-        try:
-            from training import _swat_kernels
-            _kernels = _swat_kernels
-        except ImportError:  # numba missing: the torch path still works
-            _kernels = False
+        from training import _swat_kernels
+        _kernels = _swat_kernels
     return _kernels
 
 
@@ -76,12 +70,7 @@ def kernels_for(*tensors: Tensor) -> Any:
         if _backend == "numba":
             raise ValueError("the numba backend handles CPU float32 tensors only; use_backend('auto')")
         return None
-    k = _load_kernels()
-    if not k:
-        if _backend == "numba":
-            raise ValueError("numba is not installed; pip install numba or use_backend('torch')")
-        return None
-    return k
+    return _load_kernels()
 
 
 def _flat_np(t: Tensor) -> np.ndarray:
@@ -167,94 +156,11 @@ def positive_bits(y: Tensor) -> tuple[Tensor, int]:
     return pack_bits(mask), int(mask.sum())
 
 
-def _bit_kernels(*bits: Tensor) -> Any:
-    # bit tensors are uint8; the numba path needs CPU and the module (not a float32 check)
-    if _backend == "torch" or any(b.device.type != "cpu" for b in bits):
-        return None
-    k = _load_kernels()
-    return k or None
-
-
-def _words(bits: Tensor, extra: int = 0) -> np.ndarray:
-    """A uint8 CPU tensor as uint64 words, zero-padded to whole words plus ``extra`` words."""
-    b = bits.numpy()
-    nwords = (b.size + 7) // 8 + extra
-    if extra == 0 and b.size == nwords * 8 and bits.data_ptr() % 8 == 0:
-        return b.view(np.uint64)
-    out = np.zeros(nwords, dtype=np.uint64)
-    out.view(np.uint8)[:b.size] = b
-    return out
-
-
-def nest_bits(outer: Tensor, full: Tensor, numel: int) -> Tensor:
-    """``full``'s bits at the set positions of ``outer``, packed (full must lie inside outer).
-
-    Why: a conv fed by a ReLU keeps TopK(a) as a subset of the ReLU's positives; with the
-    ReLU's bitmask (saved by the ReLU anyway) it needs one bit per positive, not per entry.
-    """
-    k = _bit_kernels(outer, full)
-    if k is not None:
-        o64, f64 = _words(outer), _words(full)
-        sub = np.empty(o64.size + 1, dtype=np.uint64)
-        got = k.nest(o64, f64, sub)
-        if got < 0:
-            raise RuntimeError("nest_bits: the selection is not a subset of the outer mask")
-        return torch.from_numpy(sub.view(np.uint8)[:(got + 7) // 8].copy())
-    om, fm = unpack_bits(outer, numel), unpack_bits(full, numel)
-    if bool((fm & ~om).any()):
-        raise RuntimeError("nest_bits: the selection is not a subset of the outer mask")
-    return pack_bits(fm[om])
-
-
-def unnest_bits(outer: Tensor, sub: Tensor, numel: int) -> Tensor:
-    """Inverse of :func:`nest_bits`: the packed full bitmask."""
-    k = _bit_kernels(outer, sub)
-    if k is not None:
-        o64 = _words(outer)
-        full = np.empty(o64.size, dtype=np.uint64)
-        k.unnest(o64, _words(sub, extra=1), full)
-        return torch.from_numpy(full.view(np.uint8)[:outer.numel()])
-    om = unpack_bits(outer, numel)
-    fm = torch.zeros(numel, dtype=torch.bool, device=outer.device)
-    fm[om] = unpack_bits(sub, int(om.sum()))
-    return pack_bits(fm)
-
-
-# Whether SWAT layers nest their activation bitmask in the feeding ReLU's (see nest_bits).
-# Off by default: on resnet20 at 70 % it saves 0.6 % of the saved-for-backward bytes
-# (0.681x -> 0.675x dense) but costs ~4 % step time on CPU (nest in forward, unnest in
-# backward); scripts/bench_training.py measures both settings.
-NEST_IN_RELU_MASK = False
-
-# output tensor address -> (weak ref to the output, its version, packed bits of output > 0):
-# how a SWAT layer finds the bitmask of the ReLU that produced its input (see nest_bits)
-_RELU_MASKS: dict[int, tuple[Any, int, Tensor]] = {}
-
-
-def relu_mask_of(x: Tensor) -> Tensor | None:
-    """The packed ``x > 0`` bits a SwatReLU saved when it produced ``x`` (unchanged since)."""
-    if not NEST_IN_RELU_MASK:
-        return None
-    hit = _RELU_MASKS.get(x.data_ptr())
-    if hit is None or hit[0]() is not x or hit[1] != x._version:
-        return None
-    return hit[2]
-
-
-def _remember_relu(y: Tensor, bits: Tensor) -> None:
-    if not NEST_IN_RELU_MASK:
-        return
-    key = y.data_ptr()
-    if len(_RELU_MASKS) > 4096:  # only when very many graphs are kept alive; reuse is optional
-        _RELU_MASKS.clear()
-    _RELU_MASKS[key] = (weakref.ref(y, lambda _r, k=key: _RELU_MASKS.pop(k, None)), y._version, bits)
-
-
 class _MaskReLUFn(torch.autograd.Function):
     """ReLU that keeps 1 bit per element for backward instead of its dense output."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, inplace: bool, out_bits: list) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, inplace: bool) -> Tensor:  # type: ignore[override]
         k = kernels_for(x) if x.is_contiguous() else None
         if k is not None:  # one pass: relu and its bitmask together
             y = x if inplace else torch.empty_like(x)
@@ -270,13 +176,12 @@ class _MaskReLUFn(torch.autograd.Function):
                 y = torch.relu(x)
             bits, _ = positive_bits(y)
         ctx.save_for_backward(bits)
-        out_bits.append(bits)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (bits,) = ctx.saved_tensors
-        return masked_grad(grad, bits), None, None
+        return masked_grad(grad, bits), None
 
 
 def _training_step(module: nn.Module, x: Tensor) -> bool:
@@ -289,10 +194,7 @@ class SwatReLU(nn.ReLU):
     def forward(self, x: Tensor) -> Tensor:
         if not _training_step(self, x):
             return super().forward(x)
-        holder: list = []
-        y = _MaskReLUFn.apply(x, self.inplace, holder)
-        _remember_relu(y, holder[0])
-        return y
+        return _MaskReLUFn.apply(x, self.inplace)
 
 
 # ------------------------------------------------------------------------------- MaxPool

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
-from training.errors import SwatError
+from training.errors import FAILED, SwatError, option
 from training.fileio import (HASH_SCHEME, atomic_write_json, check_writable_dir, load_tensors,
                              sha256_file, sha256_tensors)
 
@@ -47,10 +47,10 @@ def check_out_dir(out: str | Path, force: bool) -> Path:
     """Everything :func:`prepare_out_dir` would refuse, checked without creating anything."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SwatError(f"--out {out} is a file, not a directory; choose another path")
+        raise SwatError(f"{option('out')} {out} is a file, not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise SwatError(f"run dir {out} already exists and is not empty; pass --force to overwrite "
-                        f"it or --resume {out} to continue it")
+        raise SwatError(f"run dir {out} already exists and is not empty; pass {option('force')} to overwrite "
+                        f"it or {option('resume')} {out} to continue it")
     check_writable_dir(out, "run dir")
     return out
 
@@ -66,7 +66,7 @@ def prepare_out_dir(out: str | Path, force: bool) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SwatError(f"cannot write to run dir {out} ({e.strerror}); choose a writable --out") from None
+        raise SwatError(f"cannot write to run dir {out} ({e.strerror}); choose a writable {option('out')}") from None
     check_writable_dir(out, "run dir")
     if force:
         for name in stale_files(out):
@@ -76,7 +76,7 @@ def prepare_out_dir(out: str | Path, force: bool) -> Path:
                 pass  # a directory the user made under one of our names: not ours to remove
             except OSError as e:
                 raise SwatError(f"cannot remove {out / name} of the earlier run ({e.strerror}); remove it "
-                                f"yourself or choose another --out") from None
+                                f"yourself or choose another {option('out')}") from None
     return out
 
 
@@ -294,7 +294,7 @@ def load_trained_model(run: Run | str | Path, verify_hash: bool = True) -> nn.Mo
     state, _ = load_tensors(weights)
     if verify_hash and not weights_hash_ok(run, state):
         raise SwatError(f"{weights} does not match the hash in run.json (edited or corrupted); "
-                        f"restore it or retrain", exit_code=1)
+                        f"restore it or retrain", kind=FAILED)
     model = build_model(run.config, run.meta["num_classes"], run.meta["in_channels"])
     try:
         model.load_state_dict(state, strict=True)
@@ -334,6 +334,3 @@ def read_metrics(run_dir: str | Path, bad_lines: list[int] | None = None) -> lis
             bad_lines.append(number)
     return rows
 
-
-def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}

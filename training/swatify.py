@@ -32,9 +32,7 @@ mean 0 -> +2.6 in 110 steps), and that common mode leaks into every hidden layer
 LeNet-5 on digits at 70 % then sits at chance; with the output layer dense it learns like SAW.
 
 In swat / saw mode ``nn.ReLU`` and ``nn.MaxPool2d`` are swapped too (:mod:`training.memory`),
-so the dense ReLU output is not kept alive behind the compact copy; with
-``memory.NEST_IN_RELU_MASK`` a layer fed by such a ReLU stores its activation bitmask nested
-in the ReLU's (1 bit per positive entry, not per entry).
+so the dense ReLU output is not kept alive behind the compact copy.
 
 Threshold caching (``refresh_every=N``): the K-th magnitude of a layer's input is computed
 exactly on every N-th training step of that layer; in between the layer keeps
@@ -68,18 +66,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training import blocks, memory
-from training.budget import BUDGETS, layer_sparsities, match_any, prunable_layers
+from training.budget import layer_sparsities, match_any, prunable_layers
+from training.config import BUDGETS, MODES
 from training.functions import ConvGeometry, MePropSpec, meprop_conv2d, meprop_linear, swat_conv2d, swat_linear
-from training.topk import Selection, SwatValueError, check_topk, select_bits, topk_weight
+from training.topk import Selection, SwatValueError, check_topk, select_bits
+from training.weight_topk import topk_weight
 
 __all__ = ["MODES", "swatify", "output_layer", "unswatify", "swat_layers", "layer_table", "layer_stats",
            "swat_state_dict", "load_swat_state_dict", "SwatConv2d", "SwatLinear"]
 
-MODES = ("dense", "swat", "saw", "meprop")
-
 # (input tensor identity, settings, step) -> weak refs to the compact TopK copy made for it
 _SHARED: dict[tuple, tuple] = {}
-# "no outer mask": one shared empty tensor (saved by many layers, costs nothing)
+# the autograd Functions' ``a_outer`` operand, always empty: the activation bitmask is never
+# nested in a ReLU's (one shared tensor, saved by many layers, costs nothing)
 _NO_OUTER = torch.empty(0, dtype=torch.uint8)
 
 _ATTRS = ("swat_mode", "swat_sparsity", "swat_topk", "swat_refresh_every", "swat_step", "_swat_orig_class",
@@ -178,15 +177,13 @@ class _SwatLayerMixin:
         w_fwd = memory.expand(vals, sel.bits, w.shape) if self.swat_mode == "swat" else w.detach()
         return w_fwd, vals, sel.bits
 
-    def _swat_activation(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Compact TopK(x) for backward: (values, bitmask, outer ReLU bitmask or empty).
+    def _swat_activation(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Compact TopK(x) for backward: (values, bitmask).
 
         Refreshes or reuses the cached threshold.  When another layer with the same settings
         already sparsified this very tensor in this step (a ResNet block input feeds conv1 and
         the 1x1 shortcut), its compact copy is reused: one TopK per activation tensor, stored
-        once.  When ``x`` came straight from a SwatReLU (and memory.NEST_IN_RELU_MASK is on), the
-        bitmask is stored nested in the ReLU's mask of positives (which the ReLU keeps
-        anyway): 1 bit per positive entry.
+        once.
         """
         s, topk = self.swat_sparsity, self.swat_topk
         key = None
@@ -195,10 +192,10 @@ class _SwatLayerMixin:
                    self.swat_refresh_every, self.swat_step)
             hit = _SHARED.get(key)
             if hit is not None:
-                src, vals, bits, outer, density = (hit[0](), hit[1](), hit[2](), hit[3](), hit[4])
-                if src is x and vals is not None and bits is not None and outer is not None:
+                src, vals, bits, density = hit[0](), hit[1](), hit[2](), hit[3]
+                if src is x and vals is not None and bits is not None:
                     self._swat_note_density(density)
-                    return vals, bits, outer
+                    return vals, bits
         if topk == "random":
             g = self._swat_generator()
             sel = select_bits(x, s, "random", drop_zeros=True, generator=g)
@@ -215,18 +212,13 @@ class _SwatLayerMixin:
         density = sel.count / x.numel() if x.numel() else 0.0
         self._swat_note_density(density)
         vals, bits = memory.compact(x, sel.bits, sel.count), sel.bits
-        outer = memory.relu_mask_of(x)
-        if outer is not None:  # TopK never keeps zeros, so it lies inside the ReLU's positives
-            bits = memory.nest_bits(outer, bits, x.numel())
-        else:
-            outer = _NO_OUTER
         if key is not None:
             if len(_SHARED) > 1024:  # only if callers keep very many graphs alive; sharing is optional
                 _SHARED.clear()
             # weak references only: the entry leaves with the graph that keeps the copy alive
             _SHARED[key] = (weakref.ref(x), weakref.ref(vals, lambda _r, k=key: _SHARED.pop(k, None)),
-                            weakref.ref(bits), weakref.ref(outer), density)
-        return vals, bits, outer
+                            weakref.ref(bits), density)
+        return vals, bits
 
     def _swat_note_density(self, density: float) -> None:
         self._swat_act_last = density
@@ -248,11 +240,11 @@ class _SwatLayerMixin:
         """Everything a swat/saw training step hands to its autograd Function (advances the step)."""
         w_fwd, w_vals, w_bits = self._swat_weights()
         if self.weight.requires_grad:
-            a_vals, a_bits, a_outer = self._swat_activation(x)
+            a_vals, a_bits = self._swat_activation(x)
         else:  # frozen weight: grad_W is never computed, so TopK(a) need not be kept
-            a_vals = a_bits = a_outer = x.new_empty(0)
+            a_vals = a_bits = x.new_empty(0)
         self.swat_step += 1
-        return w_fwd, a_vals, a_bits, a_outer, w_vals, w_bits
+        return w_fwd, a_vals, a_bits, _NO_OUTER, w_vals, w_bits
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -299,7 +291,7 @@ class SwatConv2d(_SwatLayerMixin, nn.Conv2d):
             self.swat_step += 1
             out = meprop_conv2d(x, self.weight, self.bias, geo, self._swat_meprop_spec())
         else:
-            out = swat_conv2d(x, self.weight, self.bias, *self._swat_inputs(x), geo)
+            out = swat_conv2d(x, self.weight, self.bias, *self._swat_inputs(x), geo, self.swat_block)
         return out.squeeze(0) if unbatched else out
 
 
@@ -458,10 +450,6 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
     return [{"name": n, "shape": list(m.weight.shape), "sparsity": deployed(m),
              "topk": m.swat_topk, "mode": m.swat_mode, "train_sparsity": m.swat_sparsity, "block": m.swat_block}
             for n, m in swat_layers(model)]
-
-
-def _mean(total: float, n: int) -> Optional[float]:
-    return total / n if n else None
 
 
 def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:

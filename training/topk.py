@@ -50,12 +50,11 @@ import torch
 from torch import Tensor
 
 from training import memory
+from training.config import TOPK_VARIANTS
 from training.errors import SwatError
 
-__all__ = ["SwatValueError", "TOPK_VARIANTS", "keep_count", "hw_counts", "topk_mask", "topk_weight", "kth_magnitude", "group_layout",
+__all__ = ["SwatValueError", "TOPK_VARIANTS", "keep_count", "hw_counts", "topk_mask", "kth_magnitude", "group_layout",
            "Selection", "select_bits", "check_sparsity", "check_topk"]
-
-TOPK_VARIANTS = ("nchw", "chw", "hw", "random")
 
 
 class SwatValueError(SwatError, ValueError):
@@ -132,13 +131,6 @@ class Selection:
         if self._mask is None:
             self._mask = memory.unpack_bits(self._bits, int(np.prod(self.shape))).view(self.shape)
         return self._mask
-
-
-def _prev_float(t: float, dtype: torch.dtype) -> float:
-    """Largest value below t (so that ``|x| > prev(t)`` means ``|x| >= t``)."""
-    if dtype == torch.float32:
-        return float(np.nextafter(np.float32(t), np.float32(0)))
-    return float(np.nextafter(np.float64(t), np.float64(0)))
 
 
 def _exact_numba(k_mod, x: Tensor, G: int, m: int, k: int, thr_shape: tuple[int, ...],
@@ -272,20 +264,6 @@ def topk_mask(x: Tensor, sparsity: float, topk: str = "nchw", *,
     Ties at the K-th magnitude: lowest flat index wins (see module docstring).
     """
     return select_bits(x, sparsity, topk, generator=generator).mask
-
-
-def topk_weight(w: Tensor, sparsity: float, topk: str = "nchw", block: int = 1) -> Tensor:
-    """The sparse weight a SWAT layer's forward uses - and the one pruning must reproduce.
-
-    Under ``random`` weights use magnitude ``nchw`` selection (module docstring: why).
-    ``block`` > 1: whole groups of that many consecutive output channels (:mod:`training.blocks`).
-    """
-    if block != 1:
-        from training.blocks import block_topk_weight  # blocks builds on this module
-        return block_topk_weight(w, sparsity, topk, block)
-    variant = "nchw" if topk == "random" else check_topk(topk)
-    mask = select_bits(w, sparsity, variant).mask
-    return torch.where(mask, w.detach(), torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 def kth_magnitude(x: Tensor, sparsity: float, topk: str = "nchw") -> Tensor:

@@ -8,14 +8,13 @@ and ends with bit-identical weights on CPU.
 from __future__ import annotations
 
 
-import contextlib
 import json
 import math
 import platform
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +22,20 @@ from torch import nn
 
 from training import data as datasets
 from training import distributed as ddp
+from training import sparse_choices
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.errors import SwatError
-from training.fileio import (HASH_SCHEME, atomic_write_json, atomic_write_text, check_writable_dir, load_tensors,
+from training.errors import FAILED, SwatError, option
+from training.evaluation import evaluate, iterate_batches
+from training.fileio import (HASH_SCHEME, atomic_write_json, atomic_write_text, load_tensors,
                              save_tensors, sha256_tensors)
 from training.progress import EpochProgress, Logger, print_logger
+from training.resume_rules import check_resume_epochs
 from training.rundir import (CHECKPOINT, METRICS, RUN_FORMAT_VERSION, RUN_JSON, SWAT_STATE, WEIGHTS,
-                             build_model, prepare_out_dir, read_metrics)
+                             build_model, read_metrics)
 from training.schedule import lr_at
 from training.swatify import layer_stats, layer_table, load_swat_state_dict, swat_state_dict
-
-SWAT_VERSION = "0.1.0"
-EVAL_BATCH = 256
-
+from training.version import SWAT_VERSION
 
 @dataclass
 class TrainResult:
@@ -54,54 +53,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise SwatError("--device cuda requested but no CUDA device is available; use --device cpu or auto")
+        raise SwatError(f"{option('device')} cuda requested but no CUDA device is available; use "
+                        f"{option('device')} cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def _as_unit(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-def iterate_batches(ds: Any, order: torch.Tensor, batch_size: int, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches in ``order``: a fast slice for in-memory sets, a DataLoader for file-backed ones."""
-    if hasattr(ds, "images") and hasattr(ds, "labels"):
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            yield _as_unit(ds.images[idx]), ds.labels[idx].long()
-        return
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order.tolist()), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
-    for x, y in loader:
-        yield _as_unit(x), torch.as_tensor(y).long()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ds: Any, info: Any, device: torch.device, batch_size: int = EVAL_BATCH,
-             return_logits: bool = False, indices: torch.Tensor | None = None) -> dict[str, Any]:
-    """Loss and top-1 accuracy of ``model`` in eval mode: the model's inference form.
-
-    ``indices``: evaluate only these samples (a rank's shard); the sums come back too so shards add up.
-    """
-    was_training = model.training
-    model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
-    chunks = []
-    for x, y in iterate_batches(ds, torch.arange(len(ds)) if indices is None else indices, batch_size):
-        x, y = datasets.normalize(x.to(device), info), y.to(device)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        total += y.numel()
-        if return_logits:
-            chunks.append(logits.cpu())
-    model.train(was_training)
-    out: dict[str, Any] = {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total,
-                           "correct": correct, "loss_sum": loss_sum}
-    if return_logits:
-        out["logits"] = torch.cat(chunks) if chunks else torch.empty(0)
-    return out
 
 
 SMALL_IMAGE = 32  # largest side for which ImageNet-layout families get their CIFAR stem/head
@@ -177,16 +133,18 @@ class Trainer:
         """
         ckpt = Path(checkpoint) if checkpoint is not None else self.out / CHECKPOINT
         if not ckpt.is_file():
-            raise SwatError(f"{self.out} has no {CHECKPOINT} to resume from; start a new run with --out")
+            raise SwatError(f"{self.out} has no {CHECKPOINT} to resume from; start a new run in another "
+                            f"{option('out')}")
         header, swat = load_checkpoint(ckpt, self.model, self.optimizer)
         load_swat_state_dict(self.model, {k: v.to(self.device) for k, v in swat.items()})
+        sparse_choices.pin(header.get("sparse_products"))  # the killed run's kernel choices, exactly
         try:
             self.start_epoch = int(header["epoch"])
             changes = list(header.get("epoch_changes") or [])
             seconds = header.get("train_seconds")
         except (KeyError, TypeError, ValueError):
             raise SwatError(f"{ckpt} has a damaged header (no epoch); it cannot be resumed - start a new run "
-                            f"with --out") from None
+                            f"in another {option('out')}") from None
         self.epoch_changes = [c for c in changes if isinstance(c, dict)]
         if epochs is not None and epochs != self.config.epochs:
             check_resume_epochs(epochs, self.start_epoch, self.config.epochs, self.out)
@@ -236,9 +194,9 @@ class Trainer:
             finite = bool(torch.isfinite(loss))
             if not finite and self.dist is None:
                 bar.close()
-                raise SwatError(f"loss became {loss.item()} at epoch {epoch + 1} batch {i + 1}; lower --lr "
-                                f"(now {cfg.lr}) or the sparsity and start a new run; {self._kept(epoch)}",
-                                exit_code=1)
+                raise SwatError(f"loss became {loss.item()} at epoch {epoch + 1} batch {i + 1}; lower "
+                                f"{option('lr')} (now {cfg.lr}) or the sparsity and start a new run; {self._kept(epoch)}",
+                                kind=FAILED)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.dist is not None:
@@ -247,9 +205,9 @@ class Trainer:
                 if bad:
                     bar.close()
                     raise SwatError(f"loss became non-finite on rank {', '.join(map(str, bad))} of "
-                                    f"{self.dist.world_size} at epoch {epoch + 1} batch {i + 1}; lower --lr "
-                                    f"(now {cfg.lr}) or the sparsity, or check that rank's data; "
-                                    f"{self._kept(epoch)}", exit_code=1)
+                                    f"{self.dist.world_size} at epoch {epoch + 1} batch {i + 1}; lower "
+                                    f"{option('lr')} (now {cfg.lr}) or the sparsity, or check that rank's data; "
+                                    f"{self._kept(epoch)}", kind=FAILED)
             self.optimizer.step()
             if self.check_every_step:
                 ddp.check_identical(self.model, self.dist, f"after epoch {epoch + 1} step {i + 1}")
@@ -305,7 +263,8 @@ class Trainer:
                 save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer, swat_state_dict(self.model),
                                 {"epoch": epoch + 1, "config": cfg.to_json(),
                                  "train_seconds": self.seconds_done,
-                                 "epoch_changes": self.epoch_changes})
+                                 "epoch_changes": self.epoch_changes,
+                                 "sparse_products": sparse_choices.used()})
             self.log(f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {row['lr']:.4g}  loss {row['loss']:.4f}  "
                      f"train {row['train_accuracy']:.4f}  test {row['test_accuracy']:.4f}  "
                      f"({row['seconds']:.1f}s)")
@@ -322,7 +281,7 @@ class Trainer:
             scores = ddp.all_gather_floats([final["accuracy"], final["loss"]], self.dist)
             if any(s != scores[0] for s in scores):
                 raise SwatError(f"ranks disagree on the final evaluation ({scores}) although their weights "
-                                f"match; report this with the command you ran", exit_code=1)
+                                f"match; report this with the command you ran", kind=FAILED)
             if self.check_every_step:
                 self.log(f"sync check: weights, BN buffers and SWAT state identical on all "
                          f"{self.dist.world_size} ranks after each of {self.steps_checked} steps")
@@ -380,188 +339,3 @@ class Trainer:
             "machine": platform.machine(),
             "config": cfg.to_json(),
         }
-
-
-def _from_worker(res: dict[str, Any]) -> TrainResult:
-    return TrainResult(Path(res["run_dir"]), float(res["test_accuracy"]), float(res["seconds"]), res["meta"] or {},
-                       bool(res.get("is_main", True)))
-
-
-def _check_nproc(nproc: int) -> None:
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise SwatError(f"--nproc {nproc!r} must be an integer >= 1 (the number of training processes)")
-    if nproc != 1 and ddp.launched_by_torchrun():
-        raise SwatError("--nproc starts processes itself, but this process was started by torchrun; "
-                        "leave --nproc out (torchrun's --nproc-per-node sets the count)")
-
-
-def train(config: TrainConfig, out: str | Path, *, force: bool = False, log: Logger = print_logger,
-          progress: bool | None = None, nproc: int = 1) -> TrainResult:
-    """``swat train``: a new run in ``out`` (refuses a non-empty dir unless ``force``).
-
-    ``nproc > 1`` trains on that many local processes (DDP; ``config.batch_size`` is the global
-    batch); under torchrun this process is one rank of torchrun's group. Spawned ranks print
-    their own log lines (``log`` is used in this process only).
-    """
-    config.validate()
-    _check_nproc(nproc)
-    if ddp.launched_by_torchrun():
-        spec = {"config": config.to_json(), "out": str(out), "force": force, "progress": progress}
-        return _from_worker(ddp.run_from_env(spec, config.device, log))
-    created = not Path(out).exists()
-    if nproc > 1:
-        ddp.check_world(int(config.batch_size), nproc)
-        out = prepare_out_dir(out, force)
-        spec = {"config": config.to_json(), "out": str(out), "prepared": True, "progress": progress}
-        with _remove_if_left_empty(out, created):
-            return _from_worker(ddp.spawn(spec, nproc, config.device))
-    out = prepare_out_dir(out, force)
-    with _remove_if_left_empty(out, created):
-        trainer = Trainer(config, out, log=log, progress=progress)
-        return trainer.fit()
-
-
-@contextlib.contextmanager
-def _remove_if_left_empty(out: Path, created: bool) -> Iterator[None]:
-    """A run that fails before writing anything (data set missing, loss NaN in the first epoch)
-    leaves no empty dir behind - only one this call created."""
-    try:
-        yield
-    except BaseException:
-        if created:
-            try:
-                out.rmdir()  # only succeeds when empty
-            except OSError:
-                pass
-        raise
-
-
-def checkpoint_header(ckpt: str | Path) -> dict[str, Any]:
-    """The JSON header of a checkpoint (epoch, config, ...), read without loading its tensors."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(ckpt), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["header"])
-    except (KeyError, json.JSONDecodeError):
-        raise SwatError(f"{ckpt} has no readable header; it was not written by swat train") from None
-    except OSError as e:
-        raise SwatError(f"cannot read {ckpt} ({e.strerror or e}); check its permissions") from None
-    except Exception as e:  # safetensors raises its own types for damaged files
-        raise SwatError(f"{ckpt} is not a readable checkpoint ({e}); the run cannot be resumed - start a new "
-                        f"one with --out") from None
-    if not isinstance(header, dict) or not isinstance(header.get("config"), dict):
-        raise SwatError(f"{ckpt} has no readable config; it was not written by swat train")
-    return header
-
-
-def checkpoint_config(ckpt: str | Path) -> TrainConfig:
-    """The TrainConfig a checkpoint was written with."""
-    config = checkpoint_header(ckpt)["config"]
-    try:
-        return TrainConfig.from_json(config).validate()
-    except (TypeError, ValueError, AttributeError) as e:
-        raise SwatError(f"{ckpt} holds an invalid config ({type(e).__name__}: {e}); it cannot be resumed") from None
-
-
-# options a resumed run may take a new value for: where and how it runs, not what it trains
-RESUME_MAY_CHANGE = ("workers", "device", "data_dir")
-
-
-def check_resume_epochs(epochs: Any, done: int, planned: int, run_dir: str | Path) -> int:
-    """``--resume --epochs N``: N may extend (or shorten) the run, but never below what is trained."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise SwatError(f"--epochs {epochs!r} must be a positive integer")
-    if epochs < done:
-        raise SwatError(f"--epochs {epochs} is fewer than the {done} epochs {run_dir} has already trained; "
-                        f"give --epochs {done} or more (or leave it out to finish the planned {planned})")
-    return epochs
-
-
-def _option(field: str) -> str:
-    return "--" + {"per_layer": "layer-sparsity", "cache_weight_threshold": "refresh-weights"}.get(
-        field, field.replace("_", "-"))
-
-
-def _same_setting(field: str, given: Any, current: Any) -> bool:
-    if field == "dataset":
-        from training import data as datasets
-
-        try:
-            return datasets.canonical(given) == datasets.canonical(current)
-        except SwatError:
-            return False
-    if field == "exclude":
-        return tuple(given or ()) == tuple(current or ())
-    if field == "per_layer":
-        return {k: float(v) for k, v in (given or {}).items()} == {k: float(v) for k, v in (current or {}).items()}
-    if field == "data_dir":
-        return (str(Path(given)) if given else None) == (str(Path(current)) if current else None)
-    return given == current
-
-
-def resume_config(cfg: TrainConfig, given: Mapping[str, Any], run_dir: str | Path) -> TrainConfig:
-    """Check the options given with ``--resume`` against the run's config (every one, none dropped).
-
-    Equal to the run's: fine. ``RESUME_MAY_CHANGE`` (where and how it runs): applied. Anything
-    else would make the run's files describe a run that never happened: refused, one line.
-    ``epochs`` is not checked here (see :func:`check_resume_epochs`).
-    """
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    updates: dict[str, Any] = {}
-    for field, value in given.items():
-        if field == "epochs":
-            continue
-        if field not in fields:
-            raise SwatError(f"{_option(field)} is not a training setting; drop it")
-        current = getattr(cfg, field)
-        if _same_setting(field, value, current):
-            continue
-        if field in RESUME_MAY_CHANGE:
-            updates[field] = value
-            continue
-        raise SwatError(f"{_option(field)} {value!r} differs from the run's {current!r} ({run_dir}); a resumed run "
-                        f"keeps its settings - drop {_option(field)}, or start a new run with --out")
-    return replace(cfg, **updates).validate() if updates else cfg
-
-
-def resume(run_dir: str | Path, *, log: Logger = print_logger, progress: bool | None = None,
-           epochs: int | None = None, nproc: int = 1, block: int | None = None,
-           given: Mapping[str, Any] | None = None) -> TrainResult:
-    """``swat train --resume RUN``: continue from the last checkpoint (optionally to more epochs).
-
-    A run may be resumed with another ``nproc`` than it started with (the global batch stays).
-    ``block``: what the caller asked for (None: the run's own); another value than the run was
-    trained with is refused - the weights' zero pattern cannot change block size midway.
-    ``epochs``: train to N epochs (>= those done; recorded in run.json's ``epoch_changes``).
-    ``given``: other TrainConfig fields the user set explicitly, checked by :func:`resume_config`.
-    """
-    _check_nproc(nproc)
-    run_dir = Path(run_dir)
-    ckpt = run_dir / CHECKPOINT
-    given = dict(given or {})
-    if ckpt.is_file():  # every check before any work (torchrun ranks without the file skip them)
-        header = checkpoint_header(ckpt)
-        cfg = resume_config(checkpoint_config(ckpt), given, run_dir)
-        if epochs is not None:
-            check_resume_epochs(epochs, int(header.get("epoch", 0)), cfg.epochs, run_dir)
-        check_writable_dir(run_dir, "run dir")
-    updates = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
-    spec = {"resume": True, "out": str(run_dir), "epochs": epochs, "progress": progress, "updates": updates}
-    trained = checkpoint_config(ckpt).block if block is not None and ckpt.is_file() else block
-    if block != trained:
-        raise SwatError(f"{run_dir} was trained with --block {trained}; resume it with --block {trained} "
-                        f"(or without --block), or start a new run with --out for --block {block}")
-    if ddp.launched_by_torchrun():  # rank 0 reads the checkpoint and sends it to the others
-        device = checkpoint_config(ckpt).device if ckpt.is_file() else "auto"
-        return _from_worker(ddp.run_from_env(spec, updates.get("device", device), log))
-    if not ckpt.is_file():
-        raise SwatError(f"no {CHECKPOINT} in {run_dir}; nothing to resume (start a run with --out {run_dir})")
-    if nproc > 1:
-        ddp.check_world(int(cfg.validate().batch_size), nproc)
-        return _from_worker(ddp.spawn(spec, nproc, cfg.device))
-    trainer = Trainer(cfg, run_dir, log=log, progress=progress)
-    trainer.restore(epochs=epochs)
-    return trainer.fit()

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from .. import autotune
 from .base import Kernel, LayerSpec, Op, thread_scope
 from .csr_direct import CsrDirectKernel
 from .csr_im2col import CsrIm2colKernel
@@ -109,8 +110,6 @@ def _build(spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
         with thread_scope(threads):
             prepared = k.prepare(weight, bias, spec)
         return Op(k.name, prepared, spec, threads)
-    from .. import autotune  # late: autotune imports kernels.base, keep the import graph acyclic
-
     candidates = [k for k in KERNELS if k.supports(spec)]
     name, prepared, run_threads = autotune.choose(spec, candidates, weight, bias, threads)
     return Op(name, prepared, spec, run_threads)

@@ -69,12 +69,6 @@ def zeroed_workspace(key: object, size: int) -> np.ndarray:
     return buf
 
 
-def release_workspace() -> None:
-    """Free this thread's scratch buffers (they are re-created on the next call)."""
-    _workspace.bufs = {}
-    _workspace.zeroed = {}
-
-
 def _start_pool() -> None:
     """Start numba's thread pool now, keeping torch's thread count.
 

@@ -19,6 +19,7 @@ The row loop (one output channel per task) parallelises over channels x chunks w
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 from . import _numba_common as nc
 import swat_native as native
-from ._csr_conv import CsrConvWeights
+import swat_native.layer as native_layer
+from ._csr_conv import CsrConvWeights, epilogue_ok
 from .base import LayerSpec
 
 # A batch chunk's packed input should stay in the per-core L2 (1 MiB on the machine measured):
@@ -64,6 +66,7 @@ class _CsrDirectConv:
         self.nbytes = self.w.nbytes
         self.spec = spec
         self._geo: dict[tuple[int, int, int], _Geometry] = {}
+        self._calls: dict[tuple[int, int, int, int, bool], native_layer.ConvCall | None] = {}
         self._uid = next(_UIDS)  # owns its padded buffers; id() could be reused by a later layer
         if spec.input_shape is not None:
             nc.warm_up(self, spec.input_shape)
@@ -140,6 +143,11 @@ class _CsrDirectConv:
         sh, sw = self.spec.stride
         pt, pl = self.spec.padding[0], self.spec.padding[1]
         par = nc.parallel(wt.vals.size * g.run * g.nb)
+        if epilogue_ok((n, wt.o, g.h_out, g.w_out), residual):
+            threads = nc.numba.get_num_threads() if par else 1
+            call = self._one_call(g, n, h, w, threads, residual is not None or relu)
+            if call is not None:
+                return self._run_one_call(call, g, x, n, h, w, residual, relu, threads)
         if g.copy_size < 0:  # see _view_geometry
             packed = x.numpy().reshape(-1)
         elif g.copy_size:
@@ -161,6 +169,58 @@ class _CsrDirectConv:
             pack = native.pack_phases(par) if native.available() else nc.pack(par)
             pack(x.numpy(), packed, g.nchunk, sh, sw, pt, pl, g.hq, g.wq, g.chunk_in)
         return wt.multiply_unpack(packed, g, n, g.wq, par, residual, relu)
+
+
+    def _one_call(self, g: _Geometry, n: int, h: int, w: int, threads: int,
+                  epilogue: bool) -> native_layer.ConvCall | None:
+        """The whole layer as one compiled call (see swat_native.layer), for the layouts it
+        knows: the input read in place, the padded input, the shifted copies. None otherwise
+        (stride phases, several images per chunk): those keep the step-by-step path."""
+        key = (n, h, w, threads, epilogue)
+        if key in self._calls:
+            return self._calls[key]
+        call = None
+        sh, sw = self.spec.stride
+        # Opt-in until measured on an idle machine: under load its spinning pool was slower.
+        if os.environ.get("SWAT_LAYER_CALL") == "1" and native_layer.available() and g.nchunk == 1:
+            if g.copy_size < 0:
+                layout, epi = "view", True
+            elif g.copy_size > 0:
+                layout, epi = "shifted", True
+            elif sh == sw == 1 and 4 * g.nb * g.chunk_in <= _OWN_PAD_BYTES:
+                layout, epi = "padded", g.wq % _LANES == 0
+            else:
+                layout = None
+            if layout is not None:
+                wt = self.w
+                rows = wt.indptr.shape[0] - 1
+                ntg, tg, nrg = native.split(g.run, g.nb, rows, threads)
+                call = native_layer.ConvCall(
+                    wt.indptr.astype(np.int32), native.check_offsets(g.offs), wt.vals, wt.bias,
+                    B=wt.block, rows=rows, layout=native_layer.LAYOUTS[layout], n=n, c_in=wt.c, h=h, w=w, o=wt.o,
+                    h_out=g.h_out, w_out=g.w_out, pt=self.spec.padding[0], pl=self.spec.padding[1], hq=g.hq,
+                    wq=g.wq, kw=wt.kw, sh=sh, sw=sw, dw=self.spec.dilation[1], copy_size=max(g.copy_size, 0),
+                    chunk_in=g.chunk_in, run=g.run, pitch=g.wq, ntg=ntg, tg=tg, nrg=nrg, epi=int(epi))
+        if len(self._calls) >= 4 * _MAX_SHAPES:
+            self._calls.pop(next(iter(self._calls)))
+        self._calls[key] = call
+        return call
+
+    def _run_one_call(self, call: native_layer.ConvCall, g: _Geometry, x: torch.Tensor, n: int, h: int, w: int,
+                      residual: torch.Tensor | None, relu: bool, threads: int) -> torch.Tensor:
+        wt = self.w
+        a = call.args
+        if a.layout == native_layer.LAYOUTS["padded"]:
+            packed = nc.zeroed_workspace((self._uid, n, h, w), g.nb * g.chunk_in).ctypes.data
+        elif a.layout == native_layer.LAYOUTS["shifted"]:
+            packed = nc.workspace(0, g.nb * g.chunk_in).ctypes.data
+        else:
+            packed = 0
+        scratch = 0 if a.epi else nc.workspace(1, g.nb * wt.o * g.run).ctypes.data
+        y = torch.empty((n, wt.o, g.h_out, g.w_out), dtype=torch.float32)
+        call(x.data_ptr(), y.data_ptr(), 0 if residual is None else residual.data_ptr(), relu, packed, scratch,
+             native.isa_code(), threads)
+        return y
 
 
 def _is_plain_1x1(spec: LayerSpec) -> bool:

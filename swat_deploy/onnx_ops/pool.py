@@ -35,13 +35,13 @@ def _geometry(node: Node, x: torch.Tensor):
             raise node.error(f"pads {list(begins)} / {list(ends)} are not all smaller than kernel {kernel}",
                              "fix pads")
         span = (k - 1) * d + 1
-        room = size + b + e - span
-        if room < 0:
-            raise node.error(f"kernel {kernel} is larger than the padded input {spatial}",
-                             "use a smaller kernel or a larger input")
+        room = size + b + e - span  # < 0: the kernel overhangs; with ceil_mode still one window
         out = (-(-room // s) if ceil_mode else room // s) + 1
         if ceil_mode and (out - 1) * s >= size + b:  # a window may not start in the end padding
             out -= 1
+        if out < 1:
+            raise node.error(f"kernel {kernel} is larger than the padded input {spatial}",
+                             "use a smaller kernel or a larger input")
         total_ends.append(e + max(0, (out - 1) * s + span - (size + b + e)))
     return kernel, strides, dilations, begins, total_ends, ends
 

@@ -16,7 +16,7 @@ import torch
 from training.data import locate
 from training.data.dataset import ImageDataset, apply_limit
 from training.data.info import DataInfo
-from training.errors import SwatError
+from training.errors import SwatError, option
 
 _PIXELS = 3 * 32 * 32
 
@@ -99,7 +99,7 @@ def _find_dir(spec: _Spec, split: str, data_dir: str | Path | None) -> Path:
     raise SwatError(
         f"{spec.title} binary version ({first}) not found in "
         f"{locate.describe(bases, _subdirs(spec))}{hint}; download {spec.url}, "
-        f"extract it with `tar xzf {archive}` and pass --data-dir DIR holding {spec.folder}/"
+        f"extract it with `tar xzf {archive}` and pass {option('data_dir')} DIR holding {spec.folder}/"
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from training.data import locate
 from training.data.dataset import ImageDataset, apply_limit
 from training.data.info import DataInfo
-from training.errors import SwatError
+from training.errors import SwatError, option
 
 _UBYTE = 0x08
 
@@ -94,10 +94,10 @@ def _find_images(info: DataInfo, split: str, data_dir: str | Path | None) -> Pat
     where = locate.describe(bases, subdirs, extra)
     needed = ", ".join(file_names(s, k)[0] for s in ("train", "test") for k in ("images", "labels"))
     if info.name == "fashion-mnist":
-        how = ("install it with `apt-get install dataset-fashion-mnist` or pass --data-dir DIR "
+        how = (f"install it with `apt-get install dataset-fashion-mnist` or pass {option('data_dir')} DIR "
                f"holding {needed}")
     else:
-        how = f"pass --data-dir DIR holding {needed} (the standard MNIST files)"
+        how = f"pass {option('data_dir')} DIR holding {needed} (the standard MNIST files)"
     title = "Fashion-MNIST" if info.name == "fashion-mnist" else "MNIST"
     raise SwatError(f"{title} {split} split not found in {where}; {how}")
 

@@ -15,7 +15,7 @@ import torch
 
 from training.data.dataset import ImageDataset, apply_limit
 from training.data.info import DataInfo
-from training.errors import SwatError
+from training.errors import SwatError, option
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -70,7 +70,7 @@ def load_imagefolder(split: str, data_dir: str | Path | None = None,
         raise SwatError("the imagefolder data set needs Pillow; install it with "
                         "`pip install pillow`") from exc
     if data_dir is None:
-        raise SwatError(f"the imagefolder data set needs --data-dir DIR; {_USAGE}")
+        raise SwatError(f"the imagefolder data set needs {option('data_dir')} DIR; {_USAGE}")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels!r}")
     h, w = _size(image_size)

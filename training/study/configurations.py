@@ -90,7 +90,7 @@ class Preset:
 
 
 RESNET20_NOTE = """\
-**Why this scale.** The issue asks for the largest subset and epoch count that finish in about
+**Why this scale.** The aim was the largest subset and epoch count that finish in about
 4 hours on these 2 cores *and* keep dense ResNet-20 above 0.90; on this machine the two conflict.
 Measured CPU time per training step (batch 128, 1 torch thread, two runs at a time under
 `nice -n 19` on a machine shared with other jobs, so pessimistic by ~20 % against an idle
@@ -103,7 +103,7 @@ resnet20 --dataset fashion-mnist --mode dense --sparsity 0 --epochs 4 --limit 20
 thirds --seed 0`; under-fitted, train accuracy 0.886), and 30k images x 3 epochs (~4.2 h) gave
 **0.890** (same command with `--epochs 3 --limit 30000 --exclude conv1`). The preset therefore
 uses the **full 60k training set for 3 epochs** (1407 steps per run: one epoch per learning
-rate), the issue's first option, at about **7.7 h on 2 idle cores**
+rate), the first option considered, at about **7.7 h on 2 idle cores**
 (~9 h at the shared-machine rates above; the two blocks-of-4 configurations add 0.7 h of it).
 That 60k x 3 keeps dense above 0.90 is an extrapolation from those two points until the study's
 first run (dense, seed 0) is in; its accuracy is in the table below.

@@ -1,0 +1,90 @@
+"""Thread-count scopes for the sparse backend: the one place torch's and numba's intra-op
+thread counts are set and restored.
+
+Why its own module: kernels run inside these scopes, and the autotuner times kernels inside
+them; with the scopes here neither the kernel package nor the autotuner imports the other at
+load time.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+
+__all__ = ["serial_call", "serial_scope", "thread_cap", "torch_thread_cap", "thread_scope"]
+
+_cap = threading.local()
+_serial = threading.local()
+
+
+def thread_cap() -> int | None:
+    """The cap :func:`torch_thread_cap` set on this thread (None: no cap)."""
+    return getattr(_cap, "value", None)
+
+
+def serial_call() -> bool:
+    """True inside an op that must run on one thread (kernels then take their serial loops)."""
+    return getattr(_serial, "on", False)
+
+
+@contextlib.contextmanager
+def _local(store: threading.local, name: str, value: object, default: object) -> Iterator[None]:
+    """store.name = value within the block (this thread), then what it was."""
+    prev = getattr(store, name, default)
+    setattr(store, name, value)
+    try:
+        yield
+    finally:
+        setattr(store, name, prev)
+
+
+def serial_scope() -> contextlib.AbstractContextManager[None]:
+    """numba / compiled kernels in the block take their serial loops; numba's pool is left
+    alone (resizing it down and back up cost 10-16 us a call)."""
+    return _local(_serial, "on", True, False)
+
+
+def torch_thread_cap(cap: int | None) -> contextlib.AbstractContextManager[None]:
+    """Within the block, ops never use more than `cap` threads, torch or numba (this thread only).
+
+    The Session uses it to run a whole graph on one thread when that is measured faster (a
+    loaded machine), without each dense op resizing torch's OpenMP team back up.
+    """
+    return _local(_cap, "value", cap, None)
+
+
+@contextlib.contextmanager
+def thread_scope(threads: int | None, torch_threads: bool = True) -> Iterator[None]:
+    """Run a block with `threads` intra-op threads in numba (and torch unless `torch_threads`
+    is False), then restore them.
+
+    The settings are process-global (torch) or thread-local (numba); restoring them keeps one
+    op's choice from leaking into the caller or into the next op. numba-only kernels leave
+    torch alone: changing torch's OpenMP team size between ops makes the next parallel region
+    wake (or re-create) a worker, which on a loaded 2-core machine was measured to stall each
+    op for 30-60 ms.
+    """
+    if threads is None:
+        yield
+        return
+    cap = getattr(_cap, "value", None)
+    want_torch = threads if cap is None else min(threads, cap)
+    old_torch = torch.get_num_threads()
+    import numba as nb  # a dependency; imported here so importing this module stays cheap
+
+    old_numba = nb.get_num_threads()
+    if torch_threads and old_torch != want_torch:
+        torch.set_num_threads(want_torch)
+    want_numba = want_torch if cap is not None else threads
+    if old_numba != want_numba:
+        nb.set_num_threads(min(want_numba, nb.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        if nb.get_num_threads() != old_numba:
+            nb.set_num_threads(old_numba)
+        # last: with numba's OpenMP layer, resizing numba's pool also resizes torch's
+        if torch.get_num_threads() != old_torch:
+            torch.set_num_threads(old_torch)

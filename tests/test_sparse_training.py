@@ -1,0 +1,208 @@
+"""SWAT's sparse-kernel training products (training.sparse_products, swat_native.train) match
+the masked-dense reference: forward, input gradient, weight gradient, bias gradient, at every
+ISA this CPU runs, for odd shapes, strides 2 and 3 (the phase-split input gradient), dilation,
+groups, 1x1 and blocks; the sparse-vs-dense choice is kept per machine and pinned by checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swat_native
+from training import memory, sparse_choices, sparse_products as sp
+from training.swatify import swatify
+from training.topk import select_bits
+
+pytestmark = pytest.mark.skipif(not swat_native.available(), reason="compiled kernels not built")
+
+# (n, c, h, w, o, k, stride, pad, dil, groups, block)
+SHAPES = [(3, 16, 16, 16, 16, 3, 1, 1, 1, 1, 1), (2, 16, 9, 11, 32, 3, 2, 1, 1, 1, 1),
+          (3, 32, 8, 8, 32, 3, 1, 1, 1, 1, 1), (2, 8, 7, 9, 12, 3, 1, 1, 1, 2, 1),
+          (2, 16, 9, 9, 32, 1, 2, 0, 1, 1, 1), (2, 16, 13, 11, 16, 3, 1, 2, 2, 1, 1),
+          (2, 16, 16, 16, 32, 3, 1, 1, 1, 1, 4), (3, 16, 6, 6, 48, 1, 1, 0, 1, 1, 1),
+          (2, 8, 7, 6, 16, 5, 2, 2, 1, 1, 1), (2, 16, 10, 7, 16, 3, 3, 1, 1, 2, 1)]
+
+
+def _isas() -> list[str]:
+    return list(swat_native.cpu_isas())
+
+
+def _weight(o: int, cg: int, k: int, density: float, block: int) -> torch.Tensor:
+    w = torch.randn(o, cg, k, k)
+    keep = torch.rand(o // block, 1, cg, k, k) < density
+    return w * keep.expand(o // block, block, cg, k, k).reshape(o, cg, k, k)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_products_match_dense(isa: str, shape: tuple[int, ...]) -> None:
+    n, c, h, w, o, k, s, p, d, g, blk = shape
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(n, c, h, w))
+    sel = select_bits(x, 0.7, "nchw", drop_zeros=True)
+    vals = memory.compact(x, sel.bits, sel.count)
+    xs = memory.expand(vals, sel.bits, x.shape)
+    wt = _weight(o, c // g, k, 0.3, blk)
+    b = torch.randn(o)
+    geo = ((s, s), (p, p), (d, d))
+    ref = F.conv2d(xs, wt, b, s, p, d, g)
+    gy = torch.randn_like(ref)
+    rgi, rgw, _ = torch.ops.aten.convolution_backward(gy, xs, wt, None, [s, s], [p, p], [d, d], False, [0, 0], g,
+                                                      [True, True, False])
+    with mock.patch.dict(os.environ, {"SWAT_ISA": isa}), sp.use_mode("force"):
+        out = sp.conv_forward(xs, wt, b, *geo, g, 0.3, blk)
+        gi = sp.conv_input_grad(gy, wt, x.shape, *geo, g, 0.3, lambda: rgi.clone())
+        gw = sp.conv_weight_grad(gy, vals, sel.bits, x.shape, wt.shape, *geo, g, lambda: rgw.clone())
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gi, rgi, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-4)
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 1, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, 1, 1),
+                               torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1, groups=2), torch.nn.ReLU(),
+                               torch.nn.Conv2d(32, 32, 1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(32 * 5 * 5, 10))
+
+
+@pytest.mark.parametrize("mode,block", [("swat", 1), ("saw", 1), ("swat", 4), ("meprop", 1)])
+def test_training_step_same_gradients(mode: str, block: int) -> None:
+    """A whole SWAT / SAW / meProp step: every parameter gradient equals today's torch path."""
+    torch.manual_seed(1)
+    base = _net()
+    x, y = torch.randn(4, 3, 9, 9), torch.randint(0, 10, (4,))
+    grads = {}
+    for m in ("off", "force"):
+        torch.manual_seed(2)
+        kw = {"block": block} if block > 1 else {}
+        net = swatify(_copy(base), 0.7, mode, **kw).train()
+        with sp.use_mode(m):
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+        grads[m] = {k: v.grad.clone() for k, v in net.named_parameters()}
+    for k in grads["off"]:
+        torch.testing.assert_close(grads["force"][k], grads["off"][k], rtol=1e-4, atol=1e-5)
+
+
+def _copy(m: torch.nn.Module) -> torch.nn.Module:
+    import copy
+    return copy.deepcopy(m)
+
+
+def test_off_switch_and_env() -> None:
+    with mock.patch.dict(os.environ, {"SWAT_SPARSE_PRODUCTS": "0"}):
+        assert sp.mode() == "off"
+        assert not sp.enabled_for(torch.zeros(1))
+    with mock.patch.dict(os.environ, {"SWAT_SPARSE_PRODUCTS": "force"}):
+        assert sp.mode() == "force"
+    with mock.patch.dict(os.environ, {"SWAT_SPARSE_PRODUCTS": "auto"}):
+        assert sp.mode() == "auto"
+    with mock.patch.dict(os.environ, {"SWAT_SPARSE_PRODUCTS": ""}):
+        assert sp.mode() == "auto"  # default: the choice is kept per machine and in checkpoints
+    with pytest.raises(ValueError, match="choose one of"):
+        with sp.use_mode("fast"):
+            pass
+    assert not sp.enabled_for(torch.zeros(1, dtype=torch.float64))
+
+
+class _Products:
+    """A sparse and a dense 'product' that count their calls and return distinct results."""
+
+    def __init__(self, sparse_faster: bool) -> None:
+        self.calls = {"s": 0, "d": 0}
+        self.sparse_faster = sparse_faster
+
+    def sparse(self) -> torch.Tensor:
+        self.calls["s"] += 1
+        if not self.sparse_faster:
+            import time
+            time.sleep(0.002)
+        return torch.ones(1)
+
+    def dense(self) -> torch.Tensor:
+        self.calls["d"] += 1
+        if self.sparse_faster:
+            import time
+            time.sleep(0.002)
+        return torch.zeros(1)
+
+
+@pytest.fixture
+def timed_choices(isolated_caches: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:  # noqa: ARG001
+    """Timing on, the choice cache in the test's folder, no choices held in memory."""
+    monkeypatch.setenv("SWAT_AUTOTUNE", "1")
+    sparse_choices.forget()
+    yield
+    sparse_choices.forget()
+
+
+@pytest.mark.usefixtures("timed_choices")
+@pytest.mark.parametrize("sparse_faster", [True, False])
+def test_choice_is_timed_once_and_returns_the_chosen_result(sparse_faster: bool) -> None:
+    p = _Products(sparse_faster)
+    with sp.use_mode("auto"):
+        first = sp.choose(("test", 1), p.sparse, p.dense)
+        calls = dict(p.calls)
+        second = sp.choose(("test", 1), p.sparse, p.dense)
+    assert float(first) == float(second) == (1.0 if sparse_faster else 0.0)  # the chosen product's result
+    assert p.calls["s"] + p.calls["d"] == calls["s"] + calls["d"] + 1
+    assert sp.choices() == {"test|1": sparse_faster}
+
+
+@pytest.mark.usefixtures("timed_choices")
+def test_choice_is_shared_through_the_cache_file() -> None:
+    with sp.use_mode("auto"):
+        sp.choose(("test", 2), *_pair(True))
+    data = json.loads(sparse_choices.cache_path().read_text())
+    (section,) = data["machines"].values()
+    assert section["test|2"]["sparse"] is True and set(section["test|2"]["times_us"]) == {"sparse", "dense"}
+    sparse_choices.forget()  # a new process: reads the file, times nothing, even if dense is faster now
+    p = _Products(sparse_faster=False)
+    with sp.use_mode("auto"):
+        assert float(sp.choose(("test", 2), p.sparse, p.dense)) == 1.0
+    assert p.calls == {"s": 1, "d": 0}
+
+
+@pytest.mark.usefixtures("timed_choices")
+def test_first_writer_wins_and_checkpoint_pins_win() -> None:
+    assert sparse_choices.decide("k", True) is True
+    sparse_choices.forget()
+    assert sparse_choices.decide("k", False) is True  # another process wrote it first
+    sparse_choices.forget()
+    sparse_choices.pin({"k": False, "bad": "yes", 3: True})
+    assert sparse_choices.lookup("k") is False  # the resumed run's own choice, not the file's
+    assert sparse_choices.lookup("bad") is None
+    assert sparse_choices.used() == {"k": False}
+
+
+@pytest.mark.usefixtures("timed_choices")
+def test_damaged_cache_file_is_replaced() -> None:
+    path = sparse_choices.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    assert sparse_choices.lookup("k") is None
+    assert sparse_choices.decide("k", True) is True
+    assert json.loads(path.read_text())["version"] == sparse_choices.VERSION
+
+
+@pytest.mark.usefixtures("isolated_caches")
+def test_without_timing_the_rule_decides_and_nothing_is_written() -> None:
+    sparse_choices.forget()
+    p = _Products(sparse_faster=False)
+    with sp.use_mode("auto"):
+        assert float(sp.choose(("test", 3), p.sparse, p.dense, rule=True)) == 1.0
+        assert float(sp.choose(("test", 4), p.sparse, p.dense, rule=False)) == 0.0
+    assert p.calls == {"s": 1, "d": 1}
+    assert not sparse_choices.cache_path().exists()
+    assert sp._rule(0.3, 256) and not sp._rule(0.35, 256) and not sp._rule(0.1, 64)
+    sparse_choices.forget()
+
+
+def _pair(sparse_faster: bool) -> tuple:
+    p = _Products(sparse_faster)
+    return p.sparse, p.dense

@@ -90,14 +90,19 @@ def cpu_isas() -> tuple[str, ...]:
 
 def isa() -> str:
     """The ISA the compiled kernels use here: the best the CPU has, or a lower one from SWAT_ISA."""
-    best = cpu_isas()[-1]
+    return pick_isa(cpu_isas(), "this CPU runs only")
+
+
+def pick_isa(runs: tuple[str, ...], what: str) -> str:
+    """SWAT_ISA checked against the paths `runs` (lowest first), else the best of them; shared
+    by the float32 and int8 kernels so one variable lowers both the same way."""
     want = os.environ.get("SWAT_ISA", "").strip().lower()
     if not want:
-        return best
+        return runs[-1]
     if want not in ISAS:
         raise ValueError(f"SWAT_ISA={want!r} is not one of {', '.join(ISAS)}; unset it or pick one of those")
-    if want not in cpu_isas():
-        raise ValueError(f"SWAT_ISA={want!r}, but this CPU runs only {', '.join(cpu_isas())}; unset SWAT_ISA")
+    if want not in runs:
+        raise ValueError(f"SWAT_ISA={want!r}, but {what} {', '.join(runs)}; unset SWAT_ISA")
     return want
 
 

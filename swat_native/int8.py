@@ -15,7 +15,7 @@ import functools
 import os
 from typing import Any
 
-from . import ISAS, _lib
+from . import ISAS, _lib, pick_isa
 
 _CODE = {"generic": 0, "avx2": 1, "avx512": 2}
 
@@ -63,15 +63,7 @@ def cpu_isas() -> tuple[str, ...]:
 
 def isa() -> str:
     """The int8 path used here: the best this CPU runs, or the lower one SWAT_ISA names."""
-    want = os.environ.get("SWAT_ISA", "").strip().lower()
-    if not want:
-        return cpu_isas()[-1]
-    if want not in ISAS:
-        raise ValueError(f"SWAT_ISA={want!r} is not one of {', '.join(ISAS)}; unset it or pick one of those")
-    if want not in cpu_isas():
-        raise ValueError(f"SWAT_ISA={want!r}, but this CPU's int8 kernels run only {', '.join(cpu_isas())}; "
-                         "unset SWAT_ISA")
-    return want
+    return pick_isa(cpu_isas(), "this CPU's int8 kernels run only")
 
 
 def isa_code(name: str | None = None) -> int:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Any
 
-from . import ISAS, _lib, pick_isa
+from . import _lib, pick_isa
 
 _CODE = {"generic": 0, "avx2": 1, "avx512": 2}
 

@@ -20,7 +20,7 @@ LAYOUTS = {"view": 0, "padded": 1, "shifted": 2}
 
 _FIXED = ("B", "rows", "layout", "n", "c_in", "h", "w", "o", "h_out", "w_out", "pt", "pl", "hq", "wq",
           "kw", "sh", "sw", "dw", "copy_size", "chunk_in", "run", "pitch", "ntg", "tg", "nrg", "epi", "isa",
-          "threads")
+          "threads", "per_image", "slot_packed")
 
 
 class _ConvArgs(ctypes.Structure):
@@ -60,7 +60,7 @@ class ConvCall:
         for a, dt in ((indptr, np.int32), (offs, np.int32), (vals, np.float32), (bias, np.float32)):
             if a.dtype != dt or not a.flags.c_contiguous:
                 raise ValueError(f"ConvCall needs contiguous {np.dtype(dt).name} arrays, got {a.dtype}")
-        missing = set(_FIXED) - set(fixed) - {"threads", "isa"}
+        missing = set(_FIXED) - set(fixed) - {"threads", "isa", "per_image", "slot_packed"}
         if missing:
             raise ValueError(f"ConvCall is missing {sorted(missing)}")
         self._keep = (indptr, offs, vals, bias)

@@ -40,6 +40,8 @@ _LANES = 16
 # Up to this size a layer keeps its own zero-padded input buffer per thread (see __call__).
 _OWN_PAD_BYTES = 4 << 20
 _UIDS = itertools.count()
+# Output widths up to this use the compact (im2col-row) pitch in _aligned_geometry.
+_COMPACT_MAX_W = 8
 
 
 @dataclass
@@ -91,9 +93,12 @@ class _CsrDirectConv:
         hq = max(-(-hp // sh), qi_max + h_out + 1 + -(-_LANES // wq))
         image_bytes = 4 * wt.c * sh * sw * hq * wq
         nchunk = int(min(n, max(1, _CHUNK_BYTES // image_bytes)))
-        if nchunk == 1 and native.available() and (self.w.block == 1 or _is_plain_1x1(self.spec)):
+        # Block weights at stride 1 keep the padded layout (measured faster for B = 4: aligned rows
+        # cost more than they save when one load feeds B outputs); strided ones take the shifted
+        # copies rather than stride phases (1.5-2x at batch 1, see _aligned_geometry).
+        if nchunk == 1 and native.available() and (self.w.block == 1 or _is_plain_1x1(self.spec) or sh > 1 or sw > 1):
             g = (self._view_geometry(n, h, w) if _is_plain_1x1(self.spec) and (h * w) % _LANES == 0
-                 else self._aligned_geometry(n, h_out, w_out, qi, ri))
+                 else self._aligned_geometry(n, h_out, w_out, qi, ri, compact=w_out <= _COMPACT_MAX_W))
             if len(self._geo) >= _MAX_SHAPES:
                 self._geo.pop(next(iter(self._geo)))
             self._geo[key] = g
@@ -119,21 +124,29 @@ class _CsrDirectConv:
         offs = native.check_offsets((wt.chan * plane).astype(np.int64))
         return _Geometry(n, n, 1, h, w, h, w, plane, wt.c * plane, offs, -1)
 
-    def _aligned_geometry(self, n: int, h_out: int, w_out: int, qi: np.ndarray, ri: np.ndarray) -> _Geometry:
+    def _aligned_geometry(self, n: int, h_out: int, w_out: int, qi: np.ndarray, ri: np.ndarray,
+                          compact: bool = False) -> _Geometry:
         """One image per chunk, as kw column-shifted copies with a row pitch of whole vectors.
 
         Output row pitch = input row pitch = 16 * ceil(w_out / 16), so every load of the shift
         kernel is 64-byte aligned (measured 2x the multiply speed of the padded-pitch layout,
-        whose taps j = 1, 2 read across cache lines); junk is only the rounding of w_out."""
+        whose taps j = 1, 2 read across cache lines); junk is only the rounding of w_out.
+
+        ``compact``: the pitch is w_out itself, so the grid is the output plane (im2col rows).
+        For narrow maps (w_out <= 8) whole-vector rows would be mostly junk: a 4x4 output used
+        a quarter of every vector. Unaligned loads cost less than that (batch 1, Xeon AVX-512,
+        90 % unstructured: 512->512 at 4x4 977 -> 645 us on one thread, 256->256 at 8x8
+        478 -> 354 us)."""
         wt = self.w
         sh = self.spec.stride[0]
-        pitch = -(-w_out // _LANES) * _LANES
+        pitch = w_out if compact else -(-w_out // _LANES) * _LANES
         hq = (self.spec.dilation[0] * (wt.kh - 1)) // sh + h_out
         copy_size = wt.c * sh * hq * pitch
         chunk_in = wt.kw * copy_size
         offs = wt.tap_j * copy_size + ((wt.chan * sh + ri) * hq + qi) * pitch
         offs = native.check_offsets(offs.astype(np.int64))
-        return _Geometry(n, n, 1, h_out, w_out, hq, pitch, h_out * pitch, chunk_in, offs, copy_size)
+        run = -(-(h_out * pitch) // _LANES) * _LANES
+        return _Geometry(n, n, 1, h_out, w_out, hq, pitch, run, chunk_in, offs, copy_size)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         wt = self.w
@@ -151,7 +164,7 @@ class _CsrDirectConv:
         if g.copy_size < 0:  # see _view_geometry
             packed = x.numpy().reshape(-1)
         elif g.copy_size:
-            packed = nc.workspace(0, g.nb * g.chunk_in)
+            packed = nc.workspace(0, g.nb * g.chunk_in + _LANES)  # a compact run's last vector reads past
             native.pack_shifted(par)(x.numpy(), packed, wt.kw, sh, sw, self.spec.dilation[1], pt, pl, g.hq, g.wq,
                                      g.copy_size, g.chunk_in)
         elif g.nchunk == 1 and sh == sw == 1:
@@ -181,8 +194,9 @@ class _CsrDirectConv:
             return self._calls[key]
         call = None
         sh, sw = self.spec.stride
-        # Opt-in until measured on an idle machine: under load its spinning pool was slower.
-        if os.environ.get("SWAT_LAYER_CALL") == "1" and native_layer.available() and g.nchunk == 1:
+        # On unless SWAT_LAYER_CALL=0: at batch 1, 2 threads it measured 1.2-1.5x the step-by-step
+        # numba path per layer (which also stalled for milliseconds on some layers).
+        if os.environ.get("SWAT_LAYER_CALL", "1") != "0" and native_layer.available() and g.nchunk == 1:
             if g.copy_size < 0:
                 layout, epi = "view", True
             elif g.copy_size > 0:
@@ -195,12 +209,16 @@ class _CsrDirectConv:
                 wt = self.w
                 rows = wt.indptr.shape[0] - 1
                 ntg, tg, nrg = native.split(g.run, g.nb, rows, threads)
+                # Several images: one image per item, packed into its thread's own buffer (see
+                # swat_conv_f32's per_image mode); one image: all threads share its rows and tiles.
+                per_image = n > 1 and n >= threads
                 call = native_layer.ConvCall(
                     wt.indptr.astype(np.int32), native.check_offsets(g.offs), wt.vals, wt.bias,
                     B=wt.block, rows=rows, layout=native_layer.LAYOUTS[layout], n=n, c_in=wt.c, h=h, w=w, o=wt.o,
                     h_out=g.h_out, w_out=g.w_out, pt=self.spec.padding[0], pl=self.spec.padding[1], hq=g.hq,
                     wq=g.wq, kw=wt.kw, sh=sh, sw=sw, dw=self.spec.dilation[1], copy_size=max(g.copy_size, 0),
-                    chunk_in=g.chunk_in, run=g.run, pitch=g.wq, ntg=ntg, tg=tg, nrg=nrg, epi=int(epi))
+                    chunk_in=g.chunk_in, run=g.run, pitch=g.wq, ntg=ntg, tg=tg, nrg=nrg, epi=int(epi),
+                    per_image=int(per_image), slot_packed=g.chunk_in + _LANES)
         if len(self._calls) >= 4 * _MAX_SHAPES:
             self._calls.pop(next(iter(self._calls)))
         self._calls[key] = call
@@ -210,13 +228,17 @@ class _CsrDirectConv:
                       residual: torch.Tensor | None, relu: bool, threads: int) -> torch.Tensor:
         wt = self.w
         a = call.args
+        # per-image mode: one buffer slot per thread (slot_packed floats apart), else every image
+        images = threads if a.per_image else g.nb
         if a.layout == native_layer.LAYOUTS["padded"]:
-            packed = nc.zeroed_workspace((self._uid, n, h, w), g.nb * g.chunk_in).ctypes.data
+            # the padding is zeroed once per buffer; calls only ever write the interior
+            size = (threads * a.slot_packed) if a.per_image else g.nb * g.chunk_in
+            packed = nc.zeroed_workspace((self._uid, n, h, w, threads), size).ctypes.data
         elif a.layout == native_layer.LAYOUTS["shifted"]:
-            packed = nc.workspace(0, g.nb * g.chunk_in).ctypes.data
+            packed = nc.workspace(0, images * a.slot_packed if a.per_image else g.nb * g.chunk_in + _LANES).ctypes.data
         else:
             packed = 0
-        scratch = 0 if a.epi else nc.workspace(1, g.nb * wt.o * g.run).ctypes.data
+        scratch = 0 if a.epi else nc.workspace(1, images * wt.o * g.run).ctypes.data
         y = torch.empty((n, wt.o, g.h_out, g.w_out), dtype=torch.float32)
         call(x.data_ptr(), y.data_ptr(), 0 if residual is None else residual.data_ptr(), relu, packed, scratch,
              native.isa_code(), threads)
@@ -235,7 +257,7 @@ class CsrDirectKernel:
     rule_min_sparsity = 0.8
 
     def supports(self, spec: LayerSpec) -> bool:
-        return spec.kind == "conv2d" and nc.available()
+        return spec.kind == "conv2d"
 
     def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> _CsrDirectConv:
         return _CsrDirectConv(weight, bias, spec)

@@ -86,8 +86,13 @@ static void run_items(void) {
    after its first job was posted must still take that job */
 static unsigned long start_gen[POOL_MAX];
 
+/* Which per-thread buffer slot this thread uses in per-image mode: 0 for the calling thread,
+   worker id + 1 for the pool's workers (one job at a time, so the caller's slot is free). */
+static __thread int64_t tls_slot;
+
 static void *worker(void *arg) {
     const int id = (int)(intptr_t)arg;
+    tls_slot = id + 1;
     unsigned long seen = start_gen[id];
     for (;;) {
         unsigned long g = atomic_load(&P.gen);
@@ -194,6 +199,9 @@ struct swat_conv {
     int64_t kw, sh, sw, dw, copy_size;  /* layout 2 */
     int64_t chunk_in, run, pitch;       /* per image: packed floats, grid floats, grid row pitch */
     int64_t ntg, tg, nrg, epi, isa, threads;
+    /* per_image = 1: each image is one item that packs into its thread's own slot of `packed`
+       (slot_packed floats apart) and multiplies all rows (scratch slots rows * B * run apart) */
+    int64_t per_image, slot_packed;
     /* per call */
     const float *x;
     float *y;
@@ -272,12 +280,38 @@ static void unpack_item(const void *vc, int64_t t) {
     unpack_channels(c, t / chans, t % chans, t % chans + 1);
 }
 
+/* One whole image on the calling thread: at batch > 1 the packed image stays in this core's
+   L2 between pack and multiply (packing all images first wrote them out to memory and read
+   them back), and threads never wait for one another inside a layer. */
+static void image_item(const void *vc, int64_t b) {
+    const struct swat_conv *c = vc;
+    struct swat_conv one = *c;
+    const int64_t plane = c->h_out * c->w_out;
+    one.n = 1;
+    one.x = c->x + b * c->c_in * c->h * c->w;
+    one.y = c->y + b * c->o * plane;
+    one.res = c->res ? c->res + b * c->o * plane : 0;
+    one.packed = c->packed ? c->packed + tls_slot * c->slot_packed : 0;
+    one.scratch = c->scratch ? c->scratch + tls_slot * c->rows * c->B * c->run : 0;
+    one.ntg = 1;
+    one.tg = c->run;
+    one.nrg = 1;
+    if (one.layout != 0)
+        for (int64_t t = 0; t < one.c_in; t++) pack_item(&one, t);
+    multiply_item(&one, 0); /* all rows and tiles; with ntg == 1 it also unpacks when !epi */
+}
+
 /* Returns 0, or -1 for arguments the loops do not take (unknown layout, isa or B). */
 EXPORT int swat_conv_f32(const struct swat_conv *c) {
     if (c->layout < 0 || c->layout > 2 || c->isa < 0 || c->isa > 2) return -1;
     if (c->B != 1 && c->B != 2 && c->B != 4 && c->B != 8 && c->B != 16) return -1;
     if (c->layout == 0 && !c->epi) return -1;
     const int threads = c->threads < 1 ? 1 : (int)c->threads;
+    if (c->per_image) {
+        if (c->layout != 0 && c->slot_packed < c->chunk_in) return -1;
+        pool_for(threads, image_item, c, c->n);
+        return 0;
+    }
     if (c->layout != 0) pool_for(threads, pack_item, c, c->n * c->c_in);
     pool_for(threads, multiply_item, c, c->n * c->ntg * c->nrg);
     if (!c->epi && c->ntg != 1) pool_for(threads, unpack_item, c, c->n * c->rows * c->B);

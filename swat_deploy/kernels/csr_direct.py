@@ -42,6 +42,17 @@ _OWN_PAD_BYTES = 4 << 20
 _UIDS = itertools.count()
 # Output widths up to this use the compact (im2col-row) pitch in _aligned_geometry.
 _COMPACT_MAX_W = 8
+# Output planes of at least this many pixels run one image per chunk at any batch size, as
+# per-image items of the one-call layer, instead of interleaving several images per chunk:
+# measured at batch 64, one thread, 90 %: 1.9x (B=1) / 1.35x (B=4) at 16x16, 1.4x / 1.25x at
+# 8x8 (the interleaving pack and unpack passes cost more than the longer rows save); at 4x4
+# interleaving stays (per-image lost 0.81x with B=4).
+_PER_IMAGE_MIN_PLANE = 64
+
+
+def _layer_call_enabled() -> bool:
+    """The one-call layer (swat_native.layer) is built and not switched off (SWAT_LAYER_CALL=0)."""
+    return os.environ.get("SWAT_LAYER_CALL", "1") != "0" and native_layer.available()
 
 
 @dataclass
@@ -93,6 +104,8 @@ class _CsrDirectConv:
         hq = max(-(-hp // sh), qi_max + h_out + 1 + -(-_LANES // wq))
         image_bytes = 4 * wt.c * sh * sw * hq * wq
         nchunk = int(min(n, max(1, _CHUNK_BYTES // image_bytes)))
+        if nchunk > 1 and h_out * w_out >= _PER_IMAGE_MIN_PLANE and _layer_call_enabled():
+            nchunk = 1  # see _PER_IMAGE_MIN_PLANE
         # Block weights at stride 1 keep the padded layout (measured faster for B = 4: aligned rows
         # cost more than they save when one load feeds B outputs); strided ones take the shifted
         # copies rather than stride phases (1.5-2x at batch 1, see _aligned_geometry).
@@ -196,12 +209,15 @@ class _CsrDirectConv:
         sh, sw = self.spec.stride
         # On unless SWAT_LAYER_CALL=0: at batch 1, 2 threads it measured 1.2-1.5x the step-by-step
         # numba path per layer (which also stalled for milliseconds on some layers).
-        if os.environ.get("SWAT_LAYER_CALL", "1") != "0" and native_layer.available() and g.nchunk == 1:
+        if _layer_call_enabled() and g.nchunk == 1:
+            # Several images: one image per item, packed into its thread's own buffer (see
+            # swat_conv_f32's per_image mode); one image: all threads share its rows and tiles.
+            per_image = n > 1 and n >= threads
             if g.copy_size < 0:
                 layout, epi = "view", True
             elif g.copy_size > 0:
                 layout, epi = "shifted", True
-            elif sh == sw == 1 and 4 * g.nb * g.chunk_in <= _OWN_PAD_BYTES:
+            elif sh == sw == 1 and 4 * (threads if per_image else g.nb) * g.chunk_in <= _OWN_PAD_BYTES:
                 layout, epi = "padded", g.wq % _LANES == 0
             else:
                 layout = None
@@ -209,9 +225,6 @@ class _CsrDirectConv:
                 wt = self.w
                 rows = wt.indptr.shape[0] - 1
                 ntg, tg, nrg = native.split(g.run, g.nb, rows, threads)
-                # Several images: one image per item, packed into its thread's own buffer (see
-                # swat_conv_f32's per_image mode); one image: all threads share its rows and tiles.
-                per_image = n > 1 and n >= threads
                 call = native_layer.ConvCall(
                     wt.indptr.astype(np.int32), native.check_offsets(g.offs), wt.vals, wt.bias,
                     B=wt.block, rows=rows, layout=native_layer.LAYOUTS[layout], n=n, c_in=wt.c, h=h, w=w, o=wt.o,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import typer
 
@@ -108,5 +108,50 @@ def _exit_exception(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("click", "typer") and hasattr(e, "exit_code")
 
 
-def _csv(value: Optional[str]) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+# ------------------------------------------------------------------ list options
+# A comma-separated option value is parsed by Typer through ``parser=``: the command receives a
+# list of the item type, and a malformed value is Typer's usage error (exit 2) naming the flag.
+# The list subclasses are what tells Typer "one value that is a list", not a repeatable option.
+class Ints(list):
+    """``--batch-size 1,64`` -> ``[1, 64]``."""
+
+
+class Floats(list):
+    """``--sweep-sparsities 0.5,0.9`` -> ``[0.5, 0.9]``."""
+
+
+class Names(list):
+    """``--exclude conv1,fc`` -> ``['conv1', 'fc']``."""
+
+
+def _split(value: object, item: Callable[[str], object], what: str, example: str) -> list:
+    if isinstance(value, list):  # a default that is already parsed
+        return value
+    try:
+        return [item(v.strip()) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of {what}; e.g. {example}") from None
+
+
+def ints(value: object) -> Ints:
+    return Ints(_split(value, int, "integers", "1,64"))
+
+
+def floats(value: object) -> Floats:
+    return Floats(_split(value, float, "numbers", "0.5,0.9"))
+
+
+def names(value: object) -> Names:
+    return Names(_split(value, str, "names", "conv1,fc"))
+
+
+def layer_sparsity(value: str) -> tuple[str, float]:
+    """One ``NAME=S`` of the repeatable ``--layer-sparsity``."""
+    name, sep, number = str(value).partition("=")
+    try:
+        sparsity = float(number)
+    except ValueError:
+        sep = ""
+    if not sep or not name.strip():
+        raise typer.BadParameter(f"{value!r} is not NAME=SPARSITY; e.g. --layer-sparsity conv1=0.5")
+    return name.strip(), sparsity

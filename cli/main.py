@@ -13,20 +13,7 @@ import typer
 
 from training.errors import SwatError
 
-from cli._app import _csv, app, exit_code, handled, message
-
-
-def _per_layer(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise SwatError(f"--layer-sparsity {item!r} is not NAME=SPARSITY; e.g. --layer-sparsity conv1=0.5") from None
-        if not sep or not name.strip():
-            raise SwatError(f"--layer-sparsity {item!r} is not NAME=SPARSITY; e.g. --layer-sparsity conv1=0.5")
-    return out
+from cli._app import Names, app, exit_code, handled, layer_sparsity as parse_layer_sparsity, message, names
 
 
 @app.command(epilog="Example: swat train --model lenet5 --dataset digits --mode swat --sparsity 0.7 --epochs 15 --seed 0 --out runs/demo   "
@@ -50,8 +37,10 @@ def train(
     block: Optional[int] = typer.Option(None, "--block", help="B consecutive output channels share one weight "
                                         "zero pattern (Top-K over B x 1 block norms; swat / saw, topk nchw | chw "
                                         "| hw; a power of two; default 1 = unstructured)"),
-    exclude: Optional[str] = typer.Option(None, help="comma-separated layer names / globs kept dense, e.g. 'conv1,fc'"),
-    layer_sparsity: List[str] = typer.Option([], "--layer-sparsity", help="per-layer override NAME=S (repeatable)"),
+    exclude: Optional[Names] = typer.Option(None, parser=names, metavar="NAME[,NAME...]",
+                                            help="comma-separated layer names / globs kept dense, e.g. 'conv1,fc'"),
+    layer_sparsity: List[tuple] = typer.Option([], "--layer-sparsity", parser=parse_layer_sparsity, metavar="NAME=S",
+                                               help="per-layer override NAME=S (repeatable)"),
     epochs: int = typer.Option(15, help="training epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default: 32 for digits, 128 otherwise"),
     lr: float = typer.Option(0.1, help="initial learning rate (SGD, momentum 0.9)"),
@@ -82,7 +71,7 @@ def train(
     settings = dict(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, mode=mode,
                     sparsity=sparsity, topk=topk, refresh_every=refresh_every,
                     cache_weight_threshold=refresh_weights, forward_only=forward_only or "", budget=budget,
-                    exclude=tuple(_csv(exclude)), per_layer=_per_layer(layer_sparsity), epochs=epochs,
+                    exclude=tuple(exclude or ()), per_layer=dict(layer_sparsity), epochs=epochs,
                     batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     schedule=schedule, seed=seed, workers=workers, device=device, limit=limit)
     if resume is not None:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cli._app import _csv, app, handled
+from cli._app import Names, app, handled, names
 
 
 @app.command(epilog="Example: nice -n 19 swat study --preset resnet20 --jobs 2   (rerun the same command to "
@@ -19,7 +19,8 @@ def study(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="scratch run dirs (default runs/study/PRESET)"),
     report: Optional[Path] = typer.Option(None, help="report file (default docs/RESULTS_PRESET.md)"),
     report_only: bool = typer.Option(False, "--report-only", help="train nothing; rebuild report and figures"),
-    only: Optional[str] = typer.Option(None, help="comma-separated configuration keys, e.g. 'dense,swat-70'"),
+    only: Optional[Names] = typer.Option(None, parser=names, metavar="KEY[,KEY...]",
+                                         help="comma-separated configuration keys, e.g. 'dense,swat-70'"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="start no new run after N minutes"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where the data set files are"),
 ) -> None:
@@ -34,7 +35,7 @@ def study(
     out = out or Path("docs/study") / p.name
     if not report_only:
         run_study(p, out, runs_dir or Path("runs/study") / p.name, jobs=jobs,
-                  data_dir=str(data_dir) if data_dir else None, only=_csv(only) or None,
+                  data_dir=str(data_dir) if data_dir else None, only=list(only) if only else None,
                   max_minutes=max_minutes, log=typer.echo)
     path, lines = write_report(p, out, report or Path(f"docs/RESULTS_{p.name}.md"))
     for line in lines:

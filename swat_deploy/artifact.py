@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from training.errors import FAILED, SwatError
+from training.errors import FAILED, SwatError, option
+from swat_deploy.onnx_load import onnx_weights_sha256, read_model  # noqa: F401 - the hash is part of this surface
 
 META_PREFIX = "swat."
 TS_META_FILE = "swat.json"
@@ -24,11 +25,9 @@ def load_onnx(path: str | Path) -> Any:
 
     External data is read only from inside the file's folder (:mod:`swat_deploy.onnx_load`).
     """
-    from swat_deploy.onnx_load import read_model
-
     path = Path(path)
     if not path.exists() and not path.is_symlink():
-        raise SwatError(f"{path} not found; export it with `swat export RUN --format onnx`")
+        raise SwatError(f"{path} not found; export it from its run dir ({option('fmt')} onnx)")
     model = read_model(path)
     if not model.graph.node:
         raise SwatError(f"{path} holds no ONNX graph (truncated or not an ONNX file); re-export it")
@@ -152,35 +151,6 @@ def layer_name(tensor_name: str) -> str:
     return name
 
 
-def onnx_weights_sha256(model: Any) -> str:
-    """Canonical hash (:func:`training.fileio.canonical_digest`) of every stored tensor:
-    initializers, sparse initializers (values and ``#idx``) and Constant nodes, by name.
-
-    A tensor that does not decode (damaged file) is hashed by its serialized proto, so the hash
-    simply disagrees with the metadata instead of raising.
-    """
-    from training.fileio import canonical_digest
-
-    tensors = [(t.name, t) for t in model.graph.initializer]
-    tensors += [(st.values.name, st.values) for st in model.graph.sparse_initializer]
-    tensors += [(st.values.name + "#idx", st.indices) for st in model.graph.sparse_initializer]
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and node.output:
-                    tensors.append((node.output[0], a.t))
-    return canonical_digest(_onnx_item(name, t) for name, t in tensors)
-
-
-def _onnx_item(name: str, t: Any) -> tuple[str, str, list[int], bytes]:
-    from onnx import numpy_helper
-
-    from training.fileio import array_item
-
-    try:
-        return array_item(name, numpy_helper.to_array(t))
-    except Exception:
-        return name, "undecodable", [int(d) for d in t.dims], t.SerializeToString()
 
 
 def onnx_named_tensors(model: Any) -> dict[str, np.ndarray]:
@@ -207,7 +177,7 @@ def load_torchscript(path: str | Path) -> tuple[Any, dict[str, Any]]:
     if path.is_dir():
         raise SwatError(f"{path} is a directory, not a TorchScript file; give the path of a .pt file")
     if not path.is_file():
-        raise SwatError(f"{path} not found; export it with `swat export RUN --format torchscript`")
+        raise SwatError(f"{path} not found; export it from its run dir ({option('fmt')} torchscript)")
     if not zipfile.is_zipfile(path):
         raise SwatError(f"{path} is not a TorchScript archive (truncated or another format); re-export it")
     extra = {TS_META_FILE: ""}

@@ -315,30 +315,20 @@ def time_prepared(runners: dict[str, Prepared], x: torch.Tensor, budget_s: float
     whose best call so far is more than 2.5x the best of all is timed no further: it cannot
     win, and at batch 64 one call can take 30 ms.
     """
-    first: dict[str, float] = {}
+    from .timing import time_interleaved
+
+    def rounds_for(per_round: float) -> int:
+        least = _MIN_ROUNDS if per_round * _MIN_ROUNDS <= 4 * budget_s else 2
+        return int(min(_MAX_ROUNDS, max(least, budget_s // max(per_round, 1e-7))))
+
+    def hopeless(best: dict[str, float]) -> set[str]:
+        floor = min(best.values())
+        return {n for n, b in best.items() if b > 2.5 * floor and n.split("@")[0] != "dense"}
+
     with thread_scope(threads), torch.inference_mode():
-        for name, fn in runners.items():
-            t0 = time.perf_counter()
-            fn(x)
-            first[name] = time.perf_counter() - t0
-        per_round = sum(first.values())
-        rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS if per_round * _MIN_ROUNDS <= 4 * budget_s else 2,
-                                          budget_s // max(per_round, 1e-7))))
-        live = list(runners)
-        times: dict[str, list[float]] = {n: [] for n in live}
-        for r in range(rounds):
-            order = live if r % 2 == 0 else live[::-1]
-            for name in order:
-                fn = runners[name]
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
-            if r == 0:
-                best = {n: min(first[n], times[n][0]) for n in live}
-                floor = min(best.values())
-                live = [n for n in live if best[n] <= 2.5 * floor or n.split("@")[0] == "dense"]
-                times = {n: times[n] for n in live}
-    return {n: statistics.median(v) for n, v in times.items()}
+        timed = time_interleaved({name: (lambda fn=fn: fn(x)) for name, fn in runners.items()}, _MAX_ROUNDS,
+                                 budget_s, per_turn=1, rounds_for=rounds_for, drop_after_first=hopeless)
+    return {n: median for n, (median, _) in timed.items()}
 
 
 def _example_input(spec: LayerSpec) -> torch.Tensor:

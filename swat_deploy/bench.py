@@ -294,7 +294,8 @@ def bench(target: str | Path, batch_sizes: Sequence[int] = (1,), threads: int = 
         if "torchscript" in engines and t.torchscript is not None:
             ts_module = torch.jit.load(str(t.torchscript)).eval()
         elif "torchscript" in engines:
-            report.notes.append("torchscript: no model.pt in the run dir (swat export RUN --format torchscript)")
+            report.notes.append("torchscript: no model.pt in the run dir (export one in TorchScript format to "
+                                "include it)")
         if "torch" in engines and t.torch_module is None:
             report.notes.append("torch: only for a run dir or sparse.safetensors (an .onnx file has no torch model)")
         gen = np.random.default_rng(seed)

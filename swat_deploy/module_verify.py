@@ -153,7 +153,7 @@ def verify_module(model: nn.Module, path: str | Path, loader: Iterable[Any], *, 
     normalisation, which its graph applies). ``backend``: also run an ONNX file in our sparse
     ``Session``. ``limit``: judge at most this many images. ``model`` is left as it was.
     """
-    from swat_deploy.export import export_metadata
+    from swat_deploy.export_file import export_metadata
     from swat_deploy.from_module import module_weights_sha256, normalization_dict, prune_module
 
     if limit is not None and limit < 1:

@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from training.errors import option
+from swat_deploy.formats import ENCODED_NAMES, choose_format
+
 # one shared stream for all bitmask-stored layers: a handful of nodes for the whole model
 BITS, VALUES, TOTAL, SPLIT = "swat.bits", "swat.values", "swat.numel", "swat.split"
 FLAT, SHAPE, HALF = ".swat_flat", ".swat_shape", ".swat_fp16"
@@ -52,11 +55,6 @@ BLK = "swat.blk."
 BLK_BITS, BLK_VALUES, BLK_TOTAL, BLK_SPLIT, BLK_ESPLIT = (BLK + "bits", BLK + "values", BLK + "numel", BLK + "split",
                                                           BLK + "esplit")
 _BLK_STREAM = BLK + "dense_stream"
-# serialized bytes a bitmask layer adds beyond its bits and values (Reshape node, shape, split entry)
-LAYER_OVERHEAD = 160
-# a blockmask layer also has its grid shape, three more nodes and a Concat entry (measured)
-BLOCK_LAYER_OVERHEAD = LAYER_OVERHEAD + 220
-FORMATS = ("dense", "bitmask", "coo", "blockmask")
 
 
 @dataclass
@@ -68,28 +66,6 @@ class StoredWeight:
     shape: list[int]
     stored_bytes: int
     value: np.ndarray    # the dense float32 weight the graph computes
-
-
-def _sizes(n: int, nnz: int, itemsize: int, block: int = 1) -> dict[str, int]:
-    sizes = {"dense": n * itemsize,
-             "bitmask": nnz * itemsize + (n + 7) // 8 + LAYER_OVERHEAD,
-             "coo": nnz * (itemsize + 4) + LAYER_OVERHEAD + 100}
-    if block > 1:
-        sizes["blockmask"] = nnz * itemsize + (n // block + 7) // 8 + BLOCK_LAYER_OVERHEAD
-    return sizes
-
-
-def choose_format(w: np.ndarray, fp16: bool = False, block: int | None = None) -> str:
-    """The smallest storage for ``w`` (ties go to the simplest form).
-
-    ``block``: the weight's shared-pattern block (None: detect it with ``block_size_of``).
-    """
-    if block is None:
-        from swat_deploy.formats.blocks import block_size_of
-
-        block = block_size_of(w) if w.ndim >= 2 else 1
-    sizes = _sizes(w.size, int(np.count_nonzero(w)), 2 if fp16 else 4, block)
-    return min(sizes, key=lambda f: (sizes[f], FORMATS.index(f)))
 
 
 def _unpack_nodes(bits: str, total: str, p: str) -> list[Any]:
@@ -185,13 +161,14 @@ def encode(model: Any, names: list[str] | None = None, *, weights: str = "sparse
         if w.dtype != np.float32:
             continue
         if fp16 and np.abs(w).max(initial=0.0) > np.finfo(np.float16).max:
-            raise ValueError(f"weight {name} has values beyond the float16 range; export without --fp16")
+            raise ValueError(f"weight {name} has values beyond the float16 range; export with float32 weights ({option('fp16')} off)")
         block = 1
         if weights != "dense" and w.ndim >= 2:
             from swat_deploy.formats.blocks import block_size_of
 
             block = block_size_of(w)
-        fmt = "dense" if weights == "dense" else choose_format(w, fp16, block)
+        fmt = "dense" if weights == "dense" else choose_format(w, ENCODED_NAMES, itemsize=2 if fp16 else 4,
+                                                                  block=block)
         chosen[name] = fmt + ("-fp16" if fp16 else "")
         if fmt == "dense" and not fp16:
             continue

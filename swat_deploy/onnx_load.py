@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from training.errors import FAILED, SwatError, UnsafeInputError
+from training.errors import FAILED, SwatError, UnsafeInputError, option
 
 EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
 
@@ -34,7 +34,7 @@ def read_model(path: str | Path) -> Any:
     if path.is_dir():
         raise SwatError(f"{path} is a directory, not an ONNX file; give the path of a .onnx file")
     if not path.exists():
-        raise SwatError(f"{path} not found; check the path (export one with `swat export RUN --format onnx`)")
+        raise SwatError(f"{path} not found; check the path, or export one from its run dir ({option('fmt')} onnx)")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -106,12 +106,41 @@ def check_integrity(model: Any, what: str) -> None:
     claimed = next((p.value for p in model.metadata_props if p.key == "swat.weights_sha256"), None)
     if claimed is None:
         return
-    from .artifact import onnx_weights_sha256
-
     if onnx_weights_sha256(model) != claimed:
         raise SwatError(f"{what}: its weights do not match the hash recorded at export (swat.weights_sha256); "
                         f"the file was damaged or edited - re-export it (or remove that metadata entry to run "
                         f"an intentionally edited model)", kind=FAILED)
+
+
+def onnx_weights_sha256(model: Any) -> str:
+    """Canonical hash (:func:`training.fileio.canonical_digest`) of every stored tensor:
+    initializers, sparse initializers (values and ``#idx``) and Constant nodes, by name.
+
+    A tensor that does not decode (damaged file) is hashed by its serialized proto, so the hash
+    simply disagrees with the metadata instead of raising.
+    """
+    from training.fileio import canonical_digest
+
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    tensors += [(st.values.name, st.values) for st in model.graph.sparse_initializer]
+    tensors += [(st.values.name + "#idx", st.indices) for st in model.graph.sparse_initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and node.output:
+                    tensors.append((node.output[0], a.t))
+    return canonical_digest(_onnx_item(name, t) for name, t in tensors)
+
+
+def _onnx_item(name: str, t: Any) -> tuple[str, str, list[int], bytes]:
+    from onnx import numpy_helper
+
+    from training.fileio import array_item
+
+    try:
+        return array_item(name, numpy_helper.to_array(t))
+    except Exception:
+        return name, "undecodable", [int(d) for d in t.dims], t.SerializeToString()
 
 
 # ------------------------------------------------------------------------------ external data

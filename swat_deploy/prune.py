@@ -241,14 +241,16 @@ def load_sparse(path: str | Path) -> SparseModel:
     path = Path(path)
     tensors, meta = load_tensors(path)
     if meta.get("format") != "swat-sparse":
-        raise SwatError(f"{path} is not a swat sparse model (no 'swat-sparse' header); write one with `swat prune RUN`")
+        raise SwatError(f"{path} is not a swat sparse model (no 'swat-sparse' header); write one by pruning its "
+                        f"run dir")
     if int(meta.get("version", "0")) > SPARSE_FORMAT_VERSION:
         raise SwatError(f"{path} has sparse format version {meta['version']}, newer than this swat reads; upgrade swat")
     try:
         run_meta = json.loads(meta["run_json"])
         headers = json.loads(meta["weights"])
     except (KeyError, json.JSONDecodeError):
-        raise SwatError(f"{path} has a damaged header; re-create it with `swat prune RUN --force`") from None
+        raise SwatError(f"{path} has a damaged header; re-create it by pruning its run dir again "
+                        f"({option('force')} to overwrite)") from None
     run = Run(path=path.parent, meta=run_meta)
     net = fold_batchnorm(unswatify(build_model(run.config, run_meta["num_classes"], run_meta["in_channels"])))
     norm = run_meta.get("normalization") or {"mean": [0.0], "std": [1.0]}
@@ -261,7 +263,7 @@ def load_sparse(path: str | Path) -> SparseModel:
     except (KeyError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SwatError(f"{path} does not fit model {run_meta.get('model')!r} ({first}); "
-                        "re-create it with `swat prune RUN --force`") from None
+                        f"re-create it by pruning its run dir again ({option('force')} to overwrite)") from None
     params = dict(module.net.named_parameters())
     layers = [SparseLayer(l["name"], list(params[f"{l['name']}.weight"].shape), float(l["sparsity"]),
                           sparsity_of(params[f"{l['name']}.weight"]), int(l.get("block", 1))) for l in run.layers]
@@ -269,27 +271,8 @@ def load_sparse(path: str | Path) -> SparseModel:
 
 
 def to_onnx_model(sm: SparseModel) -> Any:
-    """The pruned model as an in-memory ONNX ModelProto (plain initializers, dynamic batch).
+    """The pruned model as an in-memory ONNX ModelProto (plain initializers, dynamic batch): the
+    graph ``swat export`` writes, before its compact weight encoding (one exporter for both)."""
+    from swat_deploy.torch_export import torch_to_onnx
 
-    Why the TorchScript-based exporter: it needs no disk round trip beyond a temp file and takes
-    ~2 s for a ResNet-18, and the Session only needs a correct graph, not the compact encoding
-    `swat export` writes for distribution.
-    """
-    import contextlib
-    import io
-    import os
-    import tempfile
-    import warnings
-
-    import onnx
-
-    example = torch.rand(*sm.input_shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "model.onnx")
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(sm.module, (example,), out, dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        return onnx.load(out)
+    return torch_to_onnx(sm)

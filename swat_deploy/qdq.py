@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from swat_deploy.onnx_compact import LAYER_OVERHEAD, StoredWeight
+from swat_deploy.formats import choose_format
+from swat_deploy.onnx_compact import StoredWeight
 
 # onnxruntime quantisation ops, default domain and onnxruntime's contrib domain
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
@@ -77,10 +78,6 @@ def float_name(int8_name: str) -> str:
     return int8_name[: -len(QUANT_SUFFIX)] if int8_name.endswith(QUANT_SUFFIX) else int8_name
 
 
-def _stored_sizes(n: int, nnz: int) -> dict[str, int]:
-    return {"dense": n, "bitmask": nnz + (n + 7) // 8 + LAYER_OVERHEAD}
-
-
 def encode_int8(model: Any, *, weights: str = "sparse") -> dict[str, str]:
     """Rewrite ``model`` (a QDQ ModelProto) in place: each int8 weight in its smaller form.
 
@@ -102,8 +99,7 @@ def encode_int8(model: Any, *, weights: str = "sparse") -> dict[str, str]:
         w = numpy_helper.to_array(inits[name])
         if w.dtype != np.int8:
             continue
-        sizes = _stored_sizes(w.size, int(np.count_nonzero(w)))
-        fmt = "bitmask" if weights == "sparse" and sizes["bitmask"] < sizes["dense"] else "dense"
+        fmt = choose_format(w, ("dense", "bitmask"), itemsize=1, block=1) if weights == "sparse" else "dense"
         chosen[name] = fmt + "-int8"
         if fmt == "dense":
             continue

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from training.errors import SwatError
+from training.errors import SwatError, option
 from training.fileio import atomic_write_bytes
 from training.rundir import Run, read_run
 
@@ -57,7 +57,7 @@ def calibration_images(run: Run | str | Path, n: int = CALIB_IMAGES, seed: int =
     from training.evaluation import iterate_batches
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise SwatError(f"--calib must be a positive number of images, got {n!r}; e.g. --calib 256")
+        raise SwatError(f"{option('calib')} must be a positive number of images, got {n!r}; e.g. {CALIB_IMAGES}")
     run = run if isinstance(run, Run) else read_run(run)
     config = run.config
     options = {"limit": config.limit} if config.limit else {}
@@ -170,34 +170,17 @@ def _tidy(model: Any) -> None:
 
 
 # --------------------------------------------------------------------------- export
-def export_onnx_int8(run_dir: str | Path | Run, out: str | Path | None = None, *, force: bool = False,
-                     calib: int = CALIB_IMAGES, seed: int = 0, weights: str = "sparse",
-                     data_dir: str | None = None) -> Path:
-    """``swat export RUN --format onnx --int8``: RUN/model.int8.onnx, a QDQ model of the pruned
-    model calibrated on ``calib`` training images, int8 weights stored compactly, metadata and
-    weights hash as for the float32 export (plus ``int8`` / ``quantization`` keys)."""
-    from swat_deploy.export import INT8_NAME, WEIGHT_MODES, _check_choice, target_path, torch_to_onnx
-    from swat_deploy.prune import prune
-
-    _check_choice(weights, WEIGHT_MODES, "--weights")
-    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
-    path = target_path(run, "onnx", out, force, default=INT8_NAME)
-    images = calibration_images(run, calib, seed, data_dir)  # fails fast when the data is missing
-    sm = prune(run)
-    return write_onnx_int8(torch_to_onnx(sm), sm, path, images, seed=seed, weights=weights)
-
-
 def write_onnx_int8(base: Any, sm: Any, path: str | Path, images: np.ndarray, *, seed: int = 0,
                     weights: str = "sparse") -> Path:
     """Quantise ``base`` (torch's float32 export of ``sm``) on ``images``, store, embed metadata, check, save.
 
-    Split from :func:`export_onnx_int8` so one torch export serves the float32 and int8 files.
+    Split from :func:`swat_deploy.export.export_onnx_int8` so one torch export serves the float32 and int8 files.
     """
-    from swat_deploy.export import _strip_debug_info, export_metadata, finish_onnx
+    from swat_deploy.export_file import export_metadata, finish_onnx, strip_debug_info
     from swat_deploy.qdq import encode_int8
 
     model = quantize_qdq(base, images)
-    _strip_debug_info(model)
+    strip_debug_info(model)
     encode_int8(model, weights=weights)
     meta = export_metadata(sm, weights=weights)
     meta["opset"] = str(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))

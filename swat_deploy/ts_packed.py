@@ -185,14 +185,14 @@ def pack_layers(sm: SparseModel, tune: bool = False) -> Dict[str, str]:
     ``tune`` times dense vs CSR on each packed layer (see `csr_max_batch`); the format reads
     ``bitmask+csr<=B`` for a layer that runs CSR up to batch B.
     """
-    from swat_deploy.onnx_compact import choose_format
+    from swat_deploy.formats import ENCODED_NAMES, choose_format
 
     net = sm.module.net
     chosen: Dict[str, str] = {}
     packed: Dict[str, _Packed] = {}
     for layer in sm.layers:
         m = net.get_submodule(layer.name)
-        fmt = choose_format(m.weight.detach().numpy()) if _packable(m) else "dense"
+        fmt = choose_format(m.weight.detach(), ENCODED_NAMES) if _packable(m) else "dense"
         if fmt == "dense":  # where coo wins in ONNX, bitmask still beats dense; one packed form here
             chosen[layer.name] = "dense"
             continue

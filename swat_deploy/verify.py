@@ -176,8 +176,8 @@ def _find_artifacts(run: Run, model: str | Path | None) -> tuple[list[Path], lis
     found = [run.path / n for n in names if (run.path / n).is_file()]
     missing = [n for n in read_exports(run.path) if not (run.path / n).is_file()]
     if not found and not missing:
-        raise SwatError(f"no exported model in {run.path}; run `swat export {run.path} --format onnx` "
-                        f"(or pass {option('model')} FILE)")
+        raise SwatError(f"no exported model in {run.path}; export one from the run dir ({option('fmt')} onnx), "
+                        f"or pass {option('model')} FILE")
     return found, missing
 
 
@@ -284,6 +284,251 @@ def _check_same_model(path: Path, run: Run, weights: dict[str, np.ndarray] | Non
                             f"verify it against the run dir it was exported from")
 
 
+@dataclass
+class _Loaded:
+    """One exported file, parsed: its kind (onnx / torchscript), the object and its metadata."""
+
+    kind: str
+    path: Path
+    obj: Any
+    meta: dict[str, str]
+
+
+def _load_artifacts(run: Run, paths: list[Path]) -> list[_Loaded]:
+    """Parse every file first: a missing / truncated / foreign file is a one-line error up front."""
+    loaded = []
+    for path in paths:
+        kind = art.artifact_kind(path)
+        if kind == "onnx":
+            obj = art.load_onnx(path)
+            meta = {k[len(art.META_PREFIX):]: v for k, v in art.onnx_metadata(obj).items()
+                    if k.startswith(art.META_PREFIX)}
+            get = lambda proto=obj: art.onnx_layer_weights(proto)  # noqa: E731
+        else:
+            obj, meta = art.load_torchscript(path)
+            get = lambda module=obj: art.torchscript_layer_weights(module)  # noqa: E731
+        loaded.append(_Loaded(kind, path, obj, meta))
+        try:
+            weights = get()
+        except SwatError as e:
+            if e.kind != FAILED:  # stored weights that do not decode are reported as a FAIL row
+                raise
+            weights = None
+        _check_same_model(path, run, weights, meta)
+    return loaded
+
+
+@dataclass
+class _Reference:
+    """The trained model's answers on the test images every artefact is judged against."""
+
+    x: torch.Tensor
+    labels: np.ndarray
+    logits: np.ndarray
+    pred: np.ndarray
+    accuracy: float
+    target_accuracy: float  # what an export's accuracy must match
+
+    @classmethod
+    def of(cls, run: Run, data_dir: str | None, limit: int | None) -> "_Reference":
+        x, y, info = _test_images(run, data_dir, limit)
+        reference = load_trained_model(run)
+        with torch.no_grad():
+            logits = np.concatenate([reference(datasets.normalize(x[i:i + BATCH], info)).numpy()
+                                     for i in range(0, len(x), BATCH)])
+        pred = logits.argmax(1)
+        labels = y.numpy()
+        accuracy = float((pred == labels).mean())
+        # the run's own number applies to the full test split; a `limit` subset is judged by the
+        # reference model's accuracy on that same subset
+        target = float(run.meta["test_accuracy"]) if limit is None else accuracy
+        return cls(x, labels, logits, pred, accuracy, target)
+
+
+class _Pruned:
+    """The run's pruned model (what every export was made from), built on first use only."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from swat_deploy.prune import prune
+
+            self._model = prune(self.run)
+        return self._model
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.model.weights().items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every tensor of the pruned model (weights, biases, normalisation), by name."""
+        return {k: v.detach().numpy() for k, v in self.model.module.state_dict().items()}
+
+
+class _Judge:
+    """Judges artefacts one by one into a :class:`Report`: each job (claims, weights, outputs)
+    is one method adding its rows."""
+
+    def __init__(self, run: Run, report: Report, ref: _Reference, pruned: _Pruned) -> None:
+        self.run, self.report, self.ref, self.pruned = run, report, ref, pruned
+        self.expected = {l["name"]: float(l["sparsity"]) for l in run.layers}
+        self.blocks_of = {l["name"]: int(l.get("block", 1)) for l in run.layers}  # a block run's claim, per layer
+
+    def judge(self, name: str, path: Path, make_runner: Callable[[], Runner | None],
+              get_weights: Callable[[], dict[str, np.ndarray]] | None,
+              meta: dict[str, str] | None, actual_hash: str | None, tol: float = LOGIT_TOL,
+              int8: bool = False, exact: Callable[[], tuple[str, bool]] | None = None) -> None:
+        res = ArtifactResult(name, str(path))
+
+        def add(check: str, value: Any, threshold: str, ok: Any) -> None:
+            self.report.checks.append(Check(name, check, value, threshold, bool(ok)))
+
+        if meta is not None:
+            self._claims(meta, actual_hash, add)
+        if exact is not None:
+            self._exact(exact, tol, add)
+        if get_weights is not None:
+            self._weights(get_weights, int8, res, add)
+        if self._outputs(make_runner, tol, int8, res, add):
+            self.report.artifacts.append(res)
+
+    def _claims(self, meta: dict[str, str], actual_hash: str | None, add: Callable[..., None]) -> None:
+        """Integrity (hash vs metadata), provenance (run weights hash) and metadata vs run.json."""
+        claimed = meta.get("weights_sha256")
+        add("integrity (weights hash vs metadata)", (actual_hash or "")[:16], f"= {(claimed or 'missing')[:16]}",
+            claimed == actual_hash)
+        origin, want = meta.get("run_weights_sha256"), self.run.meta.get("weights_sha256")
+        add("provenance (run weights hash vs run.json)", (origin or "missing")[:16], f"= {str(want)[:16]}",
+            origin == want)
+        bad = _metadata_claims(meta, self.run)
+        add("metadata claims vs run.json", ", ".join(bad) or "consistent", "all equal", not bad)
+
+    @staticmethod
+    def _exact(exact: Callable[[], tuple[str, bool]], tol: float, add: Callable[..., None]) -> None:
+        try:
+            value, ok = exact()
+        except SwatError as e:
+            value, ok = str(e)[:80], False
+        add("weights = run's pruned weights (exact)", value,
+            "bit-equal" + (" to their float16 rounding" if tol == LOGIT_TOL_FP16 else ""), ok)
+
+    def _weights(self, get_weights: Callable[[], dict[str, np.ndarray]], int8: bool, res: ArtifactResult,
+                 add: Callable[..., None]) -> None:
+        """Per layer: present, sparsity as claimed (int8: exactly the float32 zeros), block pattern."""
+        try:
+            weights = get_weights()
+        except SwatError as e:
+            add("stored weights decode", str(e)[:80], "decodes", False)
+            return
+        missing = sorted(set(self.expected) - set(weights))
+        if missing:
+            add("layers present", f"missing {missing[:3]}", "all run.json layers", False)
+        floats = self.pruned.weights() if int8 else {}
+        for lname, exp in self.expected.items():
+            if lname not in weights:
+                continue
+            w = weights[lname]
+            block = self.blocks_of.get(lname, 1)
+            measured = float((w == 0).sum()) / max(w.size, 1)
+            res.layers.append({"name": lname, "expected_sparsity": exp, "measured_sparsity": measured,
+                               "block": block})
+            if block > 1:
+                add(f"block {block}x1 pattern {lname}", *_block_pattern(w, block))
+            if int8:  # exact: the int8 zeros are the float32 zeros, no more, no fewer
+                ref = floats.get(lname)
+                same = ref is not None and ref.shape == w.shape and np.array_equal(ref == 0, w == 0)
+                add(f"int8 zeros {lname}", round(measured, 4), f"= float32 zeros ({exp:.4f})", same)
+                continue
+            add(f"sparsity {lname}", round(measured, 4), f"{exp:.4f} +/- {SPARSITY_TOL}",
+                abs(measured - exp) <= SPARSITY_TOL)
+
+    def _outputs(self, make_runner: Callable[[], Runner | None], tol: float, int8: bool, res: ArtifactResult,
+                 add: Callable[..., None]) -> bool:
+        """Run the file in its runtime on the test images: accuracy, agreement, logit difference.
+
+        Returns whether the artefact has a result to report (False: no runner of ours applies)."""
+        try:
+            runner = make_runner()
+        except Exception as e:
+            add("loads in its runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
+                "loads", False)
+            return True
+        if runner is None:
+            return False
+        ref = self.ref
+        try:
+            logits = _predict(runner, ref.x)
+        except Exception as e:
+            add("runs on the test split", f"{type(e).__name__}: {str(e)[:80]}", "no error", False)
+            return True
+        if logits.shape != ref.logits.shape:
+            add("output shape", list(logits.shape), str(list(ref.logits.shape)), False)
+            return True
+        pred = logits.argmax(1)
+        res.accuracy = float((pred == ref.labels).mean())
+        res.agreement = float((pred == ref.pred).mean())
+        res.max_abs_diff = float(np.abs(logits - ref.logits).max()) if len(logits) else 0.0
+        if int8:
+            self._int8_accuracy(res, add)
+            return True
+        add("accuracy vs run.json", round(res.accuracy, 5), f"{ref.target_accuracy:.5f} +/- {ACCURACY_TOL}",
+            abs(res.accuracy - ref.target_accuracy) <= ACCURACY_TOL)
+        add("top-1 agreement with trained model", round(res.agreement, 5), f">= {AGREEMENT_MIN}",
+            res.agreement >= AGREEMENT_MIN)
+        add("max |logit diff|", float(f"{res.max_abs_diff:.3g}"), f"<= {tol:g}", res.max_abs_diff <= tol)
+        return True
+
+    def _int8_accuracy(self, res: ArtifactResult, add: Callable[..., None]) -> None:
+        """int8 rounding moves logits by design: only accuracy is thresholded, against the float32 export."""
+        float_acc = next((a.accuracy for a in self.report.artifacts if a.name == "onnxruntime"
+                          and a.accuracy is not None), None)
+        source = "float32 export" if float_acc is not None else "run.json, which the float32 export matches"
+        float_acc = self.ref.target_accuracy if float_acc is None else float_acc
+        res.accuracy_diff_pt = round(100.0 * (res.accuracy - float_acc), 3)
+        add("accuracy vs float32 export",
+            f"{res.accuracy_diff_pt:+.2f} pt ({res.accuracy:.4f} vs {float_acc:.4f}, {source})",
+            f"|diff| <= {INT8_ACCURACY_TOL_PT:g} pt", abs(res.accuracy_diff_pt) <= INT8_ACCURACY_TOL_PT)
+
+    # ------------------------------------------------------------------ per kind of file
+    def onnx(self, item: _Loaded, backend: bool) -> None:
+        proto, meta = item.obj, item.meta
+        fp16 = meta.get("fp16") == "true"
+        tol = LOGIT_TOL_FP16 if fp16 else LOGIT_TOL
+        int8 = meta.get("int8") == "true" or is_quantized(proto)
+        suffix = " int8" if int8 else ""
+
+        def exact() -> tuple[str, bool]:
+            used = {i for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+                    for i in n.input[1:3] if i}
+            return _exact_weights(art.onnx_named_tensors(proto), self.pruned.state(),
+                                  set(art.onnx_stored_weights(proto)), fp16, used)
+
+        self.judge("onnxruntime" + suffix, item.path, lambda: _onnxruntime_runner(item.path),
+                   lambda: art.onnx_layer_weights(proto), meta, art.onnx_weights_sha256(proto), tol, int8,
+                   None if int8 else exact)
+        if backend:
+            self.judge("swat Session" + suffix, item.path, lambda: _session_runner(item.path), None, None, None,
+                       tol, int8)
+
+    def torchscript(self, item: _Loaded) -> None:
+        module = item.obj
+
+        def exact() -> tuple[str, bool]:
+            return _exact_weights(art.torchscript_named_tensors(module), self.pruned.state(), set(), False)
+
+        self.judge("torchscript", item.path, lambda: _torchscript_runner(module),
+                   lambda: art.torchscript_layer_weights(module), item.meta, art.torchscript_weights_sha256(module),
+                   exact=exact)
+
+    def pruned_model(self) -> None:
+        sm = self.pruned.model  # prunes once: the int8 rows may have done it already
+        self.judge("pruned model", self.run.path, lambda: _torchscript_runner(sm.module),
+                   lambda: {k: v.numpy() for k, v in sm.weights().items()}, None, None)
+
+
 def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: str | None = None,
            limit: int | None = None, backend: bool = True, pruned: bool = True,
            allow_missing: bool = False) -> Report:
@@ -297,181 +542,24 @@ def verify(run_dir: str | Path, model: str | Path | None = None, *, data_dir: st
     paths, missing_exports = _find_artifacts(run, model)
     if limit is not None and limit < 1:
         raise SwatError(f"{option('limit')} {limit} must be a positive number of test images")
-    # parse every file first: a missing / truncated / foreign file is a one-line error up front
-    loaded = []
-    for path in paths:
-        kind = art.artifact_kind(path)
-        if kind == "onnx":
-            proto = art.load_onnx(path)
-            meta = {k[len(art.META_PREFIX):]: v for k, v in art.onnx_metadata(proto).items()
-                    if k.startswith(art.META_PREFIX)}
-            loaded.append((kind, path, proto, meta))
-            get = lambda proto=proto: art.onnx_layer_weights(proto)  # noqa: E731
-        else:
-            module, meta = art.load_torchscript(path)
-            loaded.append((kind, path, module, meta))
-            get = lambda module=module: art.torchscript_layer_weights(module)  # noqa: E731
-        try:
-            weights = get()
-        except SwatError as e:
-            if e.kind != FAILED:  # stored weights that do not decode are reported as a FAIL row
-                raise
-            weights = None
-        _check_same_model(path, run, weights, meta)
-    x, y, info = _test_images(run, data_dir, limit)
-    reference = load_trained_model(run)
-    with torch.no_grad():
-        ref_logits = np.concatenate([reference(datasets.normalize(x[i:i + BATCH], info)).numpy()
-                                     for i in range(0, len(x), BATCH)])
-    ref_pred = ref_logits.argmax(1)
-    labels = y.numpy()
-    ref_acc = float((ref_pred == labels).mean())
-    # the run's own number applies to the full test split; a --limit subset is judged by the
-    # reference model's accuracy on that same subset
-    target_acc = float(run.meta["test_accuracy"]) if limit is None else ref_acc
-    report = Report(str(run.path), float(run.meta["test_accuracy"]), ref_acc, len(labels))
-    expected = {l["name"]: float(l["sparsity"]) for l in run.layers}
-    blocks_of = {l["name"]: int(l.get("block", 1)) for l in run.layers}  # a block run's claim, per layer
+    loaded = _load_artifacts(run, paths)
+    ref = _Reference.of(run, data_dir, limit)
+    report = Report(str(run.path), float(run.meta["test_accuracy"]), ref.accuracy, len(ref.labels))
     report.block = int(run.meta.get("block", 1))
     report.checked = [str(p) for p in paths]
     report.missing, report.allow_missing = list(missing_exports), allow_missing
     if not allow_missing:
         for name in missing_exports:
             report.checks.append(Check(name, "exported file present", "missing",
-                                       "written by swat export (exports.json)", False))
-    pruned_cache: list[Any] = []
-
-    def pruned_weights() -> dict[str, np.ndarray]:
-        """The pruned float32 weights (what every export was made from), built once."""
-        if not pruned_cache:
-            from swat_deploy.prune import prune
-
-            pruned_cache.append(prune(run))
-        return {k: v.numpy() for k, v in pruned_cache[0].weights().items()}
-
-    def pruned_state() -> dict[str, np.ndarray]:
-        """Every tensor of the pruned model (weights, biases, normalisation), by name."""
-        pruned_weights()
-        return {k: v.detach().numpy() for k, v in pruned_cache[0].module.state_dict().items()}
-
-    def judge(name: str, path: Path, make_runner: Callable[[], Runner | None],
-              get_weights: Callable[[], dict[str, np.ndarray]] | None,
-              meta: dict[str, str] | None, actual_hash: str | None, tol: float = LOGIT_TOL,
-              int8: bool = False, exact: Callable[[], tuple[str, bool]] | None = None) -> None:
-        res = ArtifactResult(name, str(path))
-        add = lambda check, value, threshold, ok: report.checks.append(Check(name, check, value, threshold, bool(ok)))
-        if meta is not None:
-            claimed = meta.get("weights_sha256")
-            add("integrity (weights hash vs metadata)", (actual_hash or "")[:16], f"= {(claimed or 'missing')[:16]}",
-                claimed == actual_hash)
-            origin = meta.get("run_weights_sha256")
-            add("provenance (run weights hash vs run.json)", (origin or "missing")[:16],
-                f"= {str(run.meta.get('weights_sha256'))[:16]}", origin == run.meta.get("weights_sha256"))
-            bad = _metadata_claims(meta, run)
-            add("metadata claims vs run.json", ", ".join(bad) or "consistent", "all equal", not bad)
-        if exact is not None:
-            try:
-                value, ok = exact()
-            except SwatError as e:
-                value, ok = str(e)[:80], False
-            add("weights = run's pruned weights (exact)", value,
-                "bit-equal" + (" to their float16 rounding" if tol == LOGIT_TOL_FP16 else ""), ok)
-        weights = None
-        if get_weights is not None:
-            try:
-                weights = get_weights()
-            except SwatError as e:
-                add("stored weights decode", str(e)[:80], "decodes", False)
-        if weights is not None:
-            missing = sorted(set(expected) - set(weights))
-            if missing:
-                add("layers present", f"missing {missing[:3]}", "all run.json layers", False)
-            floats = pruned_weights() if int8 else {}
-            for lname, exp in expected.items():
-                if lname not in weights:
-                    continue
-                w = weights[lname]
-                measured = float((w == 0).sum()) / max(w.size, 1)
-                res.layers.append({"name": lname, "expected_sparsity": exp, "measured_sparsity": measured,
-                                   "block": blocks_of.get(lname, 1)})
-                if blocks_of.get(lname, 1) > 1:
-                    add(f"block {blocks_of[lname]}x1 pattern {lname}", *_block_pattern(w, blocks_of[lname]))
-                if int8:  # exact: the int8 zeros are the float32 zeros, no more, no fewer
-                    ref = floats.get(lname)
-                    same = ref is not None and ref.shape == w.shape and np.array_equal(ref == 0, w == 0)
-                    add(f"int8 zeros {lname}", round(measured, 4), f"= float32 zeros ({exp:.4f})", same)
-                    continue
-                add(f"sparsity {lname}", round(measured, 4), f"{exp:.4f} +/- {SPARSITY_TOL}",
-                    abs(measured - exp) <= SPARSITY_TOL)
-        try:
-            runner = make_runner()
-        except Exception as e:
-            add("loads in its runtime", f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}",
-                "loads", False)
-            report.artifacts.append(res)
-            return
-        if runner is None:
-            return
-        try:
-            logits = _predict(runner, x)
-        except Exception as e:
-            add("runs on the test split", f"{type(e).__name__}: {str(e)[:80]}", "no error", False)
-            report.artifacts.append(res)
-            return
-        if logits.shape != ref_logits.shape:
-            add("output shape", list(logits.shape), str(list(ref_logits.shape)), False)
-            report.artifacts.append(res)
-            return
-        pred = logits.argmax(1)
-        res.accuracy = float((pred == labels).mean())
-        res.agreement = float((pred == ref_pred).mean())
-        res.max_abs_diff = float(np.abs(logits - ref_logits).max()) if len(logits) else 0.0
-        if int8:
-            float_acc = next((a.accuracy for a in report.artifacts if a.name == "onnxruntime"
-                              and a.accuracy is not None), None)
-            source = "float32 export" if float_acc is not None else "run.json, which the float32 export matches"
-            float_acc = target_acc if float_acc is None else float_acc
-            res.accuracy_diff_pt = round(100.0 * (res.accuracy - float_acc), 3)
-            add("accuracy vs float32 export",
-                f"{res.accuracy_diff_pt:+.2f} pt ({res.accuracy:.4f} vs {float_acc:.4f}, {source})",
-                f"|diff| <= {INT8_ACCURACY_TOL_PT:g} pt", abs(res.accuracy_diff_pt) <= INT8_ACCURACY_TOL_PT)
-            report.artifacts.append(res)
-            return
-        add("accuracy vs run.json", round(res.accuracy, 5), f"{target_acc:.5f} +/- {ACCURACY_TOL}",
-            abs(res.accuracy - target_acc) <= ACCURACY_TOL)
-        add("top-1 agreement with trained model", round(res.agreement, 5), f">= {AGREEMENT_MIN}",
-            res.agreement >= AGREEMENT_MIN)
-        add("max |logit diff|", float(f"{res.max_abs_diff:.3g}"), f"<= {tol:g}", res.max_abs_diff <= tol)
-        report.artifacts.append(res)
-
-    for kind, path, obj, meta in loaded:
-        if kind == "onnx":
-            def onnx_weights(proto: Any = obj) -> dict[str, np.ndarray]:
-                return art.onnx_layer_weights(proto)
-            tol = LOGIT_TOL_FP16 if meta.get("fp16") == "true" else LOGIT_TOL
-            int8 = meta.get("int8") == "true" or is_quantized(obj)
-            suffix = " int8" if int8 else ""
-            def exact_onnx(proto: Any = obj, fp16: bool = meta.get("fp16") == "true") -> tuple[str, bool]:
-                used = {i for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
-                        for i in n.input[1:3] if i}
-                return _exact_weights(art.onnx_named_tensors(proto), pruned_state(),
-                                      set(art.onnx_stored_weights(proto)), fp16, used)
-            judge("onnxruntime" + suffix, path, lambda p=path: _onnxruntime_runner(p), onnx_weights, meta,
-                  art.onnx_weights_sha256(obj), tol, int8, None if int8 else exact_onnx)
-            if backend:
-                judge("swat Session" + suffix, path, lambda p=path: _session_runner(p), None, None, None, tol, int8)
+                                       "listed in exports.json", False))
+    judge = _Judge(run, report, ref, _Pruned(run))
+    for item in loaded:
+        if item.kind == "onnx":
+            judge.onnx(item, backend)
         else:
-            def ts_weights(module: Any = obj) -> dict[str, np.ndarray]:
-                return art.torchscript_layer_weights(module)
-            def exact_ts(module: Any = obj) -> tuple[str, bool]:
-                return _exact_weights(art.torchscript_named_tensors(module), pruned_state(), set(), False)
-            judge("torchscript", path, lambda m=obj: _torchscript_runner(m), ts_weights, meta,
-                  art.torchscript_weights_sha256(obj), exact=exact_ts)
+            judge.torchscript(item)
     if pruned and model is None:
-        pruned_weights()  # prunes once: the int8 rows may have done it already
-        sm = pruned_cache[0]
-        judge("pruned model", run.path, lambda: _torchscript_runner(sm.module),
-              lambda: {k: v.numpy() for k, v in sm.weights().items()}, None, None)
+        judge.pruned_model()
     return report
 
 

@@ -106,3 +106,33 @@ def test_every_command_is_registered() -> None:
     assert r.exit_code == 0
     for name in ("train", "export", "verify", "prune", "bench", "info", "study"):
         assert name in r.output
+
+
+def test_list_options_are_parsed_by_typer(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    import swat_deploy.bench as bench
+    import training.launch as launch
+
+    seen = {}
+
+    def fake_train(config, out, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen["config"] = config
+        return launch.TrainResult(Path(out), 0.5, 0.1, {}, True)
+
+    monkeypatch.setattr(launch, "train", fake_train)
+    r = _invoke("train", "--out", str(tmp_path / "run"), "--exclude", "conv1, fc", "--layer-sparsity", "conv2=0.5",
+                "--layer-sparsity", "fc=0.25")
+    assert r.exit_code == 0, r.output
+    assert seen["config"].exclude == ("conv1", "fc") and seen["config"].per_layer == {"conv2": 0.5, "fc": 0.25}
+
+    def fake_bench(target, batch_sizes, threads, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.update(batch_sizes=batch_sizes, sweep=kw["sweep_sparsities"])
+        raise SwatError("stop here")
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    r = _invoke("bench", str(tmp_path), "--batch-size", "1,64", "--sweep-sparsities", "0.5,0.9")
+    assert r.exit_code == 2 and seen["batch_sizes"] == [1, 64] and seen["sweep"] == [0.5, 0.9]
+    # a malformed value is Typer's usage error naming the flag (exit 2), before any library call
+    for args, needle in ((("bench", "x", "--batch-size", "1,a"), "integers"),
+                         (("train", "--layer-sparsity", "conv2"), "NAME=SPARSITY")):
+        r = _invoke(*args)
+        assert r.exit_code == 2 and needle in r.output, r.output

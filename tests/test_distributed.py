@@ -162,6 +162,7 @@ def test_two_processes_keep_every_rank_identical_and_write_once(two_proc_run) ->
     assert rows[-1]["test_accuracy"] == meta["test_accuracy"] > 0.2  # chance is 0.1; accuracy: the slow test
 
 
+@pytest.mark.slow  # a 2-process run dir is the same format (checked above); export / verify of it: ~15 s
 def test_two_process_run_dir_exports_and_verifies(two_proc_run) -> None:
     run, _ = two_proc_run
     swat("export", str(run), "--format", "onnx")
@@ -170,6 +171,7 @@ def test_two_process_run_dir_exports_and_verifies(two_proc_run) -> None:
     assert report["exported_accuracy"] == pytest.approx(report["train_accuracy"], abs=1e-3)
 
 
+@pytest.mark.slow  # ~15 s; resuming with --nproc is also covered, bit for bit, by the slow test below
 def test_resume_distributed_continues_the_run(two_proc_run, tmp_path: Path) -> None:
     run, _ = two_proc_run
     copy = tmp_path / "run"

@@ -166,18 +166,20 @@ def test_size_follows_sparsity(lenet: dict, tmp_path: Path, sparsity: float, lim
     np.testing.assert_allclose(_ort(s, x), _ort(d, x), atol=1e-5, rtol=0)
 
 
-def test_choose_format_picks_the_smallest() -> None:
+def test_choose_format_picks_the_smallest_file_form() -> None:
+    from swat_deploy.formats import ENCODED_NAMES, choose_format
+
     rng = np.random.default_rng(0)
     dense = rng.standard_normal((64, 64)).astype(np.float32)
-    assert onnx_compact.choose_format(dense) == "dense"
+    assert choose_format(dense, ENCODED_NAMES) == "dense"
     w = dense.copy()
     w.reshape(-1)[rng.permutation(w.size)[: int(0.7 * w.size)]] = 0
-    assert onnx_compact.choose_format(w) == "bitmask"
+    assert choose_format(w, ENCODED_NAMES) == "bitmask"
     w.reshape(-1)[rng.permutation(w.size)[: int(0.995 * w.size)]] = 0
-    assert onnx_compact.choose_format(w) == "coo"
+    assert choose_format(w, ENCODED_NAMES) == "coo"
     tiny = np.zeros((2, 2), np.float32)
     tiny[0, 0] = 1
-    assert onnx_compact.choose_format(tiny) != "bitmask"  # node overhead beats 16 bytes
+    assert choose_format(tiny, ENCODED_NAMES) != "bitmask"  # node overhead beats 16 bytes
 
 
 def test_coo_storage_round_trips(lenet: dict, tmp_path: Path) -> None:

@@ -81,14 +81,14 @@ def checkpoint_header(ckpt: str | Path) -> dict[str, Any]:
         with safe_open(str(ckpt), framework="pt") as f:
             header = json.loads((f.metadata() or {})["header"])
     except (KeyError, json.JSONDecodeError):
-        raise SwatError(f"{ckpt} has no readable header; it was not written by swat train") from None
+        raise SwatError(f"{ckpt} has no readable header; it was not written by SWAT training") from None
     except OSError as e:
         raise SwatError(f"cannot read {ckpt} ({e.strerror or e}); check its permissions") from None
     except Exception as e:  # safetensors raises its own types for damaged files
         raise SwatError(f"{ckpt} is not a readable checkpoint ({e}); the run cannot be resumed - start a new "
                         f"one in another {option('out')}") from None
     if not isinstance(header, dict) or not isinstance(header.get("config"), dict):
-        raise SwatError(f"{ckpt} has no readable config; it was not written by swat train")
+        raise SwatError(f"{ckpt} has no readable config; it was not written by SWAT training")
     return header
 
 

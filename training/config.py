@@ -66,7 +66,7 @@ class TrainConfig:
         from training import data as datasets
 
         if not isinstance(self.model, str) or self.model not in models.names():
-            raise bad(f"model {self.model!r}", f"choose one of: {', '.join(models.names())} (see `swat info --models`)")
+            raise bad(f"model {self.model!r}", f"choose one of: {', '.join(models.names())}")
         if not isinstance(self.dataset, str):
             raise bad(f"dataset {self.dataset!r}", f"choose one of: {', '.join(datasets.names())}")
         datasets.canonical(self.dataset)  # unknown name: a SwatError listing the data sets

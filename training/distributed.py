@@ -5,10 +5,10 @@ on GPU) and :class:`~torch.nn.parallel.DistributedDataParallel`; nothing here in
 communication. Two ways in, one worker body:
 
 * ``swat train ... --nproc N`` (:func:`launch`, called by :mod:`training.launch`): this machine
-  starts N processes with ``torch.multiprocessing`` (spawn), sets the same ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
-  ``MASTER_ADDR`` / ``MASTER_PORT`` variables torchrun sets, and watches them: when one dies
-  (exception, NaN, signal) the others are terminated and the first cause is raised here as one
-  :class:`SwatError` line.
+  starts N processes with ``torch.multiprocessing.start_processes`` (spawn), each with the same
+  ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables torchrun
+  sets; torch watches them and, when one dies (exception, NaN, signal), terminates the others.
+  The first cause is raised here as one :class:`SwatError` line.
 * ``torchrun --nnodes M --nproc-per-node N -m cli train ...`` (:func:`init_from_env`): each
   process finds torchrun's variables and joins the group; torchrun's agent ends all workers
   when one fails.
@@ -31,8 +31,10 @@ What stays identical on every rank, and why (checked, see :func:`check_identical
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import os
 import signal
 import socket
@@ -41,9 +43,8 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,6 @@ from training.fileio import sha256_tensors
 TIMEOUT_ENV = "SWAT_DIST_TIMEOUT"
 CHECK_ENV = "SWAT_DIST_CHECK"
 DEFAULT_TIMEOUT_S = 600.0
-TERMINATE_GRACE_S = 10.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -128,7 +128,7 @@ def init_from_env(device_name: str) -> DistContext:
         local = int(os.environ.get("LOCAL_RANK", rank))
     except (KeyError, ValueError):
         raise SwatError("RANK / WORLD_SIZE / LOCAL_RANK are not integers; start the run with torchrun "
-                        "or with `swat train --nproc N`") from None
+                        f"or with {option('nproc')} N") from None
     return init(device_name, rank, world, local)
 
 
@@ -317,6 +317,10 @@ def checks_every_step() -> bool:
 
 
 # ------------------------------------------------------------------------------ the spawn launcher
+# Starting, watching and stopping the processes is torch's (``torch.multiprocessing.start_processes``:
+# spawn, parent-death signal, on the first failure SIGTERM then SIGKILL to the rest). What is ours is
+# one small outcome file per rank - rank 0's result, or a failure's message and kind - so that a
+# failure reads as one SwatError line instead of a child's traceback.
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -329,27 +333,20 @@ def _write_status(status_dir: str, rank: int, payload: dict[str, Any]) -> None:
     atomic_write_json(Path(status_dir) / f"rank{rank}.json", dict(payload, time=time.time()))
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: SIGTERM this rank if the launcher dies (killed launcher -> no orphaned ranks)."""
+def _read_status(status_dir: str, rank: int) -> Optional[dict[str, Any]]:
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        return json.loads((Path(status_dir) / f"rank{rank}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, status_dir: str,
-           threads: int, device_name: str, parent: int) -> None:
-    """Body of one spawned process: torchrun's environment, the group, ``fn``, a status file."""
-    _die_with_parent(parent)
+           threads: int, device_name: str) -> None:
+    """Body of one spawned rank: torchrun's environment, the group, ``fn``, an outcome file."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    code = 1  # the process's exit status only tells the launcher "failed"; the status file says why
+    code = 1  # the exit status only tells torch's watcher "failed"; the outcome file says why
     try:
         ctx = init(device_name, rank, world_size, rank)
         result = fn(ctx, *args)
@@ -358,7 +355,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         return
     except SwatError as e:
         _write_status(status_dir, rank, {"ok": False, "message": e.template, "kind": e.kind})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or torch's parent-death signal (SIGINT)
         code = 130
         _write_status(status_dir, rank, {"ok": False, "message": "interrupted", "kind": FAILED})
     except BaseException as e:  # a bug or a broken peer: keep the traceback for the user
@@ -367,14 +364,6 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no atexit / group teardown that could wait on a dead peer
-
-
-def _read_status(status_dir: str, rank: int) -> Optional[dict[str, Any]]:
-    p = Path(status_dir) / f"rank{rank}.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _describe_exit(code: int) -> str:
@@ -386,16 +375,16 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code} without a message"
 
 
-def _stop(procs: list) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.time() + TERMINATE_GRACE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.time()))
-        if p.is_alive():
-            p.kill()
-            p.join()
+@contextlib.contextmanager
+def _quiet_torch_watcher() -> Iterator[None]:
+    """torch logs a warning per rank it terminates; the failure is reported as one line instead."""
+    logger = logging.getLogger("torch.multiprocessing.spawn")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def launch(fn: Callable[..., Any], nproc: int, *args: Any, device: str = "cpu",
@@ -407,53 +396,51 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, device: str = "cpu",
     ``fn`` must be importable (a module-level function): children are started with spawn.
     """
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     if nproc < 1:
         raise SwatError(f"{option('nproc')} {nproc} must be >= 1")
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // nproc)
-    ctx = mp.get_context("spawn")
     port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="swat-ddp-") as status_dir:
-        procs = [ctx.Process(target=_child, args=(r, nproc, port, fn, args, status_dir, threads, device, os.getpid()),
-                             name=f"swat-rank{r}") for r in range(nproc)]
+    with tempfile.TemporaryDirectory(prefix="swat-ddp-") as status_dir, _quiet_torch_watcher():
+        procs = mp.start_processes(_child, args=(nproc, port, fn, args, status_dir, threads, device),
+                                   nprocs=nproc, join=False, start_method="spawn")
         try:
-            for p in procs:
-                p.start()
-            failed = _watch(procs)
-        except BaseException:
-            _stop(procs)
-            raise
-        _stop(procs)
-        if failed:
-            raise _failure(procs, failed, status_dir, nproc)
+            while not procs.join():
+                pass
+        except ProcessException as e:
+            raise _failure(procs.processes, e.error_index, status_dir, nproc) from None
+        finally:  # the caller was interrupted (Ctrl-C): no rank outlives the launcher
+            for p in procs.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs.processes:
+                p.join()
         status = _read_status(status_dir, 0)
         if not status or not status.get("ok"):
             raise SwatError(f"rank 0 finished without a result; rerun (status: {status})", FAILED)
         return status.get("result")
 
 
-def _watch(procs: list) -> list[int]:
-    """Block until every process exited cleanly (returns []) or one failed (returns its ranks)."""
-    while True:
-        running = [p for p in procs if p.exitcode is None]
-        failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-        if failed:
-            time.sleep(0.2)  # let a sibling that failed for the same reason write its message
-            return [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-        if not running:
-            return []
-        wait_sentinels([p.sentinel for p in running], timeout=1.0)
+def _failure(procs: list, first: int, status_dir: str, nproc: int) -> SwatError:
+    """The root cause: a rank that died without a word (killed), else the earliest message.
 
+    ``first`` is the rank torch saw fail first; the ranks torch terminated afterwards (SIGTERM)
+    are effects, not causes.
+    """
+    def silent(r: int) -> bool:
+        code = procs[r].exitcode
+        return code not in (None, 0) and not _read_status(status_dir, r) and (r == first or code != -signal.SIGTERM)
 
-def _failure(procs: list, failed: list[int], status_dir: str, nproc: int) -> SwatError:
-    """The root cause: a rank that died without a word (killed), else the earliest message."""
-    silent = [r for r in failed if not _read_status(status_dir, r)]
-    if silent:
-        r = silent[0]
-        what = _describe_exit(procs[r].exitcode)
-        return SwatError(f"rank {r} of {nproc} {what}; stopped the other ranks", FAILED)
-    notes = sorted((s["time"], r, s) for r in failed if (s := _read_status(status_dir, r)))
+    dead = [r for r in [first] + list(range(nproc)) if silent(r)]
+    if dead:
+        r = dead[0]
+        return SwatError(f"rank {r} of {nproc} {_describe_exit(procs[r].exitcode)}; stopped the other ranks", FAILED)
+    notes = sorted((s["time"], r, s) for r in range(nproc)
+                   if (s := _read_status(status_dir, r)) and not s.get("ok"))
+    if not notes:
+        return SwatError(f"rank {first} of {nproc} failed without a message; rerun", FAILED)
     _, r, s = notes[0]
     message = s["message"]
     if not message.startswith("rank "):

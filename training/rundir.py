@@ -151,13 +151,13 @@ def read_run(path: str | Path, need_weights: bool = True) -> Run:
     """Open a run dir with clear errors for the ways it can be missing or damaged."""
     path = Path(path)
     if not path.exists():
-        raise SwatError(f"run dir {path} not found; train one with `swat train --out {path}`")
+        raise SwatError(f"run dir {path} not found; check the path, or train a run into it ({option('out')} {path})")
     if not path.is_dir():
-        raise SwatError(f"{path} is not a run dir (a directory written by `swat train --out`)")
+        raise SwatError(f"{path} is not a run dir (the directory a training run writes, its {option('out')})")
     rj = path / RUN_JSON
     if not rj.is_file():
         raise SwatError(f"{path} has no {RUN_JSON}; it is not a finished run dir "
-                        f"(train with `swat train --out {path}` or resume with `swat train --resume {path}`)")
+                        f"(train into it with {option('out')} {path}, or continue it with {option('resume')} {path})")
     try:
         meta = json.loads(rj.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -165,18 +165,18 @@ def read_run(path: str | Path, need_weights: bool = True) -> Run:
     except OSError as e:
         raise SwatError(f"cannot read {rj} ({e.strerror}); check its permissions") from None
     if not isinstance(meta, dict) or "config" not in meta:
-        raise SwatError(f"{rj} lacks the 'config' section; it was not written by swat train")
+        raise SwatError(f"{rj} lacks the 'config' section; it was not written by SWAT training")
     version = meta.get("format_version", 1)
     if isinstance(version, int) and not isinstance(version, bool) and version > RUN_FORMAT_VERSION:
         raise SwatError(f"{rj} has format_version {version}, newer than this swat "
                         f"reads ({RUN_FORMAT_VERSION}); upgrade swat")
     problem = run_meta_problem(meta)
     if problem:
-        raise SwatError(f"{rj} is not a run.json as swat train writes it: {problem}; restore the file or "
+        raise SwatError(f"{rj} is not a run.json as SWAT training writes it: {problem}; restore the file or "
                         f"re-run training")
     if need_weights and not (path / WEIGHTS).is_file():
         raise SwatError(f"{path} has no {WEIGHTS}; the run did not finish - resume it with "
-                        f"`swat train --resume {path}`")
+                        f"{option('resume')} {path}")
     return Run(path=path, meta=meta)
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training import memory
+from training.memory import packing
 from training.config import TOPK_VARIANTS
 from training.errors import SwatError
 
@@ -123,19 +123,19 @@ class Selection:
     @property
     def bits(self) -> Tensor:
         if self._bits is None:
-            self._bits = memory.pack_bits(self._mask)
+            self._bits = packing.pack_bits(self._mask)
         return self._bits
 
     @property
     def mask(self) -> Tensor:
         if self._mask is None:
-            self._mask = memory.unpack_bits(self._bits, int(np.prod(self.shape))).view(self.shape)
+            self._mask = packing.unpack_bits(self._bits, int(np.prod(self.shape))).view(self.shape)
         return self._mask
 
 
 def _exact_numba(k_mod, x: Tensor, G: int, m: int, k: int, thr_shape: tuple[int, ...],
                  drop_zeros: bool) -> Selection:
-    xf = memory._flat_np(x)
+    xf = packing.flat_np(x)
     thr_bits = np.empty(G, dtype=np.uint32)
     n_gt = np.empty(G, dtype=np.int64)
     n_eq = np.empty(G, dtype=np.int64)
@@ -177,12 +177,12 @@ def _cached(x: Tensor, threshold: Tensor) -> Selection:
     period = t.numel() if t.dim() else 1
     if t.dim() and tuple(t.shape) != tuple(x.shape[1:1 + t.dim()]):
         raise SwatValueError(f"cached threshold shape {tuple(t.shape)} does not fit input {tuple(x.shape)}")
-    k_mod = memory.kernels_for(x)
+    k_mod = packing.kernels_for(x)
     if k_mod is not None:
         tn = t.reshape(-1).numpy()
         cut = np.where(tn > 0, np.nextafter(tn, np.float32(0)), np.float32(0)).astype(np.float32)
         bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
-        cnt = k_mod.pack_gt(memory._flat_np(x), cut, max(tail, 1), period, bits.numpy())
+        cnt = k_mod.pack_gt(packing.flat_np(x), cut, max(tail, 1), period, bits.numpy())
         return Selection(x.shape, int(cnt), threshold, bits=bits)
     tb = t.view(t.shape + (1,) * (x.dim() - 1 - t.dim())) if t.dim() else t
     a = x.detach().abs()
@@ -251,7 +251,7 @@ def select_bits(x: Tensor, sparsity: float, topk: str = "nchw", *, threshold: Op
     if x.numel() == 0 or k == 0:
         inf = torch.full(thr_shape, math.inf, dtype=x.dtype, device=x.device)
         return Selection(x.shape, 0, inf, mask=torch.zeros(x.shape, dtype=torch.bool, device=x.device))
-    k_mod = memory.kernels_for(x)
+    k_mod = packing.kernels_for(x)
     if k_mod is not None:
         return _exact_numba(k_mod, x, G, m, k, thr_shape, drop_zeros)
     return _exact_torch(x, G, m, k, thr_shape, drop_zeros)

@@ -1,4 +1,6 @@
-"""Weight storage formats: CSR (int32), BSR (1x4, 4x4, 8x8 and Bx1 blocks) and dense.
+"""Weight storage formats: CSR (int32), BSR (1x4, 4x4, 8x8 and Bx1 blocks) and dense; and the
+sizes of the forms inside an ONNX file (bitmask, COO, block-mask: :mod:`.encoded`). One
+:func:`choose_format` picks among any of them.
 
 Every format has ``nbytes``, ``to_dense()``, ``to_state(prefix) -> (tensors, header)`` and
 ``from_state(tensors, header, prefix)``: the tensors are a flat ``{"<layer>.values": ...}``
@@ -9,21 +11,24 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+import numpy as np
 import torch
 
 from .blocks import BLOCK_CANDIDATES, block_pattern_violations, block_size_of
 from .bsr import BLOCK_SHAPES, BSRWeight, bsr_nbytes, to_bsr
 from .csr import INDEX_DTYPE, CSRWeight, csr_nbytes, matrix_shape, to_csr
 from .dense import DenseWeight, to_dense_format
+from .encoded import BLOCK_LAYER_OVERHEAD, ENCODED_NAMES, LAYER_OVERHEAD, encoded_nbytes
 
 SparseWeight = Union[CSRWeight, BSRWeight, DenseWeight]
 
-# Names accepted by `to_format` and returned by `choose_format`.
+# Runtime formats: the names `to_format` accepts, and `choose_format`'s default candidates.
 FORMAT_NAMES: tuple[str, ...] = ("dense", "csr") + tuple(f"bsr{bh}x{bw}" for bh, bw in BLOCK_SHAPES)
 
-__all__ = ["BLOCK_CANDIDATES", "BLOCK_SHAPES", "BSRWeight", "CSRWeight", "DenseWeight", "FORMAT_NAMES", "INDEX_DTYPE",
-           "SparseWeight", "block_pattern_violations", "block_size_of", "choose_format", "format_nbytes", "load_state", "matrix_shape", "to_bsr", "to_csr", "to_dense_format",
-           "to_format"]
+__all__ = ["BLOCK_CANDIDATES", "BLOCK_LAYER_OVERHEAD", "BLOCK_SHAPES", "BSRWeight", "CSRWeight", "DenseWeight",
+           "ENCODED_NAMES", "FORMAT_NAMES", "INDEX_DTYPE", "LAYER_OVERHEAD", "SparseWeight",
+           "block_pattern_violations", "block_size_of", "choose_format", "format_nbytes", "load_state", "matrix_shape",
+           "to_bsr", "to_csr", "to_dense_format", "to_format"]
 
 
 def _parse_bsr(name: str) -> tuple[int, int] | None:
@@ -48,9 +53,16 @@ def to_format(dense: torch.Tensor, name: str) -> SparseWeight:
     raise ValueError(f"unknown weight format {name!r}; choose one of: {', '.join(FORMAT_NAMES)}")
 
 
-def format_nbytes(dense: torch.Tensor, name: str) -> int:
-    """Bytes `dense` would take in format `name`, computed without building it."""
-    itemsize = dense.element_size()
+def format_nbytes(dense: torch.Tensor, name: str, itemsize: int | None = None, block: int = 1) -> int:
+    """Bytes `dense` would take in format `name`, computed without building it.
+
+    ``itemsize``: bytes per stored value (default the tensor's: e.g. 2 for an fp16 file of a
+    float32 weight); ``block``: the channel block of a "blockmask" form.
+    """
+    itemsize = dense.element_size() if itemsize is None else itemsize
+    encoded = encoded_nbytes(name, dense.numel(), int(torch.count_nonzero(dense)), itemsize, block)
+    if encoded is not None:
+        return encoded
     if name == "dense":
         return dense.numel() * itemsize
     if name == "csr":
@@ -62,16 +74,23 @@ def format_nbytes(dense: torch.Tensor, name: str) -> int:
     raise ValueError(f"unknown weight format {name!r}; choose one of: {', '.join(FORMAT_NAMES)}")
 
 
-def choose_format(weight: torch.Tensor, candidates: tuple[str, ...] = FORMAT_NAMES) -> str:
+def choose_format(weight: torch.Tensor | np.ndarray, candidates: tuple[str, ...] = FORMAT_NAMES, *,
+                  itemsize: int | None = None, block: int | None = None) -> str:
     """The candidate format that stores `weight` in the fewest bytes (first listed wins ties).
 
+    Runtime formats (`FORMAT_NAMES`, the default) or ONNX file forms (`ENCODED_NAMES`), any mix.
     A weight whose B consecutive output channels share their zeros (`block_size_of`, e.g.
-    trained with ``--block B``) also competes as BSR with (B, 1) blocks over its (O, rest) view.
+    trained with ``--block B``; ``block`` given: that B) also competes in its block form: BSR
+    with (B, 1) blocks among runtime formats, "blockmask" among file forms.
     """
-    block = block_size_of(weight) if weight.dim() >= 1 else 1
-    if block > 1 and f"bsr{block}x1" not in candidates:
-        candidates = tuple(candidates) + (f"bsr{block}x1",)
-    sizes = {name: format_nbytes(weight, name) for name in candidates}
+    w = torch.from_numpy(np.ascontiguousarray(weight)) if isinstance(weight, np.ndarray) else weight
+    if block is None:
+        block = block_size_of(w) if w.dim() >= 1 else 1
+    if block > 1:
+        extra = "blockmask" if "bitmask" in candidates else f"bsr{block}x1"
+        if extra not in candidates:
+            candidates = tuple(candidates) + (extra,)
+    sizes = {name: format_nbytes(w, name, itemsize, block) for name in candidates}
     return min(candidates, key=sizes.__getitem__)
 
 

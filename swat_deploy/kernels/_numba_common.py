@@ -13,14 +13,12 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+import numba
 import numpy as np
 import torch
+from numba import njit, prange
 
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is a declared dependency
-    numba = None
+from ._simd import LANES, vadd, vfma, vload, vrelu, vsplat, vstore
 
 _workspace = threading.local()
 
@@ -75,8 +73,6 @@ def _start_pool() -> None:
     With numba's OpenMP threading layer the pool shares the OpenMP runtime with torch, and
     starting it (the first numba.get_num_threads() does) sets OpenMP's thread count to numba's:
     torch.set_num_threads(1) silently became 2 after the first sparse op."""
-    if numba is None:
-        return
     t = torch.get_num_threads()
     numba.get_num_threads()
     if torch.get_num_threads() != t:
@@ -84,10 +80,6 @@ def _start_pool() -> None:
 
 
 _start_pool()
-
-
-def available() -> bool:
-    return numba is not None
 
 
 # Below this many multiply-adds (~10 us on one core) a call runs serially: entering a
@@ -129,333 +121,330 @@ def warm_up(prepared: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple
             torch.set_num_threads(torch_threads)
 
 
-if numba is not None:
-    from ._simd import LANES, vadd, vfma, vload, vrelu, vsplat, vstore
+# ------------------------------------------------------------------ CSR x shifted rows
+@njit(cache=True, inline="always")
+def _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run):  # noqa: ANN001, ANN202
+    # Output row t = (chunk b, channel o) is run floats (a multiple of 16); tiles of 64, 32
+    # and 16 floats live in vector registers across the whole non-zero loop. Short tiles
+    # split the non-zeros over two accumulator sets to hide the FMA latency.
+    n_out = indptr.shape[0] - 1
+    b = t // n_out
+    o = t - b * n_out
+    ob = t * run
+    xb = b * chunk_in
+    s = indptr[o]
+    e = indptr[o + 1]
+    bv = vsplat(bias[o])
+    z = vsplat(0.0)
+    t0 = 0
+    while t0 + 4 * LANES <= run:
+        a0 = bv
+        a1 = bv
+        a2 = bv
+        a3 = bv
+        for k in range(s, e):
+            w = vsplat(vals[k])
+            p = xb + offs[k] + t0
+            a0 = vfma(a0, w, vload(packed, p))
+            a1 = vfma(a1, w, vload(packed, p + LANES))
+            a2 = vfma(a2, w, vload(packed, p + 2 * LANES))
+            a3 = vfma(a3, w, vload(packed, p + 3 * LANES))
+        vstore(out, ob + t0, a0)
+        vstore(out, ob + t0 + LANES, a1)
+        vstore(out, ob + t0 + 2 * LANES, a2)
+        vstore(out, ob + t0 + 3 * LANES, a3)
+        t0 += 4 * LANES
+    if t0 + 2 * LANES <= run:
+        a0 = bv
+        a1 = bv
+        c0 = z
+        c1 = z
+        k = s
+        while k + 1 < e:
+            w = vsplat(vals[k])
+            p = xb + offs[k] + t0
+            w2 = vsplat(vals[k + 1])
+            p2 = xb + offs[k + 1] + t0
+            a0 = vfma(a0, w, vload(packed, p))
+            a1 = vfma(a1, w, vload(packed, p + LANES))
+            c0 = vfma(c0, w2, vload(packed, p2))
+            c1 = vfma(c1, w2, vload(packed, p2 + LANES))
+            k += 2
+        if k < e:
+            w = vsplat(vals[k])
+            p = xb + offs[k] + t0
+            a0 = vfma(a0, w, vload(packed, p))
+            a1 = vfma(a1, w, vload(packed, p + LANES))
+        vstore(out, ob + t0, vadd(a0, c0))
+        vstore(out, ob + t0 + LANES, vadd(a1, c1))
+        t0 += 2 * LANES
+    if t0 + LANES <= run:
+        a0 = bv
+        c0 = z
+        k = s
+        while k + 1 < e:
+            a0 = vfma(a0, vsplat(vals[k]), vload(packed, xb + offs[k] + t0))
+            c0 = vfma(c0, vsplat(vals[k + 1]), vload(packed, xb + offs[k + 1] + t0))
+            k += 2
+        if k < e:
+            a0 = vfma(a0, vsplat(vals[k]), vload(packed, xb + offs[k] + t0))
+        vstore(out, ob + t0, vadd(a0, c0))
 
-    # ------------------------------------------------------------------ CSR x shifted rows
-    @njit(cache=True, inline="always")
-    def _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run):  # noqa: ANN001, ANN202
-        # Output row t = (chunk b, channel o) is run floats (a multiple of 16); tiles of 64, 32
-        # and 16 floats live in vector registers across the whole non-zero loop. Short tiles
-        # split the non-zeros over two accumulator sets to hide the FMA latency.
-        n_out = indptr.shape[0] - 1
-        b = t // n_out
-        o = t - b * n_out
-        ob = t * run
-        xb = b * chunk_in
-        s = indptr[o]
-        e = indptr[o + 1]
-        bv = vsplat(bias[o])
-        z = vsplat(0.0)
-        t0 = 0
-        while t0 + 4 * LANES <= run:
-            a0 = bv
-            a1 = bv
-            a2 = bv
-            a3 = bv
-            for k in range(s, e):
-                w = vsplat(vals[k])
-                p = xb + offs[k] + t0
-                a0 = vfma(a0, w, vload(packed, p))
-                a1 = vfma(a1, w, vload(packed, p + LANES))
-                a2 = vfma(a2, w, vload(packed, p + 2 * LANES))
-                a3 = vfma(a3, w, vload(packed, p + 3 * LANES))
-            vstore(out, ob + t0, a0)
-            vstore(out, ob + t0 + LANES, a1)
-            vstore(out, ob + t0 + 2 * LANES, a2)
-            vstore(out, ob + t0 + 3 * LANES, a3)
-            t0 += 4 * LANES
-        if t0 + 2 * LANES <= run:
-            a0 = bv
-            a1 = bv
-            c0 = z
-            c1 = z
-            k = s
-            while k + 1 < e:
-                w = vsplat(vals[k])
-                p = xb + offs[k] + t0
-                w2 = vsplat(vals[k + 1])
-                p2 = xb + offs[k + 1] + t0
-                a0 = vfma(a0, w, vload(packed, p))
-                a1 = vfma(a1, w, vload(packed, p + LANES))
-                c0 = vfma(c0, w2, vload(packed, p2))
-                c1 = vfma(c1, w2, vload(packed, p2 + LANES))
-                k += 2
-            if k < e:
-                w = vsplat(vals[k])
-                p = xb + offs[k] + t0
-                a0 = vfma(a0, w, vload(packed, p))
-                a1 = vfma(a1, w, vload(packed, p + LANES))
-            vstore(out, ob + t0, vadd(a0, c0))
-            vstore(out, ob + t0 + LANES, vadd(a1, c1))
-            t0 += 2 * LANES
-        if t0 + LANES <= run:
-            a0 = bv
-            c0 = z
-            k = s
-            while k + 1 < e:
-                a0 = vfma(a0, vsplat(vals[k]), vload(packed, xb + offs[k] + t0))
-                c0 = vfma(c0, vsplat(vals[k + 1]), vload(packed, xb + offs[k + 1] + t0))
-                k += 2
-            if k < e:
-                a0 = vfma(a0, vsplat(vals[k]), vload(packed, xb + offs[k] + t0))
-            vstore(out, ob + t0, vadd(a0, c0))
+@njit(cache=True)
+def _shift_rows_serial(indptr, offs, vals, bias, packed, chunk_in, out, run, nb):  # noqa: ANN001, ANN202
+    for t in range(nb * (indptr.shape[0] - 1)):
+        _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run)
 
-    @njit(cache=True)
-    def _shift_rows_serial(indptr, offs, vals, bias, packed, chunk_in, out, run, nb):  # noqa: ANN001, ANN202
-        for t in range(nb * (indptr.shape[0] - 1)):
-            _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run)
+@njit(cache=True, parallel=True)
+def _shift_rows_parallel(indptr, offs, vals, bias, packed, chunk_in, out, run, nb):  # noqa: ANN001, ANN202
+    for t in prange(nb * (indptr.shape[0] - 1)):
+        _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run)
 
-    @njit(cache=True, parallel=True)
-    def _shift_rows_parallel(indptr, offs, vals, bias, packed, chunk_in, out, run, nb):  # noqa: ANN001, ANN202
-        for t in prange(nb * (indptr.shape[0] - 1)):
-            _shift_row(t, indptr, offs, vals, bias, packed, chunk_in, out, run)
+# ------------------------------------------------------------------ CSR x vector (batch 1)
+# Four partial sums break the FMA dependency chain (measured 1.7x over one sum; letting
+# LLVM reassociate instead made it vectorise with gathers, which was slower still).
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _dot_row(o, indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    k = indptr[o]
+    e = indptr[o + 1]
+    while k + 3 < e:
+        a0 += vals[k] * x[cols[k]]
+        a1 += vals[k + 1] * x[cols[k + 1]]
+        a2 += vals[k + 2] * x[cols[k + 2]]
+        a3 += vals[k + 3] * x[cols[k + 3]]
+        k += 4
+    while k < e:
+        a0 += vals[k] * x[cols[k]]
+        k += 1
+    y[o] = ((a0 + a1) + (a2 + a3)) + bias[o]
 
-    # ------------------------------------------------------------------ CSR x vector (batch 1)
-    # Four partial sums break the FMA dependency chain (measured 1.7x over one sum; letting
-    # LLVM reassociate instead made it vectorise with gathers, which was slower still).
-    @njit(cache=True, fastmath={"contract"}, inline="always")
-    def _dot_row(o, indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        k = indptr[o]
-        e = indptr[o + 1]
-        while k + 3 < e:
-            a0 += vals[k] * x[cols[k]]
-            a1 += vals[k + 1] * x[cols[k + 1]]
-            a2 += vals[k + 2] * x[cols[k + 2]]
-            a3 += vals[k + 3] * x[cols[k + 3]]
-            k += 4
-        while k < e:
-            a0 += vals[k] * x[cols[k]]
-            k += 1
-        y[o] = ((a0 + a1) + (a2 + a3)) + bias[o]
+@njit(cache=True)
+def _csr_dot_serial(indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
+    for o in range(indptr.shape[0] - 1):
+        _dot_row(o, indptr, cols, vals, bias, x, y)
 
-    @njit(cache=True)
-    def _csr_dot_serial(indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
-        for o in range(indptr.shape[0] - 1):
-            _dot_row(o, indptr, cols, vals, bias, x, y)
+@njit(cache=True, parallel=True)
+def _csr_dot_parallel(indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
+    for o in prange(indptr.shape[0] - 1):
+        _dot_row(o, indptr, cols, vals, bias, x, y)
 
-    @njit(cache=True, parallel=True)
-    def _csr_dot_parallel(indptr, cols, vals, bias, x, y):  # noqa: ANN001, ANN202
-        for o in prange(indptr.shape[0] - 1):
-            _dot_row(o, indptr, cols, vals, bias, x, y)
+# ------------------------------------------------------------------ (N, I) -> (I, Np)
+@njit(cache=True, inline="always")
+def _transpose_one(i, x, xt, pitch):  # noqa: ANN001, ANN202
+    n = x.shape[0]
+    row = xt[i * pitch:(i + 1) * pitch]
+    for j in range(n):
+        row[j] = x[j, i]
+    row[n:] = 0.0
 
-    # ------------------------------------------------------------------ (N, I) -> (I, Np)
-    @njit(cache=True, inline="always")
-    def _transpose_one(i, x, xt, pitch):  # noqa: ANN001, ANN202
-        n = x.shape[0]
-        row = xt[i * pitch:(i + 1) * pitch]
-        for j in range(n):
-            row[j] = x[j, i]
-        row[n:] = 0.0
+@njit(cache=True)
+def _transpose_serial(x, xt, pitch):  # noqa: ANN001, ANN202
+    for i in range(x.shape[1]):
+        _transpose_one(i, x, xt, pitch)
 
-    @njit(cache=True)
-    def _transpose_serial(x, xt, pitch):  # noqa: ANN001, ANN202
-        for i in range(x.shape[1]):
-            _transpose_one(i, x, xt, pitch)
+@njit(cache=True, parallel=True)
+def _transpose_parallel(x, xt, pitch):  # noqa: ANN001, ANN202
+    for i in prange(x.shape[1]):
+        _transpose_one(i, x, xt, pitch)
 
-    @njit(cache=True, parallel=True)
-    def _transpose_parallel(x, xt, pitch):  # noqa: ANN001, ANN202
-        for i in prange(x.shape[1]):
-            _transpose_one(i, x, xt, pitch)
-
-    # ------------------------------------------------------------------ packing
-    @njit(cache=True, inline="always")
-    def _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
-        # Fills every float of the stride phases of input channel c in chunk b (data or 0),
-        # so the buffer can be reused between calls without clearing it first.
-        n, c_in, h, w = x.shape
-        phase_sz = hq * wq * nchunk
-        row_len = wq * nchunk
-        b = t // c_in
-        c = t - b * c_in
-        for ri in range(sh):
-            for rj in range(sw):
-                # phase columns v whose input column v*sw + rj - pl lies inside [0, w)
-                v_lo = min(wq, max(0, (pl - rj + sw - 1) // sw))
-                v_hi = max(v_lo, min(wq, (w + pl - rj + sw - 1) // sw))
-                col0 = v_lo * sw + rj - pl
-                for u in range(hq):
-                    start = b * chunk_in + ((c * sh + ri) * sw + rj) * phase_sz + u * row_len
-                    drow = packed[start:start + row_len]
-                    hrow = u * sh + ri - pt
-                    if hrow < 0 or hrow >= h:
-                        drow[:] = 0.0
-                        continue
-                    drow[:v_lo * nchunk] = 0.0
-                    drow[v_hi * nchunk:] = 0.0
-                    if nchunk == 1:
-                        src = x[b, c, hrow, col0:]
-                        dst = drow[v_lo:v_hi]
-                        if sw == 1:
-                            dst[:] = src[:v_hi - v_lo]
-                        else:
-                            for m in range(v_hi - v_lo):
-                                dst[m] = src[m * sw]
+# ------------------------------------------------------------------ packing
+@njit(cache=True, inline="always")
+def _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+    # Fills every float of the stride phases of input channel c in chunk b (data or 0),
+    # so the buffer can be reused between calls without clearing it first.
+    n, c_in, h, w = x.shape
+    phase_sz = hq * wq * nchunk
+    row_len = wq * nchunk
+    b = t // c_in
+    c = t - b * c_in
+    for ri in range(sh):
+        for rj in range(sw):
+            # phase columns v whose input column v*sw + rj - pl lies inside [0, w)
+            v_lo = min(wq, max(0, (pl - rj + sw - 1) // sw))
+            v_hi = max(v_lo, min(wq, (w + pl - rj + sw - 1) // sw))
+            col0 = v_lo * sw + rj - pl
+            for u in range(hq):
+                start = b * chunk_in + ((c * sh + ri) * sw + rj) * phase_sz + u * row_len
+                drow = packed[start:start + row_len]
+                hrow = u * sh + ri - pt
+                if hrow < 0 or hrow >= h:
+                    drow[:] = 0.0
+                    continue
+                drow[:v_lo * nchunk] = 0.0
+                drow[v_hi * nchunk:] = 0.0
+                if nchunk == 1:
+                    src = x[b, c, hrow, col0:]
+                    dst = drow[v_lo:v_hi]
+                    if sw == 1:
+                        dst[:] = src[:v_hi - v_lo]
                     else:
                         for m in range(v_hi - v_lo):
-                            col = col0 + m * sw
-                            dst = drow[(v_lo + m) * nchunk:(v_lo + m + 1) * nchunk]
-                            for nn in range(nchunk):
-                                img = b * nchunk + nn
-                                dst[nn] = x[img, c, hrow, col] if img < n else 0.0
-
-    # ------------------------------------------------------------------ copy into a padded buffer
-    @njit(cache=True, inline="always")
-    def _pad_interior_one(t, x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
-        # Plane t = (image, channel) of x into rows pt.. / columns pl.. of plane t of buf.
-        h = x.shape[2]
-        w = x.shape[3]
-        src = x.reshape(-1)
-        for i in range(h):
-            s0 = (t * h + i) * w
-            d0 = (t * hq + pt + i) * wq + pl
-            j = 0
-            while j + LANES <= w:
-                vstore(buf, d0 + j, vload(src, s0 + j))
-                j += LANES
-            for k in range(j, w):
-                buf[d0 + k] = src[s0 + k]
-
-    @njit(cache=True)
-    def _pad_interior_serial(x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
-        for t in range(x.shape[0] * x.shape[1]):
-            _pad_interior_one(t, x, buf, pt, pl, hq, wq)
-
-    @njit(cache=True, parallel=True)
-    def _pad_interior_parallel(x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
-        for t in prange(x.shape[0] * x.shape[1]):
-            _pad_interior_one(t, x, buf, pt, pl, hq, wq)
-
-    @njit(cache=True)
-    def _pack_serial(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
-        nb = (x.shape[0] + nchunk - 1) // nchunk
-        for t in range(nb * x.shape[1]):
-            _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in)
-
-    @njit(cache=True, parallel=True)
-    def _pack_parallel(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
-        nb = (x.shape[0] + nchunk - 1) // nchunk
-        for t in prange(nb * x.shape[1]):
-            _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in)
-
-    # ------------------------------------------------------------------ im2col packing
-    @njit(cache=True, inline="always")
-    def _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
-        # Channel c of chunk b -> kh*kw rows of `run` floats: row (c, i, j) holds the input
-        # samples tap (i, j) multiplies, (h_out, w_out, Nc) with images innermost; 0 outside.
-        n, c_in, h, w = x.shape
-        b = t // c_in
-        c = t - b * c_in
-        for i in range(kh):
-            for j in range(kw):
-                base = (b * c_in * kh * kw + (c * kh + i) * kw + j) * run
-                row = packed[base:base + run]
-                row[:] = 0.0
-                for oh in range(h_out):
-                    hh = oh * sh + i * dh - pt
-                    if hh < 0 or hh >= h:
-                        continue
-                    for ow in range(w_out):
-                        ww = ow * sw + j * dw - pl
-                        if ww < 0 or ww >= w:
-                            continue
-                        p = (oh * w_out + ow) * nchunk
+                            dst[m] = src[m * sw]
+                else:
+                    for m in range(v_hi - v_lo):
+                        col = col0 + m * sw
+                        dst = drow[(v_lo + m) * nchunk:(v_lo + m + 1) * nchunk]
                         for nn in range(nchunk):
                             img = b * nchunk + nn
-                            if img < n:
-                                row[p + nn] = x[img, c, hh, ww]
+                            dst[nn] = x[img, c, hrow, col] if img < n else 0.0
 
-    @njit(cache=True)
-    def _im2col_serial(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
-        nb = (x.shape[0] + nchunk - 1) // nchunk
-        for t in range(nb * x.shape[1]):
-            _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run)
+# ------------------------------------------------------------------ copy into a padded buffer
+@njit(cache=True, inline="always")
+def _pad_interior_one(t, x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
+    # Plane t = (image, channel) of x into rows pt.. / columns pl.. of plane t of buf.
+    h = x.shape[2]
+    w = x.shape[3]
+    src = x.reshape(-1)
+    for i in range(h):
+        s0 = (t * h + i) * w
+        d0 = (t * hq + pt + i) * wq + pl
+        j = 0
+        while j + LANES <= w:
+            vstore(buf, d0 + j, vload(src, s0 + j))
+            j += LANES
+        for k in range(j, w):
+            buf[d0 + k] = src[s0 + k]
 
-    @njit(cache=True, parallel=True)
-    def _im2col_parallel(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
-        nb = (x.shape[0] + nchunk - 1) // nchunk
-        for t in prange(nb * x.shape[1]):
-            _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run)
+@njit(cache=True)
+def _pad_interior_serial(x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
+    for t in range(x.shape[0] * x.shape[1]):
+        _pad_interior_one(t, x, buf, pt, pl, hq, wq)
 
-    # ------------------------------------------------------------------ unpacking, Nc = 1
-    # Unpacking is also the conv's epilogue: `mode` bit 1 adds `res` (same layout as y: a
-    # fused residual Add), bit 2 applies ReLU, so the result is written once and the graph
-    # runs no separate Add / Relu op over it. With mode 0, `res` is unused (pass y).
-    @njit(cache=True, inline="always")
-    def _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
-        # Row t = (image, channel): h_out rows of pitch wq -> w_out floats each, vector copies.
-        add = (mode & 1) != 0
-        relu = (mode & 2) != 0
+@njit(cache=True, parallel=True)
+def _pad_interior_parallel(x, buf, pt, pl, hq, wq):  # noqa: ANN001, ANN202
+    for t in prange(x.shape[0] * x.shape[1]):
+        _pad_interior_one(t, x, buf, pt, pl, hq, wq)
+
+@njit(cache=True)
+def _pack_serial(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+    nb = (x.shape[0] + nchunk - 1) // nchunk
+    for t in range(nb * x.shape[1]):
+        _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in)
+
+@njit(cache=True, parallel=True)
+def _pack_parallel(x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in):  # noqa: ANN001, ANN202
+    nb = (x.shape[0] + nchunk - 1) // nchunk
+    for t in prange(nb * x.shape[1]):
+        _pack_one(t, x, packed, nchunk, sh, sw, pt, pl, hq, wq, chunk_in)
+
+# ------------------------------------------------------------------ im2col packing
+@njit(cache=True, inline="always")
+def _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+    # Channel c of chunk b -> kh*kw rows of `run` floats: row (c, i, j) holds the input
+    # samples tap (i, j) multiplies, (h_out, w_out, Nc) with images innermost; 0 outside.
+    n, c_in, h, w = x.shape
+    b = t // c_in
+    c = t - b * c_in
+    for i in range(kh):
+        for j in range(kw):
+            base = (b * c_in * kh * kw + (c * kh + i) * kw + j) * run
+            row = packed[base:base + run]
+            row[:] = 0.0
+            for oh in range(h_out):
+                hh = oh * sh + i * dh - pt
+                if hh < 0 or hh >= h:
+                    continue
+                for ow in range(w_out):
+                    ww = ow * sw + j * dw - pl
+                    if ww < 0 or ww >= w:
+                        continue
+                    p = (oh * w_out + ow) * nchunk
+                    for nn in range(nchunk):
+                        img = b * nchunk + nn
+                        if img < n:
+                            row[p + nn] = x[img, c, hh, ww]
+
+@njit(cache=True)
+def _im2col_serial(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+    nb = (x.shape[0] + nchunk - 1) // nchunk
+    for t in range(nb * x.shape[1]):
+        _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run)
+
+@njit(cache=True, parallel=True)
+def _im2col_parallel(x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run):  # noqa: ANN001, ANN202
+    nb = (x.shape[0] + nchunk - 1) // nchunk
+    for t in prange(nb * x.shape[1]):
+        _im2col_one(t, x, packed, nchunk, kh, kw, sh, sw, dh, dw, pt, pl, h_out, w_out, run)
+
+# ------------------------------------------------------------------ unpacking, Nc = 1
+# Unpacking is also the conv's epilogue: `mode` bit 1 adds `res` (same layout as y: a
+# fused residual Add), bit 2 applies ReLU, so the result is written once and the graph
+# runs no separate Add / Relu op over it. With mode 0, `res` is unused (pass y).
+@njit(cache=True, inline="always")
+def _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
+    # Row t = (image, channel): h_out rows of pitch wq -> w_out floats each, vector copies.
+    add = (mode & 1) != 0
+    relu = (mode & 2) != 0
+    for oh in range(h_out):
+        src = t * run + oh * wq
+        dst = (t * h_out + oh) * w_out
+        ow = 0
+        while ow + LANES <= w_out:
+            v = vload(out, src + ow)
+            if add:
+                v = vadd(v, vload(res, dst + ow))
+            if relu:
+                v = vrelu(v)
+            vstore(y, dst + ow, v)
+            ow += LANES
+        for k in range(ow, w_out):
+            a = out[src + k]
+            if add:
+                a += res[dst + k]
+            if relu and a < 0.0:
+                a = np.float32(0.0)
+            y[dst + k] = a
+
+@njit(cache=True)
+def _unpack1_serial(out, y, rows, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
+    for t in range(rows):
+        _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode)
+
+@njit(cache=True, parallel=True)
+def _unpack1_parallel(out, y, rows, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
+    for t in prange(rows):
+        _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode)
+
+# ------------------------------------------------------------------ unpacking
+@njit(cache=True, inline="always")
+def _unpack_one(t, out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
+    # Row t = (chunk b, channel o) of the (H_out, Wq, Nc) grid -> y[img, o], junk dropped.
+    n, n_out, h_out, w_out = y.shape
+    add = (mode & 1) != 0
+    relu = (mode & 2) != 0
+    b = t // n_out
+    o = t - b * n_out
+    for nn in range(nchunk):
+        img = b * nchunk + nn
+        if img >= n:
+            break
+        dst = y[img, o]
+        r = res[img, o]
         for oh in range(h_out):
-            src = t * run + oh * wq
-            dst = (t * h_out + oh) * w_out
-            ow = 0
-            while ow + LANES <= w_out:
-                v = vload(out, src + ow)
+            src = t * run + oh * wq * nchunk + nn
+            for ow in range(w_out):
+                a = out[src + ow * nchunk]
                 if add:
-                    v = vadd(v, vload(res, dst + ow))
-                if relu:
-                    v = vrelu(v)
-                vstore(y, dst + ow, v)
-                ow += LANES
-            for k in range(ow, w_out):
-                a = out[src + k]
-                if add:
-                    a += res[dst + k]
+                    a += r[oh, ow]
                 if relu and a < 0.0:
                     a = np.float32(0.0)
-                y[dst + k] = a
+                dst[oh, ow] = a
 
-    @njit(cache=True)
-    def _unpack1_serial(out, y, rows, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
-        for t in range(rows):
-            _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode)
+@njit(cache=True)
+def _unpack_serial(out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
+    nb = (y.shape[0] + nchunk - 1) // nchunk
+    for t in range(nb * y.shape[1]):
+        _unpack_one(t, out, y, nchunk, wq, run, res, mode)
 
-    @njit(cache=True, parallel=True)
-    def _unpack1_parallel(out, y, rows, h_out, w_out, wq, run, res, mode):  # noqa: ANN001, ANN202
-        for t in prange(rows):
-            _unpack1_one(t, out, y, h_out, w_out, wq, run, res, mode)
-
-    # ------------------------------------------------------------------ unpacking
-    @njit(cache=True, inline="always")
-    def _unpack_one(t, out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
-        # Row t = (chunk b, channel o) of the (H_out, Wq, Nc) grid -> y[img, o], junk dropped.
-        n, n_out, h_out, w_out = y.shape
-        add = (mode & 1) != 0
-        relu = (mode & 2) != 0
-        b = t // n_out
-        o = t - b * n_out
-        for nn in range(nchunk):
-            img = b * nchunk + nn
-            if img >= n:
-                break
-            dst = y[img, o]
-            r = res[img, o]
-            for oh in range(h_out):
-                src = t * run + oh * wq * nchunk + nn
-                for ow in range(w_out):
-                    a = out[src + ow * nchunk]
-                    if add:
-                        a += r[oh, ow]
-                    if relu and a < 0.0:
-                        a = np.float32(0.0)
-                    dst[oh, ow] = a
-
-    @njit(cache=True)
-    def _unpack_serial(out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
-        nb = (y.shape[0] + nchunk - 1) // nchunk
-        for t in range(nb * y.shape[1]):
-            _unpack_one(t, out, y, nchunk, wq, run, res, mode)
-
-    @njit(cache=True, parallel=True)
-    def _unpack_parallel(out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
-        nb = (y.shape[0] + nchunk - 1) // nchunk
-        for t in prange(nb * y.shape[1]):
-            _unpack_one(t, out, y, nchunk, wq, run, res, mode)
+@njit(cache=True, parallel=True)
+def _unpack_parallel(out, y, nchunk, wq, run, res, mode):  # noqa: ANN001, ANN202
+    nb = (y.shape[0] + nchunk - 1) // nchunk
+    for t in prange(nb * y.shape[1]):
+        _unpack_one(t, out, y, nchunk, wq, run, res, mode)
 
 
 def csr_shift_rows(par: bool) -> Any:

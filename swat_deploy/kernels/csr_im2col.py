@@ -93,7 +93,7 @@ class CsrIm2colKernel:
     rule_min_sparsity = None  # chosen by timing only: whether it beats csr_direct depends on the map size
 
     def supports(self, spec: LayerSpec) -> bool:
-        return spec.kind == "conv2d" and nc.available()
+        return spec.kind == "conv2d"
 
     def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> _CsrIm2colConv:
         return _CsrIm2colConv(weight, bias, spec)

@@ -72,12 +72,12 @@ class DataInfo:
         """Inverse of ``to_json``; a damaged dict (e.g. a hand-edited run.json) is a SwatError."""
         if not isinstance(d, dict):
             raise SwatError(f"data set info must be a JSON object, got {type(d).__name__}; "
-                            "re-create the run with `swat train`")
+                            "train the run again")
         missing = [k for k in _KEYS if k not in d]
         if missing:
             raise SwatError(f"data set info is missing {', '.join(missing)}; "
-                            "re-create the run with `swat train`")
+                            "train the run again")
         try:
             return cls(**{k: d[k] for k in _KEYS})
         except (TypeError, ValueError) as exc:
-            raise SwatError(f"data set info is invalid ({exc}); re-create the run with `swat train`") from exc
+            raise SwatError(f"data set info is invalid ({exc}); train the run again") from exc

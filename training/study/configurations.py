@@ -10,7 +10,7 @@ import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from training.errors import SwatError
+from training.errors import SwatError, option
 
 __all__ = ["Config", "Preset", "PRESETS", "preset", "block_supported", "runs_of", "claim_configs"]
 
@@ -144,7 +144,8 @@ def runs_of(p: Preset, only: Optional[list[str]] = None) -> list[tuple[Config, i
     if only:
         bad = [k for k in only if k not in known]
         if bad:
-            raise SwatError(f"--only {', '.join(bad)}: no such configuration; known: {', '.join(sorted(known))}")
+            raise SwatError(f"{option('only')} {', '.join(bad)}: no such configuration; known: "
+                            f"{', '.join(sorted(known))}")
     blocks = block_supported()
     cfgs = [c for c in p.configs if (not only or c.key in only) and (c.block == 1 or blocks)]
     plain = [c for c in cfgs if c.block == 1]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from training.errors import SwatError
+from training.errors import SwatError, option
 from training.fileio import atomic_write_json
 from training.study import store
 from training.study.configurations import Config, Preset, runs_of
@@ -92,7 +92,7 @@ def _check_same_setup(p: Preset, out: Path) -> None:
         have = json.loads(meta.read_text()).get("setup")
         if have != want:
             raise SwatError(f"{out} holds runs of another setup ({have}); this preset is {want}. Use another "
-                            f"--out, or move {out / store.RUNS} away to start over")
+                            f"{option('out')}, or move {out / store.RUNS} away to start over")
     else:
         atomic_write_json(meta, {"preset": p.name, "setup": want})
 
@@ -109,7 +109,7 @@ def run_study(p: Preset, out: str | Path, runs_dir: str | Path, *, jobs: int = 2
               log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run (or continue) the study; returns every finished run by id (``store.run_id``)."""
     if not isinstance(jobs, int) or jobs < 1:
-        raise SwatError(f"--jobs {jobs!r}: use an integer >= 1 (2 on a 2-core machine)")
+        raise SwatError(f"{option('jobs')} {jobs!r}: use an integer >= 1 (2 on a 2-core machine)")
     out, runs_dir = Path(out), Path(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,141 @@
+"""Packed bitmasks and compact values: what SWAT layers keep instead of dense tensors.
+
+A bitmask holds 1 bit per element (little-endian within a byte); :func:`compact` keeps the
+values whose bit is set, :func:`expand` puts them back. On CPU float32 the loops run in the
+numba kernels of :mod:`training._swat_kernels`; other dtypes and devices use plain torch.
+:func:`use_backend` forces one path, so tests can check that both give identical results.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "numba", "torch")
+_backend = "auto"
+_kernels: Any = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force the numba or the torch implementation inside the block (tests, benchmarks)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def _load_kernels() -> Any:
+    """The numba kernel module, imported on first use (compiling it costs ~1 s)."""
+    global _kernels
+    if _kernels is None:
+        from training import _swat_kernels
+        _kernels = _swat_kernels
+    return _kernels
+
+
+def kernels_for(*tensors: Tensor) -> Any:
+    """The numba kernel module if every tensor can take the fast path, else None."""
+    if _backend == "torch":
+        return None
+    ok = True
+    for t in tensors:  # a plain loop: this runs several times per layer and step
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            ok = False
+            break
+    if not ok:
+        if _backend == "numba":
+            raise ValueError("the numba backend handles CPU float32 tensors only; use_backend('auto')")
+        return None
+    return _load_kernels()
+
+
+def flat_np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().view(-1).numpy()
+
+
+_BIT_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
+    return w
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Bool tensor -> flat uint8 tensor of ceil(n/8) bytes; element i is bit i%8 of byte i//8."""
+    flat = mask.detach().reshape(-1)
+    if flat.device.type == "cpu" and _backend != "torch":
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    pad = (-flat.numel()) % 8
+    u = F.pad(flat.to(torch.uint8), (0, pad)).view(-1, 8)
+    return (u * _bit_weights(u.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` elements."""
+    if bits.device.type == "cpu" and _backend != "torch":
+        out = np.unpackbits(bits.numpy(), count=numel, bitorder="little")
+        return torch.from_numpy(out.view(np.bool_))
+    b = bits.view(-1, 1).bitwise_and(_bit_weights(bits.device)).ne(0)
+    return b.view(-1)[:numel]
+
+
+def compact(x: Tensor, bits: Tensor, count: int) -> Tensor:
+    """The entries of ``x`` whose bit is set, in flat order (``count`` of them)."""
+    k = kernels_for(x)
+    if k is not None:
+        buf = torch.empty(count + 1, dtype=x.dtype)
+        got = k.gather(flat_np(x), bits.numpy(), buf.numpy())
+        if got != count:
+            raise RuntimeError(f"bitmask holds {got} set bits, expected {count}")
+        return buf[:count]
+    return x.detach().reshape(-1)[unpack_bits(bits, x.numel())]
+
+
+def _padded(values: Tensor) -> Tensor:
+    """``values`` plus one slot past its end (the spare slot :func:`compact` allocates)."""
+    n = values.numel()
+    room = values.untyped_storage().nbytes() // values.element_size() - values.storage_offset()
+    if values.is_contiguous() and room > n:
+        return values.as_strided((n + 1,), (1,))
+    return torch.cat([values.reshape(-1), values.new_zeros(1)])
+
+
+def expand(values: Tensor, bits: Tensor, shape: torch.Size) -> Tensor:
+    """Dense tensor of ``shape`` with ``values`` at the set bits and zeros elsewhere."""
+    out = torch.empty(shape, dtype=values.dtype, device=values.device)
+    k = kernels_for(values)
+    if k is not None:
+        k.expand(bits.numpy(), _padded(values.detach()).numpy(), out.view(-1).numpy())
+        return out
+    out.zero_()
+    out.view(-1).masked_scatter_(unpack_bits(bits, out.numel()), values)
+    return out
+
+
+def masked_grad(grad: Tensor, bits: Tensor) -> Tensor:
+    """``grad`` where the bit is set, 0 elsewhere (no dense mask is ever kept)."""
+    k = kernels_for(grad)
+    if k is not None:
+        out = torch.empty(grad.shape, dtype=grad.dtype)
+        k.mask_select(flat_np(grad).view(np.uint32), bits.numpy(), out.view(-1).numpy().view(np.uint32))
+        return out
+    mask = unpack_bits(bits, grad.numel()).view(grad.shape)
+    return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def positive_bits(y: Tensor) -> tuple[Tensor, int]:
+    """Packed bitmask of ``not (y <= 0)`` (torch's ReLU-backward rule: NaN passes) and its popcount."""
+    mask = ~(y <= 0)
+    return pack_bits(mask), int(mask.sum())

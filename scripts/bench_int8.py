@@ -9,8 +9,10 @@ and (``--synthetic``) swat's sparse int8 Session vs onnxruntime int8 on the same
 multiple of 4 input channels magnitude-pruned per tensor in blocks of 4 consecutive input
 channels (one output channel, one tap: the int8 dot product's block), quantised by onnxruntime's
 ``quantize_static`` (QDQ, `swat_deploy.quantize.quantize_qdq`, 16 random calibration images).
-Times ``Session(path, fallback=False)`` (our kernels only) against onnxruntime on that file,
-interleaved, median; ``--layers`` adds where the Session's time goes per op type.
+Times ``Session(path)`` (planned: our kernels or onnxruntime, whichever its first run of the
+shape measured faster) and ``Session(path, fallback=False)`` (our kernels forced) against
+onnxruntime on that file, interleaved, median; ``--layers`` adds where the forced Session's time
+goes per op type.
 
 Writes RUN/model.onnx, RUN/model.int8.onnx (compact) and, for the size table and the speed check
 of compact int8 storage, RUN/bench-int8/{dense.onnx,dense.int8.onnx} (plain weights) unless they
@@ -55,10 +57,24 @@ def _pruned_qdq(sparsity: float, out: Path, seed: int = 0) -> Path:
     if out.is_file():
         return out
     import onnx
+
+    from swat_deploy.quantize import quantize_qdq, random_images
+
+    tmp = _pruned_f32(sparsity, out.with_suffix(".f32.onnx"), seed)
+    q = quantize_qdq(onnx.load(str(tmp)), random_images((3, 32, 32), 16, seed))
+    part = out.with_suffix(".part")
+    onnx.save(q, str(part))
+    part.replace(out)
+    return out
+
+
+def _pruned_f32(sparsity: float, out: Path, seed: int = 0) -> Path:
+    """The float32 model the int8 one of `_pruned_qdq` is quantised from (same seed, same weights)."""
+    if out.is_file():
+        return out
     import torch
 
     import models
-    from swat_deploy.quantize import quantize_qdq, random_images
 
     torch.manual_seed(seed)
     m = models.build("resnet18", num_classes=10, stem="cifar").eval()
@@ -76,15 +92,11 @@ def _pruned_qdq(sparsity: float, out: Path, seed: int = 0) -> Path:
             k = int(round(sparsity * score.numel()))
             keep = score > score.flatten().kthvalue(k).values if k > 0 else torch.ones_like(score, dtype=torch.bool)
             mod.weight.data = (blocks * keep.unsqueeze(-1)).reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
-    tmp = out.with_suffix(".f32.onnx")
-    torch.onnx.export(m, (torch.rand(1, 3, 32, 32),), str(tmp), opset_version=17, input_names=["input"],
+    part = out.with_suffix(".part")
+    torch.onnx.export(m, (torch.rand(1, 3, 32, 32),), str(part), opset_version=17, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                       dynamo=False)
-    q = quantize_qdq(onnx.load(str(tmp)), random_images((3, 32, 32), 16, seed))
-    part = out.with_suffix(".part")
-    onnx.save(q, str(part))
     part.replace(out)
-    tmp.unlink()
     return out
 
 
@@ -114,7 +126,7 @@ def _time_steps(sess, x, rounds: int) -> dict[str, float]:  # noqa: ANN001
 
 
 def synthetic(sparsities: list[float], batches: list[int], threads: int, rounds: int, out_dir: Path,
-              layers: bool) -> None:
+              layers: bool, float32: bool = False) -> None:
     import numpy as np
 
     from swat_deploy import Session
@@ -124,21 +136,40 @@ def synthetic(sparsities: list[float], batches: list[int], threads: int, rounds:
 
     print(f"CPU: {describe()}; {threads} threads; median of {rounds} interleaved rounds (batch 1), "
           f"{max(3, rounds // 6)} (larger batches)")
-    print(f"{'weights':>8} {'batch':>5} {'ORT int8 ms':>12} {'swat int8 ms':>13} {'speedup':>8}")
+    print(f"{'weights':>8} {'batch':>5} {'ORT int8 ms':>12} {'Session (planned) ms':>21} {'speedup':>8} "
+          f"{'our kernels forced ms':>22} {'speedup':>8}  plan")
     out_dir.mkdir(parents=True, exist_ok=True)
     for sp in sparsities:
         path = _pruned_qdq(sp, out_dir / f"resnet18_cifar_b4_{round(sp * 100)}.int8.onnx")
-        sess = Session(str(path), threads=threads, fallback=False)
+        sess = Session(str(path), threads=threads, fallback=False)  # our kernels forced
+        planned = Session(str(path), threads=threads)  # what a user gets: onnxruntime where it is faster
         ort = ort_session(str(path), threads)
         for b in batches:
             x = np.random.default_rng(0).random((b, 3, 32, 32), dtype=np.float32)
             feed = {"input": x}
             sess.run(None, feed)  # plan (our kernels on 1 or all threads) and warm-up
+            planned.run(None, feed)  # plan: our kernels vs onnxruntime, timed on this shape
             ort.run(None, feed)
-            t = time_interleaved({"ort": lambda: ort.run(None, feed), "swat": lambda: sess.run(None, feed)},
+            t = time_interleaved({"ort": lambda: ort.run(None, feed), "plan": lambda: planned.run(None, feed),
+                                  "swat": lambda: sess.run(None, feed)},
                                  rounds if b == 1 else max(3, rounds // 6), budget_s=60)
             ms = {k: v[0] * 1e3 for k, v in t.items()}
-            print(f"{sp:>7.0%} {b:>5} {ms['ort']:>12.3f} {ms['swat']:>13.3f} {ms['ort'] / ms['swat']:>7.2f}x")
+            p = planned.plans()[-1]
+            how = f"{p['engine']}/{p['threads']}" if p["engine"] == "swat" else p["engine"]
+            print(f"{sp:>7.0%} {b:>5} {ms['ort']:>12.3f} {ms['plan']:>21.3f} {ms['ort'] / ms['plan']:>7.2f}x "
+                  f"{ms['swat']:>22.3f} {ms['ort'] / ms['swat']:>7.2f}x  {how}")
+            if float32:  # the README table's float32 row: the same weights before quantisation
+                f32 = str(_pruned_f32(sp, path.with_name(path.name.replace(".int8.onnx", ".f32.onnx"))))
+                fs, fo = Session(f32, threads=threads), ort_session(f32, threads)
+                fs.run(None, feed)
+                fo.run(None, feed)
+                t = time_interleaved({"ort": lambda: fo.run(None, feed), "plan": lambda: fs.run(None, feed)},
+                                     rounds if b == 1 else max(3, rounds // 6), budget_s=60)
+                f = {k: v[0] * 1e3 for k, v in t.items()}
+                p = fs.plans()[-1]
+                how = f"{p['engine']}/{p['threads']}" if p["engine"] == "swat" else p["engine"]
+                print(f"{'float32':>13} {f['ort']:>12.3f} {f['plan']:>21.3f} {f['ort'] / f['plan']:>7.2f}x "
+                      f"{'':>22} {'':>8}  {how}")
             if layers:
                 per = _time_steps(sess, x, 5 if b == 1 else 2)
                 print("         per op type (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
@@ -152,6 +183,8 @@ def main() -> None:
     ap.add_argument("--synthetic", default="", help="sparsities, e.g. 0.9,0.7 (no run dir needed)")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/swat-bench-int8"))
     ap.add_argument("--layers", action="store_true")
+    ap.add_argument("--float32", action="store_true", help="--synthetic: also onnxruntime and the Session on the "
+                    "float32 model the int8 one was quantised from")
     ap.add_argument("--batch-size", default="1,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--processes", type=int, default=3)
@@ -159,7 +192,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.synthetic:
         synthetic([float(v) for v in args.synthetic.split(",")], [int(b) for b in args.batch_size.split(",")],
-                  args.threads, args.repeats, args.out_dir, args.layers)
+                  args.threads, args.repeats, args.out_dir, args.layers, args.float32)
         return
     if args.run is None:
         ap.error("give a run dir, or --synthetic SPARSITIES")

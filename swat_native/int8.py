@@ -5,18 +5,37 @@ ladder, since its fast path needs AVX-512 *VNNI* (vpdpbusd), not just AVX-512F, 
 path exists for CPUs without any int8 dot product. ``SWAT_ISA`` lowers it the same way
 (``avx2`` / ``generic``), which is how the tests run every path on one machine.
 
-Parallelism as in the float32 core: numba's prange over a few equal work items, each one C call
-(numba calls ctypes functions natively, without the GIL).
+Parallelism: by default one C call per layer (``csrc/int8_layer.c``: pack + multiply on the
+extension's own spinning thread pool, `QLayerCall`), or one per chain of layers (`QChainCall`);
+an empty numba prange call costs ~30 us on the issue's 2-core Xeon, more than a batch-1 layer's
+arithmetic. The numba drivers below (prange over a few equal work items, each one C call) remain
+for builds without int8_layer.c and for ``SWAT_INT8_LAYER_CALL=0``.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from typing import Any
+
+import numpy as np
 
 from . import _lib, pick_isa
 
 _CODE = {"generic": 0, "avx2": 1, "avx512": 2}
+
+
+_QLAYER_FIXED = ("rows", "zy", "lo", "hi", "n", "c", "h", "w", "kw", "s", "nph", "pt", "pl", "R", "w_out", "zx",
+                 "img_in", "plane", "pack_items", "by_rows", "row_parts", "isa", "threads")
+
+
+class QLayerArgs(ctypes.Structure):
+    """struct swat_qlayer of csrc/int8_layer.c (same field order and types)."""
+
+    _fields_ = ([(k, ctypes.c_uint64) for k in ("indptr", "offs", "vals", "corr", "mult")]
+                + [(k, ctypes.c_int64) for k in _QLAYER_FIXED]
+                + [(k, ctypes.c_float) for k in ("ra", "rb", "rc")] + [("rlo", ctypes.c_int64)]
+                + [(k, ctypes.c_uint64) for k in ("x", "xp", "y", "res")])
 
 
 class _Int8Lib:
@@ -34,6 +53,19 @@ class _Int8Lib:
         self.qadd.argtypes = [i64, u64, u64, u64, f32, f32, f32, i64, i64, i64]
         self.qadd.restype = None
         cdll.swat_int8_isas.restype = ctypes.c_int
+        # the one-call layer (csrc/int8_layer.c); None in a build from before it
+        self.qlayer = getattr(cdll, "swat_qconv_layer", None)
+        if self.qlayer is not None:
+            self.qlayer.argtypes = [ctypes.POINTER(QLayerArgs)]
+            self.qlayer.restype = ctypes.c_int
+        self.qchain = getattr(cdll, "swat_qchain", None)
+        if self.qchain is not None:
+            self.qchain.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+            self.qchain.restype = ctypes.c_int
+        self.qadd_mt = getattr(cdll, "swat_qadd_u8_mt", None)
+        if self.qadd_mt is not None:
+            self.qadd_mt.argtypes = [i64, u64, u64, u64, f32, f32, f32, i64, i64, i64]
+            self.qadd_mt.restype = None
         bits = cdll.swat_int8_isas()
         self.cpu_isas = ("generic",) + (("avx2",) if bits & 1 else ()) + (("avx512",) if bits & 2 else ())
 
@@ -66,7 +98,87 @@ def isa() -> str:
 
 
 def isa_code(name: str | None = None) -> int:
-    return _CODE[name or isa()]
+    if name:
+        return _CODE[name]
+    # once per layer call at batch 1: os.environ.get costs ~1.5 us here, its bytes dict 0.05 us
+    env = getattr(os.environ, "_data", None)
+    raw = env.get(b"SWAT_ISA") if isinstance(env, dict) else os.environ.get("SWAT_ISA", "")
+    return _isa_code_for(raw or "")
+
+
+@functools.lru_cache(maxsize=8)
+def _isa_code_for(_env: object) -> int:
+    return _CODE[isa()]
+
+
+def layer_call_available() -> bool:
+    """Whether the build has the one-call int8 layer and residual add (csrc/int8_layer.c)."""
+    lib = _int8()
+    return lib is not None and lib.qlayer is not None and lib.qadd_mt is not None
+
+
+class QLayerCall:
+    """The fixed arguments of one int8 conv at one input shape (`QLayerArgs`); `run` sets the
+    per-call pointers and runs pack + multiply on the extension's own pool, GIL released.
+
+    `arrays` (indptr, offs, vals, corr int32; mult float32) are kept referenced here so the
+    struct's pointers stay valid."""
+
+    def __init__(self, indptr: np.ndarray, offs: np.ndarray, vals: np.ndarray, corr: np.ndarray,
+                 mult: np.ndarray, **fixed: int) -> None:
+        for a, dt in ((indptr, np.int32), (offs, np.int32), (vals, np.int32), (corr, np.int32), (mult, np.float32)):
+            if a.dtype != dt or not a.flags.c_contiguous:
+                raise ValueError(f"QLayerCall needs contiguous {np.dtype(dt).name} arrays, got {a.dtype}")
+        self._keep = (indptr, offs, vals, corr, mult)
+        self.args = QLayerArgs(*(a.ctypes.data for a in self._keep), *(int(fixed.get(k, 0)) for k in _QLAYER_FIXED))
+        self._ptr = ctypes.pointer(self.args)
+        self._fn = _int8().qlayer
+
+    def set_residual(self, ra: float, rb: float, rc: float, rlo: int) -> None:
+        """The fused residual add's constants (see swat_qconv_u8_res); used by calls with `res`."""
+        a = self.args
+        a.ra, a.rb, a.rc, a.rlo = ra, rb, rc, rlo
+
+    def run(self, x: int, xp: int, y: int, isa: int, res: int = 0) -> None:
+        """Pointers as integers: the uint8 NCHW input, the packed scratch, the uint8 NCHW output,
+        the uint8 residual of y's shape (0: none)."""
+        a = self.args
+        a.x, a.xp, a.y, a.isa, a.res = x, xp, y, isa, res
+        if self._fn(self._ptr):
+            raise ValueError(f"the compiled int8 layer refused isa code {isa}")
+
+
+def chain_available() -> bool:
+    """Whether the build runs a list of one-call layers in one call (swat_qchain)."""
+    lib = _int8()
+    return layer_call_available() and lib.qchain is not None
+
+
+class QChainCall:
+    """Several `QLayerCall` structs run back to back by one C call; their pointers are set by
+    the caller (`QLayerCall.args`) and stay fixed between runs except those it updates."""
+
+    def __init__(self, calls: list[QLayerCall]) -> None:
+        self.calls = calls
+        self._arr = (ctypes.POINTER(QLayerArgs) * len(calls))(*(c._ptr for c in calls))
+        self._addr = ctypes.addressof(self._arr)
+        self._fn = _int8().qchain
+
+    def run(self) -> None:
+        if self._fn(self._addr, len(self.calls)):
+            raise ValueError("the compiled int8 chain refused a layer's isa code")
+
+
+def add_mt_ptr(code: int, a: int, b: int, y: int, ra: float, rb: float, c: float, lo: int, n: int,
+               threads: int) -> None:
+    """`add_mt` on raw pointers (``tensor.data_ptr()``): n contiguous uint8 elements."""
+    _int8().qadd_mt(code, a, b, y, ra, rb, c, lo, n, threads)
+
+
+def add_mt(code: int, a: np.ndarray, b: np.ndarray, y: np.ndarray, ra: float, rb: float, c: float, lo: int,
+           threads: int) -> None:
+    """onnxruntime's QLinearAdd over flat contiguous uint8 arrays in one call on the pool."""
+    _int8().qadd_mt(code, a.ctypes.data, b.ctypes.data, y.ctypes.data, ra, rb, c, lo, y.size, threads)
 
 
 def conv_loop(par: bool) -> Any:

@@ -27,6 +27,10 @@ CASES = [  # n, c, o, h, w, k, stride, pad, sparsity, relu
     (2, 32, 16, 8, 8, 1, 2, 0, 0.3, False),     # 1x1 stride-2 downsample
     (9, 8, 8, 4, 4, 3, 1, 1, 0.9, False),       # 4x4 maps: one tile per image, > 8 images
     (1, 16, 32, 20, 20, 3, 1, 1, 0.95, False),  # rows with no block at all
+    (2, 12, 8, 6, 6, 1, 1, 0, 0.5, True),       # 1x1 stride 1: the packer's whole-plane copy
+    (1, 8, 8, 1, 1, 3, 1, 1, 0.0, False),       # 1x1 map: every tap but the centre is padding
+    (2, 7, 9, 9, 9, 5, 1, 2, 0.5, False),       # 5x5 pad 2: copies shifted by two columns
+    (1, 8, 8, 5, 7, 3, 1, 0, 0.3, False),       # no padding: w_out != W, row by row
 ]
 
 
@@ -68,6 +72,37 @@ def test_qconv_blocks_skip_zeros(isa: str) -> None:
     np.testing.assert_array_equal(op(torch.from_numpy(x), 2).numpy(), reference_qconv(x, w, ws, b, spec))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[6]])
+def test_qconv_fused_residual_equals_conv_then_qadd(isa: str, case: tuple) -> None:
+    """The residual QLinearAdd in the conv's output loop gives the bytes of the conv followed by
+    onnxruntime's QLinearAdd formula (float32, round half to even): bit-exact, tails and ReLU
+    floor included, on the one-call layer and the two-call path."""
+    from swat_deploy.kernels import int8_direct
+    from swat_deploy.kernels.int8_direct import reference_qadd
+
+    n, c, o, h, w_, k, s, p, sparsity, relu = case
+    rng = np.random.default_rng(hash(case) % 2**32 + 7)
+    w, ws, b, spec = _layer(rng, c, o, k, s, p, sparsity, relu)
+    x = rng.integers(0, 256, (n, c, h, w_)).astype(np.uint8)
+    y = reference_qconv(x, w, ws, b, spec)
+    res = rng.integers(0, 256, y.shape).astype(np.uint8)
+    ra, rb = np.float32(0.61), np.float32(0.43)
+    cc = np.float32(9.0) - np.float32(spec.y_zero) * ra - np.float32(17) * rb
+    want = reference_qadd(y, res, ra, rb, cc, 9)
+    assert 0.05 < ((want > 9) & (want < 255)).mean()
+    for one_call in (True, False):
+        int8_direct._LAYER_CALL = one_call
+        try:
+            op = PreparedQConv(w, ws, b, spec, isa=isa)
+            op.fuse_residual(ra, rb, cc, 9)
+            for threads in (1, 2, 3):
+                got = op(torch.from_numpy(x), threads, torch.from_numpy(res)).numpy()
+                np.testing.assert_array_equal(got, want)
+        finally:
+            int8_direct._LAYER_CALL = True
+
+
 def test_qconv_rejects_wrong_input() -> None:
     rng = np.random.default_rng(2)
     w, ws, b, spec = _layer(rng, 8, 8, 3, 1, 1, 0.5, False)
@@ -98,8 +133,9 @@ def test_qadd_matches_formula(isa: str, monkeypatch: pytest.MonkeyPatch) -> None
 # ----------------------------------------------------------------------- the Session's QDQ path
 def _qdq_model(rng: np.random.Generator) -> tuple[bytes, float]:
     """input -> Q -> DQ -> conv(3->16) -> Q -> DQ -> conv(16->16, 4-blocks pruned) -> Q -> DQ -> + -> Q
-    -> DQ -> GlobalAveragePool -> Q -> DQ: what onnxruntime's quantize_static writes for a residual
-    block (Relus folded into the Q ranges). Returns the model and the output scale."""
+    -> DQ -> GlobalAveragePool -> Q -> DQ -> Flatten -> Q -> DQ -> Gemm(int8 weight) -> Q -> DQ: what
+    onnxruntime's quantize_static writes for a residual block and a classifier head (Relus folded
+    into the Q ranges). Returns the model and the output scale."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -140,12 +176,24 @@ def _qdq_model(rng: np.random.Generator) -> tuple[bytes, float]:
     nodes.append(helper.make_node("Add", [a2, a1], ["sum"]))
     s1 = q("sum", 0.07, 0, "sq")
     nodes.append(helper.make_node("GlobalAveragePool", [s1], ["gap"]))
-    nodes.append(helper.make_node("QuantizeLinear", ["gap", const("o_s", np.array(0.02, np.float32)),
-                                                     const("o_z", np.array(0, np.uint8))], ["oq"]))
+    g1 = q("gap", 0.03, 2, "gq")
+    nodes.append(helper.make_node("Flatten", [g1], ["flat"]))
+    f1 = q("flat", 0.03, 2, "fq")  # the quantiser repeats the input's (scale, zero point) after a Flatten
+    w = rng.integers(-127, 128, (10, 16)).astype(np.int8)
+    w[:, ::3] = 0
+    fws = rng.uniform(0.005, 0.02, 10).astype(np.float32)
+    nodes.append(helper.make_node("DequantizeLinear", [const("fc_w", w), const("fc_ws", fws),
+                                                       const("fc_wz", np.zeros(10, np.int8))], ["fc_wdq"], axis=0))
+    nodes.append(helper.make_node("DequantizeLinear", [const("fc_b", rng.integers(-500, 500, 10).astype(np.int32)),
+                                                       const("fc_bs", (np.float32(0.03) * fws).astype(np.float32)),
+                                                       const("fc_bz", np.zeros(10, np.int32))], ["fc_bdq"], axis=0))
+    nodes.append(helper.make_node("Gemm", [f1, "fc_wdq", "fc_bdq"], ["fc"], transB=1))
+    nodes.append(helper.make_node("QuantizeLinear", ["fc", const("o_s", np.array(0.02, np.float32)),
+                                                     const("o_z", np.array(128, np.uint8))], ["oq"]))
     nodes.append(helper.make_node("DequantizeLinear", ["oq", "o_s", "o_z"], ["logits"]))
     graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                           ["batch", 3, 12, 12])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 16, 1, 1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -153,21 +201,31 @@ def _qdq_model(rng: np.random.Generator) -> tuple[bytes, float]:
     return model.SerializeToString(), 0.02
 
 
+@pytest.mark.parametrize("chain", [True, False])
 @pytest.mark.parametrize("isa", ISAS)
-def test_session_runs_qdq_on_int8_kernels(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_session_runs_qdq_on_int8_kernels(isa: str, chain: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from swat_deploy import Session
     from swat_deploy.ort import ort_session
 
     monkeypatch.setenv("SWAT_ISA", isa)
+    monkeypatch.setenv("SWAT_INT8_CHAIN", "1" if chain else "0")
     monkeypatch.setenv("SWAT_AUTOTUNE", "0")
     model, step = _qdq_model(np.random.default_rng(4))
     sess = Session(model, threads=2, fallback=False)
     assert not sess.delegated
     kernels = [layer["kernel"] for layer in sess.layers()]
     assert kernels == ["int8-direct", "int8-direct"]
+    ops = [n.op_type for n in sess.graph.nodes]
+    convs = ["SwatQLinearConvChain"] if chain else ["SwatQLinearConv", "SwatQLinearConv"]
+    # the residual add runs in c2's output loop; the head on uint8: no float GlobalAveragePool /
+    # Gemm, one Q (the input) and one DQ (the logits)
+    assert ops == ["QuantizeLinear", *convs, "SwatQLinearGlobalAveragePool", "Flatten", "SwatQLinearGemm",
+                   "DequantizeLinear"]
+    members = sess.graph.nodes[1].attrs["members"] if chain else sess.graph.nodes[1:3]
+    assert [len(n.inputs) for n in members] == [4, 5]
     ort = ort_session(model, 2)
-    for n in (1, 5):
-        x = np.random.default_rng(n).random((n, 3, 12, 12), dtype=np.float32)
+    for n in (1, 5, 1):  # shape classes, and a plan reused with new contents
+        x = np.random.default_rng(n + 10 * len(sess.plans())).random((n, 3, 12, 12), dtype=np.float32)
         got = sess.run(None, {"input": x})[0]
         want = ort.run(None, {"input": x})[0]
         assert got.shape == want.shape

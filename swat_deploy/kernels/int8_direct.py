@@ -14,6 +14,7 @@ takes and returns uint8 tensors, so it is not in the float32 `kernels.KERNELS` r
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -113,6 +114,8 @@ class PreparedQConv:
         self.nnz_blocks = int(self.vals.size)
         self._shapes: dict[tuple[int, int], tuple] = {}
         self._scratch = threading.local()  # the packed input, one buffer per calling thread
+        self._calls: dict[tuple, tuple] = {}  # (thread, n, h, w, threads) -> one-call layer
+        self.residual: tuple[float, float, float, int] | None = None  # see fuse_residual
 
     @property
     def block_density(self) -> float:
@@ -148,24 +151,29 @@ class PreparedQConv:
             self._shapes[(h, w)] = g
         return g
 
-    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    def fuse_residual(self, ra: float, rb: float, c: float, lo: int) -> None:
+        """Calls given a residual then return QLinearAdd(conv output, residual) instead: onnxruntime's
+        ``rint(clamp(y * ra + res * rb + c, lo, 255))`` in float32 (see `_qadd` in int8_qdq.py),
+        done in the conv's output loop (one pass over the output and one step per block fewer)."""
+        self.residual = (float(np.float32(ra)), float(np.float32(rb)), float(np.float32(c)), int(lo))
+
+    def __call__(self, x: torch.Tensor, threads: int | None = None, res: torch.Tensor | None = None) -> torch.Tensor:
         """``threads``: work items to split the layer into (None: numba's thread count; 1 and
-        inside `serial_scope`: one serial call)."""
+        inside `serial_scope`: one serial call). ``res``: the residual of a `fuse_residual` layer."""
         from swat_native import int8 as native
 
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"int8 conv expects uint8 NCHW input with {self.in_channels} channels, "
                              f"got {x.dtype} {tuple(x.shape)}")
-        n, c, h, w = (int(d) for d in x.shape)
+        if res is not None and (self.residual is None or res.dtype != torch.uint8):
+            raise ValueError("a residual needs fuse_residual() first and a uint8 tensor")
+        n, c, h, w = x.shape
+        threads = 1 if serial_call() else max(1, threads or _numba_threads())
+        if _LAYER_CALL and native.layer_call_available():
+            return self._one_call(x, n, h, w, threads, res)
         h_out, w_out, nph, rows, img_in, offs = self._geometry(h, w)
         xn = np.ascontiguousarray(x.numpy())
-        need = n * img_in * 4 + _SLACK_WORDS * 4
-        xp = getattr(self._scratch, "buf", None)
-        if xp is None or xp.size < need:
-            raw = np.empty(need + 64, np.uint8)  # 64-byte aligned: the kernel's loads are whole lines
-            start = (-raw.ctypes.data) % 64
-            xp = self._scratch.buf = raw[start:start + need]
-        threads = 1 if serial_call() else max(1, threads or _numba_threads())
+        xp = self._packed(n * img_in * 4 + _SLACK_WORDS * 4)
         par = threads > 1
         s = self.spec
         items = n * self.groups_in
@@ -178,7 +186,75 @@ class PreparedQConv:
         code = native.isa_code(self.isa)
         native.conv_loop(par)(code, self.indptr, offs, self.vals, self.corr, self.mult, s.y_zero, self.lo, 255,
                               xp, img_in, y, self.out_channels * plane, plane, ntiles, threads, by_rows)
+        if res is not None:
+            rn = np.ascontiguousarray(res.numpy()).reshape(-1)
+            if rn.size != y.size:
+                raise ValueError(f"residual {tuple(res.shape)} does not match the conv output {y.shape}")
+            ra, rb, rc, rlo = self.residual
+            native.add_loop(False)(code, y.reshape(-1), rn, y.reshape(-1), ra, rb, rc, rlo, 1)
         return torch.from_numpy(y)
+
+    def _packed(self, need: int) -> np.ndarray:
+        """This calling thread's packed-input buffer, 64-byte aligned (the kernel loads whole lines)."""
+        xp = getattr(self._scratch, "buf", None)
+        if xp is None or xp.size < need:
+            raw = np.empty(need + 64, np.uint8)
+            start = (-raw.ctypes.data) % 64
+            xp = self._scratch.buf = raw[start:start + need]
+        return xp
+
+    def layer_call(self, n: int, h: int, w: int, threads: int) -> tuple:
+        """(a new `swat_native.int8.QLayerCall` for inputs (n, C, h, w), the output shape, the packed
+        buffer's bytes); the caller sets its pointers (`_one_call`, or a chain of layers)."""
+        from swat_native import int8 as native
+
+        h_out, w_out, nph, rows, img_in, offs = self._geometry(h, w)
+        s = self.spec
+        plane = h_out * w_out
+        ntiles = n * (-(-plane // 16))
+        items = n * self.groups_in
+        call = native.QLayerCall(
+            self.indptr, offs, self.vals, self.corr, self.mult, rows=self.out_channels, zy=s.y_zero, lo=self.lo,
+            hi=255, n=n, c=self.in_channels, h=h, w=w, kw=self.kw, s=s.stride[0], nph=nph, pt=s.padding[0],
+            pl=s.padding[1], R=rows, w_out=w_out, zx=s.x_zero, img_in=img_in, plane=plane,
+            pack_items=min(items, 4 * threads) if threads > 1 else 1,
+            by_rows=int(threads > 1 and ntiles < 8 * threads),
+            row_parts=min(self.out_channels, 2 * threads), threads=threads)
+        if self.residual is not None:
+            call.set_residual(*self.residual)
+        return call, (n, self.out_channels, h_out, w_out), n * img_in * 4 + _SLACK_WORDS * 4
+
+    def _one_call(self, x: torch.Tensor, n: int, h: int, w: int, threads: int,
+                  res: torch.Tensor | None) -> torch.Tensor:
+        """Pack + multiply in one C call on the extension's pool (`swat_native.int8.QLayerCall`):
+        two numba parallel regions per layer cost more than a batch-1 layer's arithmetic. The
+        per-call Python is kept to a few attribute sets (each us here is 1 % of a batch-1 run)."""
+        from swat_native import int8 as native
+
+        key = (threading.get_ident(), n, h, w, threads)  # the struct's pointers are per calling thread
+        hit = self._calls.get(key)
+        if hit is None:
+            hit = self._calls[key] = self.layer_call(n, h, w, threads)
+        call, shape, need = hit
+        if not x.is_contiguous():
+            x = x.contiguous()
+        buf = getattr(self._scratch, "one", None)
+        if buf is None or buf[0].size < need:
+            xp = self._packed(need)
+            buf = self._scratch.one = (xp, xp.ctypes.data)
+        y = torch.from_numpy(np.empty(shape, np.uint8))  # torch.empty costs 3x more here
+        rp = 0
+        if res is not None:
+            if tuple(res.shape) != shape:
+                raise ValueError(f"residual {tuple(res.shape)} does not match the conv output {shape}")
+            res = res.contiguous()
+            rp = res.data_ptr()
+        call.run(x.data_ptr(), buf[1], y.data_ptr(), native.isa_code(self.isa), rp)
+        return y
+
+
+# SWAT_INT8_LAYER_CALL=0: the two numba calls per layer (pack, multiply) instead of one C call
+_LAYER_CALL = os.environ.get("SWAT_INT8_LAYER_CALL", "1").strip().lower() not in ("0", "off", "false")
 
 
 def _numba_threads() -> int:
@@ -203,3 +279,9 @@ def reference_qconv(x: np.ndarray, weight: np.ndarray, w_scale: np.ndarray, bias
     lo = spec.y_zero if spec.relu else 0
     f = np.clip(f, np.float32(lo - spec.y_zero), np.float32(255 - spec.y_zero))
     return (np.rint(f).astype(np.int32) + spec.y_zero).astype(np.uint8)
+
+
+def reference_qadd(y: np.ndarray, res: np.ndarray, ra: float, rb: float, c: float, lo: int) -> np.ndarray:
+    """onnxruntime's QLinearAdd on uint8 arrays (float32, round half to even), for tests."""
+    v = (y.astype(np.float32) * np.float32(ra) + res.astype(np.float32) * np.float32(rb)) + np.float32(c)
+    return np.rint(np.clip(v, np.float32(lo), np.float32(255))).astype(np.uint8)

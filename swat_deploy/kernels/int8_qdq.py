@@ -8,17 +8,31 @@ This module does the same fusion for the Session, with the sparse int8 conv of
 - ``DQ(x_u8) -> Conv(., DQ(w_i8), DQ(b_i32)) [-> Relu] -> Q(y_u8)``  =>  one ``SwatQLinearConv``
   (uint8 in, uint8 out: the activation never exists as float between two convs);
 - ``DQ(a_u8) + DQ(b_u8) [-> Relu] -> Q``  =>  ``SwatQLinearAdd`` (the residual, in float32
-  then requantised, as onnxruntime's QLinearAdd);
-- every other QuantizeLinear / DequantizeLinear runs as a torch op, and the weight DQs of
-  layers not fused (the classifier's Gemm) are folded to float constants, so those layers take
-  the float32 kernels.
+  then requantised, as onnxruntime's QLinearAdd), and then, when one operand is a fused conv's
+  output used nowhere else, into that conv's output loop (`_fuse_residual`);
+- the classifier head on uint8 (`_fuse_tail`): ``DQ -> GlobalAveragePool -> Q``, ``DQ -> Flatten
+  -> Q`` (a move: the op on the uint8s), ``DQ -> Gemm(DQ(w_i8)) -> Q`` (int sums, requantised);
+- consecutive fused convs (a ResNet backbone, once its adds are fused) => one
+  ``SwatQLinearConvChain``, run as one C call on buffers planned once per input shape
+  (`_chain_convs`; ``SWAT_INT8_CHAIN=0`` runs them one step each);
+- every other QuantizeLinear / DequantizeLinear runs as a numpy / torch op, and the weight DQs
+  of layers not fused are folded to float constants, so those layers take the float32 kernels.
+
+Why so much fusion: at batch 1 a ResNet-18 int8 layer's arithmetic is 10-50 us, and each op
+the Session dispatches from Python costs 5-50 us here (the later when the multiply has just
+evicted the interpreter's working set from the caches), so glue, not arithmetic, decided
+whether we beat onnxruntime's own fused int8 graph.
 
 Results equal onnxruntime's on the same file up to int8 rounding: the fused conv's int32 sums and
-requantisation are onnxruntime's own (bit-exact for equal inputs); ops in float between Q/DQ
-(residual add, pooling, the input quantisation) may round a value to the neighbouring step.
+requantisation are onnxruntime's own (bit-exact for equal inputs), the fused residual add is
+QLinearAdd's float32 formula in the same order; ops in float between Q/DQ (pooling, the input
+quantisation) may round a value to the neighbouring step. Tested: logits within 2 output steps
+(tests/test_int8_kernels.py); measured on the ResNet-18 of scripts/bench_int8.py: within 1.
 """
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any, Mapping
 
 import numpy as np
@@ -27,9 +41,14 @@ import torch
 from ..onnx_ops.base import BuildContext, Node, OpDef
 from ..onnx_ops.graph import Graph
 from ..onnx_ops.optimize import DEFAULT_DOMAINS, FUSED_RELU, FUSED_RESIDUAL, optimize, remove_dead, toposort
-from .int8_direct import Int8DirectKernel, QConvSpec
+from .base import serial_call, thread_cap
+from .int8_direct import Int8DirectKernel, QConvSpec, requant_multipliers
 
 QCONV, QADD = "SwatQLinearConv", "SwatQLinearAdd"
+QGAP, QGEMM = "SwatQLinearGlobalAveragePool", "SwatQLinearGemm"
+QCHAIN = "SwatQLinearConvChain"
+# ops that only move values: DQ -> op -> Q with equal (scale, zero point) is the op on the uint8s
+_MOVES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose")
 
 
 # ------------------------------------------------------------------ Q / DQ as torch ops
@@ -44,6 +63,16 @@ def _axis_shape(scale: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor
 def _quantize(node: Node, inputs: list) -> list[torch.Tensor]:
     x, scale = inputs[0], inputs[1].float()
     zp = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.uint8)
+    if scale.numel() == 1 and zp.numel() == 1 and x.dtype == torch.float32:
+        # per tensor (every activation): numpy's ufuncs cost ~1 us a call here, torch's 3-7 us, and
+        # at batch 1 this op's glue was larger than its arithmetic; same float32 division,
+        # round half to even and saturation as below
+        lo, hi = (0, 255) if zp.dtype == torch.uint8 else (-128, 127)
+        v = np.divide(x.numpy(), np.float32(scale.item()), dtype=np.float32)
+        np.rint(v, out=v)
+        v += np.float32(zp.item())
+        np.clip(v, lo, hi, out=v)
+        return [torch.from_numpy(v.astype(np.uint8 if zp.dtype == torch.uint8 else np.int8))]
     axis = int(node.attr("axis", 1))
     lo, hi = (0, 255) if zp.dtype == torch.uint8 else (-128, 127)
     q = torch.round(x.float() / _axis_shape(scale, x, axis)) + _axis_shape(zp.to(torch.float32), x, axis)
@@ -52,9 +81,16 @@ def _quantize(node: Node, inputs: list) -> list[torch.Tensor]:
 
 def _dequantize(node: Node, inputs: list) -> list[torch.Tensor]:
     x, scale = inputs[0], inputs[1].float()
+    has_zp = len(inputs) > 2 and inputs[2] is not None
+    if scale.numel() == 1 and (not has_zp or inputs[2].numel() == 1) and x.dtype in (torch.uint8, torch.int8):
+        v = x.numpy().astype(np.float32)  # per tensor: numpy, see _quantize
+        if has_zp:
+            v -= np.float32(inputs[2].item())
+        v *= np.float32(scale.item())
+        return [torch.from_numpy(v)]
     axis = int(node.attr("axis", 1))
     v = x.to(torch.float32)
-    if len(inputs) > 2 and inputs[2] is not None:
+    if has_zp:
         v = v - _axis_shape(inputs[2].to(torch.float32), x, axis)
     return [v * _axis_shape(scale, x, axis)]
 
@@ -65,23 +101,28 @@ def _qadd(node: Node, inputs: list) -> list[torch.Tensor]:
     from swat_native import int8 as native
 
     a, b = inputs[0], inputs[1]
+    at = node.attrs
     if a.shape != b.shape or a.dtype != torch.uint8 or b.dtype != torch.uint8:
-        ra, rb, c = float(node.attrs["ra"]), float(node.attrs["rb"]), float(node.attrs["c"])
+        ra, rb, c = float(at["ra"]), float(at["rb"]), float(at["c"])
         y = torch.add(a.to(torch.float32) * ra, b.to(torch.float32), alpha=rb).add_(c)
-        return [y.round_().clamp_(float(node.attrs["lo"]), 255.0).to(torch.uint8)]
-    an, bn = np.ascontiguousarray(a.numpy()).reshape(-1), np.ascontiguousarray(b.numpy()).reshape(-1)
-    y = np.empty(a.shape, np.uint8)
+        return [y.round_().clamp_(float(at["lo"]), 255.0).to(torch.uint8)]
+    a, b = a.contiguous(), b.contiguous()
     threads = _threads(None)
+    if native.layer_call_available():  # one C call on the int8 pool (a numba prange start costs ~30 us)
+        y = torch.empty(a.shape, dtype=torch.uint8)
+        native.add_mt_ptr(native.isa_code(), a.data_ptr(), b.data_ptr(), y.data_ptr(), at["ra"], at["rb"], at["c"],
+                          at["lo"], y.numel(), threads)
+        return [y]
+    an, bn = a.numpy().reshape(-1), b.numpy().reshape(-1)
+    y = np.empty(a.shape, np.uint8)
     par = threads > 1 and y.size >= 1 << 15
-    native.add_loop(par)(native.isa_code(), an, bn, y.reshape(-1), node.attrs["ra"], node.attrs["rb"],
-                         node.attrs["c"], int(node.attrs["lo"]), threads if par else 1)
+    native.add_loop(par)(native.isa_code(), an, bn, y.reshape(-1), at["ra"], at["rb"], at["c"], int(at["lo"]),
+                         threads if par else 1)
     return [torch.from_numpy(y)]
 
 
 def _threads(ctx: BuildContext | None) -> int:
     """Work items for a step: the run's thread cap, else the session's threads, else numba's."""
-    from .base import serial_call
-
     if serial_call():
         return 1
     cap = _thread_cap()
@@ -111,6 +152,8 @@ class QConvLayer:
                          bool(a["relu"]))
         bias = consts[node.inputs[3]] if len(node.inputs) > 3 and node.inputs[3] else None
         self.kernel = Int8DirectKernel().prepare(w, consts[node.inputs[2]], bias, spec)
+        if "res_ra" in a:
+            self.kernel.fuse_residual(a["res_ra"], a["res_rb"], a["res_c"], a["res_lo"])
         self.name = node.name or node.outputs[0]
         self.ctx = ctx
         self.sparsity = float(1.0 - np.count_nonzero(w) / max(1, w.size))
@@ -118,7 +161,7 @@ class QConvLayer:
         ctx.layers.append(self)
 
     def __call__(self, inputs: list) -> list[torch.Tensor]:
-        return [self.kernel(inputs[0], _threads(self.ctx))]
+        return [self.kernel(inputs[0], _threads(self.ctx), inputs[4] if len(inputs) > 4 else None)]
 
     def info(self) -> dict:
         return {"name": self.name, "op": self.op_type, "weight_shape": self.weight_shape,
@@ -127,11 +170,188 @@ class QConvLayer:
 
 def _thread_cap() -> int | None:
     """The Session's per-run thread cap (`torch_thread_cap`), None when there is none."""
-    try:
-        from swat_deploy.threads import _cap
-    except ImportError:  # older layout: the cap lived in kernels.base
-        from .base import _cap  # type: ignore[attr-defined,no-redef]
-    return getattr(_cap, "value", None)
+    return thread_cap()
+
+
+def _qgap(node: Node, inputs: list) -> list[torch.Tensor]:
+    """Q(GlobalAveragePool(DQ(x))) on uint8: the mean of the integers (exact, float64), then
+    dequantised and requantised once (onnxruntime's float path may land on the neighbouring step)."""
+    a = node.attrs
+    x = inputs[0].numpy()
+    flat = x.reshape(x.shape[0] * x.shape[1], -1)
+    # integer sums as a float32 matrix-vector product: exact below 2^24 (65793 pixels of 255),
+    # ~5x faster here than numpy's mean with a dtype (its casting reduce loop)
+    dt = np.float32 if flat.shape[1] * 255 < 2**24 else np.float64
+    m = (flat.astype(dt) @ np.ones(flat.shape[1], dt)).astype(np.float64).reshape(x.shape[:2]) / flat.shape[1]
+    v = np.float32((m - a["x_zero"]) * np.float32(a["x_scale"])) / np.float32(a["y_scale"])
+    q = np.clip(np.rint(v) + a["y_zero"], 0, 255).astype(np.uint8)
+    return [torch.from_numpy(q.reshape(x.shape[0], x.shape[1], *([1] * (x.ndim - 2))))]
+
+
+def _prepare_qgemm(node: Node, consts: Mapping[str, np.ndarray], ctx: BuildContext) -> Any:
+    a = node.attrs
+    w = consts[node.inputs[1]].astype(np.float64)  # (N, K) int8 values; float64 sums are exact
+    ws = consts[node.inputs[2]].astype(np.float32).reshape(-1)
+    bias = consts[node.inputs[3]].astype(np.float64).reshape(-1) if len(node.inputs) > 3 and node.inputs[3] else None
+    corr = -float(a["x_zero"]) * w.sum(axis=1) + (0.0 if bias is None else bias)
+    mult = requant_multipliers(a["x_scale"], np.broadcast_to(ws, (w.shape[0],)), a["y_scale"])
+    wt = np.ascontiguousarray(w.T)
+    lo = np.float32(-a["y_zero"])
+    hi = np.float32(255 - a["y_zero"])
+    zy = int(a["y_zero"])
+
+    def run(inputs: list) -> list[torch.Tensor]:
+        x = inputs[0].numpy().reshape(inputs[0].shape[0], -1)
+        acc = x.astype(np.float64) @ wt + corr  # the int32 sums of onnxruntime's QGemm, exactly
+        f = np.clip(acc.astype(np.float32) * mult, lo, hi)
+        return [torch.from_numpy((np.rint(f) + zy).astype(np.uint8))]
+
+    return run
+
+
+def _chain_convs(g: Graph) -> None:
+    """Runs of >= 2 consecutive SwatQLinearConv nodes => one SwatQLinearConvChain (attrs
+    ``members``: the conv nodes; inputs: the activations the run reads from outside; outputs:
+    its values read after it or graph outputs). With the residual adds fused, a ResNet
+    backbone is one run."""
+    nodes = g.nodes
+    last_use: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for v in n.inputs:
+            if v:
+                last_use[v] = i
+    outputs = {v.name for v in g.outputs}
+    out: list[Node] = []
+    i = 0
+    while i < len(nodes):
+        j = i
+        while j < len(nodes) and nodes[j].op_type == QCONV:
+            j += 1
+        if j - i < 2:
+            out.append(nodes[i])
+            i += 1
+            continue
+        run = nodes[i:j]
+        made = {n.outputs[0] for n in run}
+        ext: list[str] = []
+        for n in run:
+            for v in (n.inputs[0], n.inputs[4] if len(n.inputs) > 4 else ""):
+                if v and v not in made and v not in ext:
+                    ext.append(v)
+        outs = [n.outputs[0] for n in run if n.outputs[0] in outputs or last_use.get(n.outputs[0], -1) >= j]
+        out.append(Node(QCHAIN, ext, outs, {"members": list(run)}, (run[0].name or run[0].outputs[0]) + ".chain", "",
+                        run[0].opset))
+        i = j
+    g.nodes = out
+
+
+class QConvChain:
+    """A SwatQLinearConvChain: its convs (`QConvLayer`, each reported in ``Session.layers()``)
+    run by one C call (`swat_native.int8.QChainCall`) on buffers set up once per input shape
+    and calling thread; or, without that build, one layer call at a time."""
+
+    def __init__(self, node: Node, consts: Mapping[str, np.ndarray], ctx: BuildContext) -> None:
+        self.nodes = list(node.attrs["members"])
+        self.layers = [QConvLayer(m, consts, ctx) for m in self.nodes]
+        self.ext, self.outs, self.ctx = list(node.inputs), list(node.outputs), ctx
+        self._plans: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: list) -> list[torch.Tensor]:
+        from swat_native import int8 as native
+
+        threads = _threads(self.ctx)
+        if not (native.chain_available() and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                 and t.is_contiguous() for t in inputs)):
+            return self._layer_by_layer(inputs, threads)
+        key = (threading.get_ident(), threads) + tuple(tuple(t.shape) for t in inputs)
+        plan = self._plans.get(key)
+        if plan is None:
+            with self._lock:
+                plan = self._plans[key] = _ChainPlan(self, [tuple(t.shape) for t in inputs], threads)
+        return plan.run(inputs)
+
+    def _layer_by_layer(self, inputs: list, threads: int) -> list[torch.Tensor]:
+        vals = dict(zip(self.ext, inputs))
+        for node, layer in zip(self.nodes, self.layers):
+            res = vals[node.inputs[4]] if len(node.inputs) > 4 else None
+            vals[node.outputs[0]] = layer.kernel(vals[node.inputs[0]], threads, res)
+        return [vals[o] for o in self.outs]
+
+
+class _ChainPlan:
+    """One input shape on one calling thread: every layer's struct with fixed pointers into an
+    arena of this plan (a value's bytes are reused once no later layer reads it) and one shared
+    packed-input scratch; a run sets only the pointers of the chain's inputs."""
+
+    def __init__(self, chain: QConvChain, shapes: list[tuple], threads: int) -> None:
+        from swat_native import int8 as native
+
+        shape = dict(zip(chain.ext, shapes))
+        last: dict[str, int] = {}
+        for i, node in enumerate(chain.nodes):
+            for v in (node.inputs[0], node.inputs[4] if len(node.inputs) > 4 else ""):
+                if v:
+                    last[v] = i
+        keep = set(chain.outs)
+        free: list[tuple[int, int]] = []  # (offset, size) blocks of the arena
+        top = 0
+        where: dict[str, int] = {}
+
+        def alloc(size: int) -> int:
+            nonlocal top
+            size = -(-size // 64) * 64
+            for k, (off, sz) in enumerate(free):
+                if sz >= size:
+                    free[k:k + 1] = [(off + size, sz - size)] if sz > size else []
+                    return off
+            off, top = top, top + size
+            return off
+
+        calls, scratch, sizes = [], 0, {}
+        for i, (node, layer) in enumerate(zip(chain.nodes, chain.layers)):
+            n, c, h, w = shape[node.inputs[0]]
+            call, out_shape, need = layer.kernel.layer_call(n, h, w, threads)
+            res = node.inputs[4] if len(node.inputs) > 4 else ""
+            if res and shape[res] != out_shape:
+                raise ValueError(f"residual {shape[res]} does not match the conv output {out_shape}")
+            out = node.outputs[0]
+            shape[out] = out_shape
+            sizes[out] = int(np.prod(out_shape))
+            where[out] = alloc(sizes[out])
+            for v in {node.inputs[0], res} - {""}:
+                if last.get(v) == i and v in where and v not in keep:
+                    free.append((where[v], -(-sizes[v] // 64) * 64))
+            calls.append((call, node.inputs[0], res, out))
+            scratch = max(scratch, need)
+        self.arena = np.empty(top + 64, np.uint8)
+        base = self.arena.ctypes.data + (-self.arena.ctypes.data) % 64
+        raw = np.empty(scratch + 64, np.uint8)
+        self.scratch = raw  # kept alive: the structs point into it
+        xp = raw.ctypes.data + (-raw.ctypes.data) % 64
+        self.setters: list[tuple[Any, str, int]] = []  # (struct, field, chain input index)
+        for call, x, res, out in calls:
+            a = call.args
+            a.xp, a.y, a.isa = xp, base + where[out], native.isa_code(None)
+            for field, v in (("x", x), ("res", res)):
+                if not v:
+                    continue
+                if v in where:
+                    setattr(a, field, base + where[v])
+                else:
+                    self.setters.append((a, field, chain.ext.index(v)))
+        start = base - self.arena.ctypes.data
+        self.outputs = [torch.from_numpy(self.arena[start + where[o]:start + where[o] + sizes[o]]).view(shape[o])
+                        for o in chain.outs]
+        self.call = native.QChainCall([c for c, _, _, _ in calls])
+
+    def run(self, inputs: list) -> list[torch.Tensor]:
+        for a, field, k in self.setters:
+            setattr(a, field, inputs[k].data_ptr())
+        self.call.run()
+        # the arena is this plan's: the next run on this thread overwrites it, by when the
+        # Session has consumed (or copied out) this run's values
+        return list(self.outputs)
 
 
 OPS: dict[str, OpDef] = {
@@ -140,6 +360,9 @@ OPS: dict[str, OpDef] = {
     "DequantizeLinear": OpDef("DequantizeLinear", run=_dequantize, foldable=False),
     QCONV: OpDef(QCONV, prepare=_prepare_qconv, foldable=False),
     QADD: OpDef(QADD, run=_qadd, foldable=False),
+    QGAP: OpDef(QGAP, run=_qgap, foldable=False),
+    QGEMM: OpDef(QGEMM, prepare=_prepare_qgemm, foldable=False),
+    QCHAIN: OpDef(QCHAIN, prepare=lambda node, consts, ctx: QConvChain(node, consts, ctx), foldable=False),
 }
 
 
@@ -162,9 +385,15 @@ def build_graph(source: Graph, registry: Mapping[str, OpDef]) -> tuple[Graph, in
     fused = _fuse(g)
     if not fused:
         return None
+    remove_dead(g)  # the activation DQs the fusion bypassed: they would count as uses below
+    _fuse_residual(g)
+    _fuse_tail(g)
+    remove_dead(g)
     _fold_weight_dq(g)
     g.nodes = toposort(g)
     remove_dead(g)
+    if os.environ.get("SWAT_INT8_CHAIN", "1").strip().lower() not in ("0", "off", "false"):
+        _chain_convs(g)  # last: the chain node lists its members' weights in attrs, not inputs
     return g, fused
 
 
@@ -303,6 +532,132 @@ def _fuse_add(add: Node, dq_of: Any, act_params: Any, tail: Any) -> tuple | None
              "lo": zy if relu is not None else 0}
     fnode = Node(QADD, [da.inputs[0], db.inputs[0]], [q.outputs[0]], attrs, add.name, "", add.opset)
     return q, fnode, [add] + ([relu] if relu is not None else [])
+
+
+def _fuse_residual(g: Graph) -> None:
+    """``SwatQLinearConv -> SwatQLinearAdd`` (the conv's output used only by the add) => one
+    SwatQLinearConv whose output loop adds the residual (input 4) and requantises, as the add
+    would have: one step, one pass over the block's output and one uint8 tensor fewer. Of two
+    fusable convs (the block's conv2 and its downsample shortcut) the later in graph order takes
+    the add; the other's output is the residual."""
+    producer = {o: n for n in g.nodes for o in n.outputs if o}
+    uses: dict[str, int] = {}
+    for n in g.nodes:
+        for name in n.inputs:
+            if name:
+                uses[name] = uses.get(name, 0) + 1
+    outputs = {v.name for v in g.outputs}
+    order = {id(n): i for i, n in enumerate(g.nodes)}
+    drop: set[int] = set()
+    for add in g.nodes:
+        if add.op_type != QADD or len(add.inputs) != 2:
+            continue
+        cands = []
+        for k in (0, 1):
+            p = producer.get(add.inputs[k])
+            if (p is not None and p.op_type == QCONV and "res_ra" not in p.attrs and uses.get(add.inputs[k]) == 1
+                    and add.inputs[k] not in outputs):
+                cands.append((order[id(p)], k, p))
+        if not cands:
+            continue
+        _, k, conv = max(cands, key=lambda t: t[0])
+        ra, rb = (add.attrs["ra"], add.attrs["rb"]) if k == 0 else (add.attrs["rb"], add.attrs["ra"])
+        conv.attrs = {**conv.attrs, "res_ra": ra, "res_rb": rb, "res_c": add.attrs["c"], "res_lo": add.attrs["lo"]}
+        conv.inputs = (list(conv.inputs) + [""] * 4)[:4] + [add.inputs[1 - k]]
+        conv.outputs = list(add.outputs)
+        drop.add(id(add))
+    g.nodes = [n for n in g.nodes if id(n) not in drop]
+
+
+def _fuse_tail(g: Graph) -> None:
+    """The classifier head on uint8, as onnxruntime runs it: ``DQ -> GlobalAveragePool -> Q`` =>
+    SwatQLinearGlobalAveragePool; ``DQ -> Flatten (any op in _MOVES) -> Q`` with equal
+    quantisation => the op on the uint8s (exact); ``DQ -> Gemm(., DQ(w_i8), b) -> Q`` =>
+    SwatQLinearGemm (int sums, requantised as a conv). At batch 1 these ten small float ops,
+    a few us of arithmetic each, cost ~0.4 ms of glue - a quarter of the run."""
+    consts = g.constants
+    producer = {o: n for n in g.nodes for o in n.outputs if o}
+    uses: dict[str, int] = {}
+    for n in g.nodes:
+        for name in n.inputs:
+            if name:
+                uses[name] = uses.get(name, 0) + 1
+    outputs = {v.name for v in g.outputs}
+    consumer = {name: n for n in g.nodes for name in n.inputs if name}
+
+    def act(dq: Node | None) -> tuple[float, int] | None:  # per-tensor uint8 (scale, zero point)
+        if dq is None or dq.op_type not in ("DequantizeLinear", "QuantizeLinear") or dq.inputs[0] in consts:
+            return None
+        sc = _scalar(consts, dq.inputs[1])
+        z = _scalar(consts, dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] else None
+        if sc is None or z is None or z.dtype != np.uint8:
+            return None
+        return float(sc), int(z)
+
+    def sole(name: str) -> Node | None:
+        n = consumer.get(name)
+        return None if n is None or uses.get(name) != 1 or name in outputs else n
+
+    replace: dict[int, Node | None] = {}
+    for node in g.nodes:
+        if node.op_type not in ("GlobalAveragePool", "Gemm") + _MOVES or not node.inputs:
+            continue
+        dq = producer.get(node.inputs[0])
+        q = sole(node.outputs[0])
+        pin, pout = act(dq), act(q) if q is not None and q.op_type == "QuantizeLinear" else None
+        if pin is None or pout is None or dq.op_type != "DequantizeLinear" or any(id(n) in replace for n in (dq, q)):
+            continue
+        src = dq.inputs[0]
+        if node.op_type == "GlobalAveragePool":
+            new = Node(QGAP, [src], [q.outputs[0]], {"x_scale": pin[0], "x_zero": pin[1], "y_scale": pout[0],
+                                                     "y_zero": pout[1]}, node.name, "", node.opset)
+        elif node.op_type in _MOVES:
+            if pin != pout:
+                continue
+            new = Node(node.op_type, [src] + list(node.inputs[1:]), [q.outputs[0]], dict(node.attrs), node.name,
+                       node.domain, node.opset)
+        else:
+            new = _qgemm_node(g, node, src, pin, pout, q, producer)
+            if new is None:
+                continue
+        replace[id(node)] = new
+        replace[id(q)] = None
+    if replace:
+        g.nodes = [replace.get(id(n), n) for n in g.nodes if replace.get(id(n), n) is not None]
+
+
+def _qgemm_node(g: Graph, gemm: Node, src: str, pin: tuple, pout: tuple, q: Node, producer: dict) -> Node | None:
+    """SwatQLinearGemm for ``Gemm(DQ(x), DQ(w_i8 (N, K), per output channel), b)`` with transB=1,
+    transA=0, alpha = beta = 1; None otherwise (it then stays a float Gemm)."""
+    consts = g.constants
+    a = gemm.attrs
+    if int(a.get("transA", 0)) != 0 or int(a.get("transB", 0)) != 1 or float(a.get("alpha", 1.0)) != 1.0 \
+            or float(a.get("beta", 1.0)) != 1.0 or len(gemm.inputs) < 2:
+        return None
+    wdq = producer.get(gemm.inputs[1])
+    if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.inputs[0] not in consts:
+        return None
+    w, ws = consts[wdq.inputs[0]], consts.get(wdq.inputs[1])
+    wz = consts.get(wdq.inputs[2]) if len(wdq.inputs) > 2 and wdq.inputs[2] else None
+    if w.dtype != np.int8 or w.ndim != 2 or ws is None or (wz is not None and np.any(wz != 0)):
+        return None
+    if ws.size not in (1, w.shape[0]) or (ws.size > 1 and int(wdq.attr("axis", 1)) not in (0, -2)):
+        return None
+    ws = np.broadcast_to(ws.astype(np.float32).reshape(-1), (w.shape[0],)).copy()
+    bias = None
+    if len(gemm.inputs) > 2 and gemm.inputs[2]:
+        bdq = producer.get(gemm.inputs[2])
+        bdq = bdq if bdq is not None and bdq.op_type == "DequantizeLinear" and bdq.inputs[0] in consts else None
+        bias = _int_bias(consts, gemm.inputs[2], bdq, pin[0], ws)
+        if bias is None or bias.size != w.shape[0]:
+            return None
+    base = (gemm.name or gemm.outputs[0]) + ".swat_int8"
+    names = [f"{base}.w", f"{base}.w_scale"] + ([f"{base}.b"] if bias is not None else [])
+    consts[names[0]], consts[names[1]] = w, ws
+    if bias is not None:
+        consts[names[2]] = bias
+    attrs = {"x_scale": pin[0], "x_zero": pin[1], "y_scale": pout[0], "y_zero": pout[1]}
+    return Node(QGEMM, [src] + names, [q.outputs[0]], attrs, gemm.name, "", gemm.opset)
 
 
 def _fold_weight_dq(g: Graph) -> None:

@@ -28,6 +28,7 @@
    the caller's isa argument. */
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -42,7 +43,19 @@ struct qepi {
     const float *mult;
     int32_t zy, lo, hi;
     int64_t plane, tpi, img_in, img_out;
+    /* fused residual (QLinearAdd after the conv), rd != 0 when on: the residual byte of an output
+       byte y[i] is y[i + rd] (same NCHW shape); v = q * ra + res * rb + rc, clamped to
+       [rlo, 255], rounded half to even - swat_qadd_u8's arithmetic, in the same order */
+    ptrdiff_t rd;
+    float ra, rb, rc, rlo;
+    int32_t res_on;
 };
+
+static inline uint8_t q_addres(uint8_t q, const uint8_t *yp, const struct qepi *e) {
+    float v = (float)q * e->ra + (float)yp[e->rd] * e->rb + e->rc;
+    v = v < e->rlo ? e->rlo : (v > 255.0f ? 255.0f : v);
+    return (uint8_t)(int32_t)__builtin_rintf(v);
+}
 
 static inline float q_clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -69,7 +82,11 @@ static void qconv_generic(const int32_t *indptr, const int32_t *offs, const int8
                 for (int64_t p = 0; p < valid; p++)
                     acc[p] += xs[4 * p] * w[0] + xs[4 * p + 1] * w[1] + xs[4 * p + 2] * w[2] + xs[4 * p + 3] * w[3];
             }
-            for (int64_t p = 0; p < valid; p++) yb[r * e->plane + p] = q_requant(acc[p], e->corr[r], e->mult[r], e);
+            for (int64_t p = 0; p < valid; p++) {
+                uint8_t *yp = yb + r * e->plane + p;
+                const uint8_t q = q_requant(acc[p], e->corr[r], e->mult[r], e);
+                *yp = e->res_on ? q_addres(q, yp, e) : q;
+            }
         }
     }
 }
@@ -77,8 +94,10 @@ static void qconv_generic(const int32_t *indptr, const int32_t *offs, const int8
 #ifdef SWAT_X86
 #define T512 "avx512f,avx512bw,avx512vl,avx512vnni"
 /* P partial sums over alternating non-zeros keep >= 4 dot-product chains in flight for tiny
-   groups (a batch-1 4x4 map is one tile): vpdpbusd has a 5-cycle latency. */
-#define QPART(T) ((T) == 1 ? 4 : (T) == 2 ? 2 : 1)
+   groups (a batch-1 4x4 map is one tile): vpdpbusd has a 5-cycle latency. Measured (2-core
+   Xeon, interleaved A/B): 2 partial sums for groups of 3-4 tiles (8x8 maps) 5 % faster than 1;
+   8 for one tile no faster than 4 (the loads, not the latency, bound it there). */
+#define QPART(T) ((T) == 1 ? 4 : (T) <= 4 ? 2 : 1)
 /* acc += dot4(x u8, w s8) in place. gcc (12/13) wraps _mm512_dpbusd_epi32 in two register copies
    per call (accumulator in, result out), which tripled the loop's uops: measured ~2.4 cycles
    per dot product instead of ~1. AT&T order: vpdpbusd src3 (signed), src2 (unsigned), dst. */
@@ -86,7 +105,8 @@ static void qconv_generic(const int32_t *indptr, const int32_t *offs, const int8
 #define QMICRO512(T)                                                                             \
     static inline __attribute__((always_inline, target(T512))) void q512_##T(                    \
         const int32_t *offs, const int32_t *vals, int32_t ks, int32_t ke, const int32_t *const *xb, \
-        uint8_t *const *yb, const __mmask16 *m, int32_t corr, float mult, const struct qepi *e) { \
+        uint8_t *const *yb, const __mmask16 *m, int32_t corr, float mult, const struct qepi *e,   \
+        const int RES) {                                                                         \
         enum { P = QPART(T) };                                                                   \
         __m512i acc[P][T];                                                                       \
         for (int p = 0; p < P; p++)                                                              \
@@ -117,17 +137,28 @@ static void qconv_generic(const int32_t *indptr, const int32_t *offs, const int8
             for (int p = 1; p < P; p++) a = _mm512_add_epi32(a, acc[p][i]);                      \
             __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, vc)), vm);           \
             f = _mm512_min_ps(_mm512_max_ps(f, flo), fhi);                                       \
-            const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(f), vz);                       \
+            __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(f), vz);                             \
+            if (RES) {                                                                           \
+                const __m512 r = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(                        \
+                    _mm_maskz_loadu_epi8(m[i], yb[i] + e->rd)));                                 \
+                __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q),      \
+                                                                     _mm512_set1_ps(e->ra)),     \
+                                                       _mm512_mul_ps(r, _mm512_set1_ps(e->rb))), \
+                                         _mm512_set1_ps(e->rc));                                 \
+                v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(e->rlo)), _mm512_set1_ps(255.0f)); \
+                q = _mm512_cvtps_epi32(v);                                                       \
+            }                                                                                    \
             _mm_mask_storeu_epi8(yb[i], m[i], _mm512_cvtepi32_epi8(q));                         \
         }                                                                                        \
     }
 QMICRO512(1) QMICRO512(2) QMICRO512(3) QMICRO512(4) QMICRO512(5) QMICRO512(6) QMICRO512(7) QMICRO512(8)
 
 /* Tiles g0..g1 in groups of up to 8, rows r0..r1 inside each group. */
-static __attribute__((target(T512))) void qconv_512(const int32_t *indptr, const int32_t *offs,
-                                                    const int32_t *vals, const uint8_t *x, uint8_t *y,
-                                                    int64_t g0, int64_t g1, int64_t r0, int64_t r1,
-                                                    const struct qepi *e) {
+/* RES is a compile-time constant in each caller below: a runtime residual test inside the
+   micro-kernels made gcc spill accumulators (measured 1.3-1.5x slower at batch 64). */
+static inline __attribute__((always_inline, target(T512))) void qconv_512_body(
+    const int32_t *indptr, const int32_t *offs, const int32_t *vals, const uint8_t *x, uint8_t *y, int64_t g0,
+    int64_t g1, int64_t r0, int64_t r1, const struct qepi *e, const int RES) {
     for (int64_t g = g0; g < g1; g += 8) {
         const int T = (int)(g1 - g < 8 ? g1 - g : 8);
         const int32_t *xb[8];
@@ -147,17 +178,30 @@ static __attribute__((target(T512))) void qconv_512(const int32_t *indptr, const
             const int32_t c = e->corr[r];
             const float mu = e->mult[r];
             switch (T) {
-            case 1: q512_1(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
-            case 2: q512_2(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
-            case 3: q512_3(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
-            case 4: q512_4(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
-            case 5: q512_5(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
-            case 6: q512_6(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
-            case 7: q512_7(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
-            default: q512_8(offs, vals, ks, ke, xb, yr, m, c, mu, e); break;
+            case 1: q512_1(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
+            case 2: q512_2(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
+            case 3: q512_3(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
+            case 4: q512_4(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
+            case 5: q512_5(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
+            case 6: q512_6(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
+            case 7: q512_7(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
+            default: q512_8(offs, vals, ks, ke, xb, yr, m, c, mu, e, RES); break;
             }
         }
     }
+}
+
+static __attribute__((target(T512))) void qconv_512_plain(const int32_t *indptr, const int32_t *offs,
+                                                          const int32_t *vals, const uint8_t *x, uint8_t *y,
+                                                          int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                                                          const struct qepi *e) {
+    qconv_512_body(indptr, offs, vals, x, y, g0, g1, r0, r1, e, 0);
+}
+static __attribute__((target(T512))) void qconv_512_res(const int32_t *indptr, const int32_t *offs,
+                                                        const int32_t *vals, const uint8_t *x, uint8_t *y,
+                                                        int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                                                        const struct qepi *e) {
+    qconv_512_body(indptr, offs, vals, x, y, g0, g1, r0, r1, e, 1);
 }
 
 /* ---- AVX2: no u8 x s8 dot product without saturation (vpmaddubsw saturates pairs to int16,
@@ -192,12 +236,24 @@ static __attribute__((target(T512))) void qconv_512(const int32_t *indptr, const
                 a = _mm256_permute4x64_epi64(a, 0xD8);                                           \
                 __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, vc)), vm);       \
                 f = _mm256_min_ps(_mm256_max_ps(f, flo), fhi);                                   \
-                const __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(f), vz);                   \
+                __m256i q = _mm256_add_epi32(_mm256_cvtps_epi32(f), vz);                         \
+                const int64_t n = valid[i] - 8 * h;                                              \
+                if (e->res_on && n > 0) {                                                            \
+                    uint8_t rb8[8] = {0};                                                        \
+                    memcpy(rb8, yb[i] + 8 * h + e->rd, (size_t)(n < 8 ? n : 8));                \
+                    const __m256 r = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(                    \
+                        _mm_loadl_epi64((const __m128i *)rb8)));                                 \
+                    __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q),  \
+                                                                         _mm256_set1_ps(e->ra)), \
+                                                           _mm256_mul_ps(r, _mm256_set1_ps(e->rb))), \
+                                             _mm256_set1_ps(e->rc));                             \
+                    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(e->rlo)), _mm256_set1_ps(255.0f)); \
+                    q = _mm256_cvtps_epi32(v);                                                   \
+                }                                                                                \
                 const __m256i p16 = _mm256_packus_epi32(q, q);                                   \
                 const __m256i p8 = _mm256_packus_epi16(p16, p16);                                \
                 const __m128i b = _mm_unpacklo_epi32(_mm256_castsi256_si128(p8),                 \
                                                      _mm256_extracti128_si256(p8, 1));           \
-                const int64_t n = valid[i] - 8 * h;                                              \
                 if (n >= 8) _mm_storel_epi64((__m128i *)(yb[i] + 8 * h), b);                     \
                 else if (n > 0) {                                                                \
                     uint8_t tmp[16];                                                             \
@@ -237,14 +293,46 @@ static __attribute__((target(T256))) void qconv_256(const int32_t *indptr, const
    x: the packed input (swat_qpack_u8), img_in words per image, readable 16 words past every
    offs[k] + last tile; y: NCHW uint8 output, img_out = O * plane bytes per image.
    Returns 0, or -1 for an ISA this build lacks. */
+static int qconv_run(int64_t isa, const int32_t *indptr, const int32_t *offs, const int32_t *vals,
+                     const uint8_t *x, uint8_t *y, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                     const struct qepi *ep);
+EXPORT int swat_qconv_u8_res(int64_t isa, const int32_t *indptr, const int32_t *offs, const int32_t *vals,
+                             const int32_t *corr, const float *mult, int64_t zy, int64_t lo, int64_t hi,
+                             const uint8_t *x, int64_t img_in, uint8_t *y, int64_t img_out, int64_t plane,
+                             int64_t g0, int64_t g1, int64_t r0, int64_t r1, const uint8_t *res, float ra,
+                             float rb, float rc, int64_t rlo);
+
 EXPORT int swat_qconv_u8(int64_t isa, const int32_t *indptr, const int32_t *offs, const int32_t *vals,
                          const int32_t *corr, const float *mult, int64_t zy, int64_t lo, int64_t hi,
                          const uint8_t *x, int64_t img_in, uint8_t *y, int64_t img_out, int64_t plane,
                          int64_t g0, int64_t g1, int64_t r0, int64_t r1) {
+    return swat_qconv_u8_res(isa, indptr, offs, vals, corr, mult, zy, lo, hi, x, img_in, y, img_out, plane, g0, g1,
+                             r0, r1, NULL, 0.0f, 0.0f, 0.0f, 0);
+}
+
+/* swat_qconv_u8 with the residual QLinearAdd fused into the output loop (res: uint8 NCHW of y's
+   shape, NULL for none; ra, rb, rc, rlo as swat_qadd_u8's ra, rb, c, lo, ra applying to the conv
+   output). Equal bytes to swat_qconv_u8 followed by swat_qadd_u8, one pass over y fewer. */
+EXPORT int swat_qconv_u8_res(int64_t isa, const int32_t *indptr, const int32_t *offs, const int32_t *vals,
+                             const int32_t *corr, const float *mult, int64_t zy, int64_t lo, int64_t hi,
+                             const uint8_t *x, int64_t img_in, uint8_t *y, int64_t img_out, int64_t plane,
+                             int64_t g0, int64_t g1, int64_t r0, int64_t r1, const uint8_t *res, float ra,
+                             float rb, float rc, int64_t rlo) {
     const int64_t tpi = (plane + 15) / 16;
-    const struct qepi e = {corr, mult, (int32_t)zy, (int32_t)lo, (int32_t)hi, plane, tpi, img_in, img_out};
+    const struct qepi e = {corr, mult, (int32_t)zy, (int32_t)lo, (int32_t)hi, plane, tpi, img_in, img_out,
+                           res ? res - y : 0, ra, rb, rc, (float)rlo, res != NULL};
+    return qconv_run(isa, indptr, offs, vals, x, y, g0, g1, r0, r1, &e);
+}
+
+static int qconv_run(int64_t isa, const int32_t *indptr, const int32_t *offs, const int32_t *vals,
+                     const uint8_t *x, uint8_t *y, int64_t g0, int64_t g1, int64_t r0, int64_t r1,
+                     const struct qepi *ep) {
+    const struct qepi e = *ep;
 #ifdef SWAT_X86
-    if (isa == 2) { qconv_512(indptr, offs, vals, x, y, g0, g1, r0, r1, &e); return 0; }
+    if (isa == 2) {
+        (e.res_on ? qconv_512_res : qconv_512_plain)(indptr, offs, vals, x, y, g0, g1, r0, r1, &e);
+        return 0;
+    }
     if (isa == 1) { qconv_256(indptr, offs, vals, x, y, g0, g1, r0, r1, &e); return 0; }
 #endif
     if (isa != 0) return -1;
@@ -279,19 +367,57 @@ static void interleave4(uint8_t *dst, const uint8_t *const *src, int64_t off, in
     }
 }
 
+/* A per-thread scratch of at least `bytes` (grown, never shrunk; freed at thread exit never:
+   one per pool / numba worker, at most a few hundred KB for CIFAR-sized maps). NULL on OOM. */
+static __thread uint8_t *q_tmp;
+static __thread int64_t q_tmp_cap;
+static uint8_t *q_scratch(int64_t bytes) {
+    if (bytes > q_tmp_cap) {
+        free(q_tmp);
+        const int64_t cap = (bytes + 4095) / 4096 * 4096;
+        q_tmp = aligned_alloc(64, (size_t)cap);
+        q_tmp_cap = q_tmp ? cap : 0;
+    }
+    return q_tmp;
+}
+
+static inline void fill_words(uint32_t *d, uint32_t v, int64_t n) {
+    for (int64_t i = 0; i < n; i++) d[i] = v;
+}
+
 /* The packed input: per image, kw * nph copies (tap column j, row phase ph), each (CG, R, w_out)
    words, word (cg, r, ow) = bytes x[n, 4cg + q, r*s + ph - pt, ow*s + j - pl] for q < 4
    (zx outside the image or past the last channel). Tap (i, j) of channel group cg then reads
    copy (j, i % s) at row offset i / s: ((j*nph + i%s)*CG + cg)*R*w_out + (i/s)*w_out + grid.
-   Items (image n, channel group cg) in [i0, i1), so callers can split them over threads. */
+   Items (image n, channel group cg) in [i0, i1), so callers can split them over threads.
+
+   Two passes per item: the group's 4 channel planes are interleaved into one plane of words
+   (16 pixels per SSE step over the whole plane, not per row), then each copy is cut from it.
+   When a copy's rows are the plane's rows shifted by whole words (stride 1, w_out == W: the
+   3x3 pad-1 and 1x1 convs), the copy is one memcpy plus its edge columns; else row by row.
+   Why: packing row by row cost ~8 ns a row, 20 us a layer at batch 1 on the 4x4-16x16 maps
+   (2300 rows of 4 words for a 512-channel 4x4 map), as much as that layer's multiply. */
 EXPORT void swat_qpack_u8(const uint8_t *x, uint8_t *out, int64_t C, int64_t H, int64_t W, int64_t kw,
                           int64_t s, int64_t nph, int64_t pt, int64_t pl, int64_t R, int64_t w_out,
                           int64_t zx, int64_t img_out, int64_t i0, int64_t i1) {
-    const int64_t CG = (C + 3) / 4;
+    const int64_t CG = (C + 3) / 4, HW = H * W;
+    uint8_t *tmp = q_scratch(5 * HW + 64);
+    if (tmp == NULL) return;
+    uint32_t *t = (uint32_t *)tmp;   /* the interleaved plane, HW words */
+    uint8_t *zplane = tmp + 4 * HW;  /* zx bytes, for channels past the last */
+    const uint32_t zw = 0x01010101u * (uint32_t)(zx & 255);
+    int zfilled = 0;
     for (int64_t it = i0; it < i1; it++) {
         const int64_t n = it / CG, cg = it - n * CG;
         const uint8_t *src[4];
-        for (int q = 0; q < 4; q++) src[q] = 4 * cg + q < C ? x + (n * C + 4 * cg + q) * H * W : NULL;
+        for (int q = 0; q < 4; q++) {
+            if (4 * cg + q < C) src[q] = x + (n * C + 4 * cg + q) * HW;
+            else {
+                if (!zfilled) memset(zplane, (int)zx, (size_t)HW), zfilled = 1;
+                src[q] = zplane;
+            }
+        }
+        interleave4((uint8_t *)t, src, 0, 0, HW);
         for (int64_t j = 0; j < kw; j++) {
             /* columns ow whose input column ow*s + j - pl lies in [0, W) */
             int64_t lo = pl - j > 0 ? (pl - j + s - 1) / s : 0;
@@ -300,28 +426,44 @@ EXPORT void swat_qpack_u8(const uint8_t *x, uint8_t *out, int64_t C, int64_t H, 
             if (hi > w_out) hi = w_out;
             if (hi < lo) hi = lo;
             for (int64_t ph = 0; ph < nph; ph++) {
-                uint8_t *dst = out + 4 * (n * img_out + ((j * nph + ph) * CG + cg) * R * w_out);
-                for (int64_t r = 0; r < R; r++, dst += 4 * w_out) {
-                    const int64_t ih = r * s + ph - pt;
-                    if (ih < 0 || ih >= H) { memset(dst, (int)zx, (size_t)(4 * w_out)); continue; }
-                    for (int64_t ow = 0; ow < lo; ow++) memset(dst + 4 * ow, (int)zx, 4);
-                    for (int64_t ow = hi; ow < w_out; ow++) memset(dst + 4 * ow, (int)zx, 4);
-                    if (s == 1 && src[0] && src[1] && src[2] && src[3]) {
-                        interleave4(dst, src, ih * W + j - pl, lo, hi);
-                        continue;
+                uint32_t *dst = (uint32_t *)out + n * img_out + ((j * nph + ph) * CG + cg) * R * w_out;
+                /* rows r with r*s + ph - pt in [0, H) */
+                int64_t r0 = pt - ph > 0 ? (pt - ph + s - 1) / s : 0;
+                int64_t r1 = H + pt - ph > 0 ? (H + pt - ph + s - 1) / s : 0;
+                if (r0 > R) r0 = R;
+                if (r1 > R) r1 = R;
+                if (r1 < r0) r1 = r0;
+                fill_words(dst, zw, r0 * w_out);
+                fill_words(dst + r1 * w_out, zw, (R - r1) * w_out);
+                if (s == 1 && w_out == W) {
+                    /* dst[r*W + ow] = t[(r - pt + ph)*W + ow + j - pl]: one shifted copy of the
+                       rows r0..r1, then the columns outside [lo, hi) set to zx */
+                    const int64_t d0 = r0 * W, d1 = r1 * W, shift = (ph - pt) * W + j - pl;
+                    int64_t a = d0, b = d1;
+                    if (a + shift < 0) a = -shift;
+                    if (b + shift > HW) b = HW - shift;
+                    if (a < b) {
+                        memcpy(dst + a, t + a + shift, (size_t)(4 * (b - a)));
+                        fill_words(dst + d0, zw, a - d0);  /* only edge columns: no source word */
+                        fill_words(dst + b, zw, d1 - b);
+                    } else {
+                        fill_words(dst + d0, zw, d1 - d0);
                     }
-                    for (int q = 0; q < 4; q++) {
-                        uint8_t *d = dst + q;
-                        if (!src[q]) {
-                            for (int64_t ow = lo; ow < hi; ow++) d[4 * ow] = (uint8_t)zx;
-                            continue;
+                    if (lo > 0 || hi < w_out)
+                        for (int64_t r = r0; r < r1; r++) {
+                            fill_words(dst + r * W, zw, lo);
+                            fill_words(dst + r * W + hi, zw, w_out - hi);
                         }
-                        const uint8_t *sr = src[q] + ih * W + j - pl;
-                        if (s == 1)
-                            for (int64_t ow = lo; ow < hi; ow++) d[4 * ow] = sr[ow];
-                        else
-                            for (int64_t ow = lo; ow < hi; ow++) d[4 * ow] = sr[ow * s];
-                    }
+                    continue;
+                }
+                for (int64_t r = r0; r < r1; r++) {
+                    uint32_t *d = dst + r * w_out;
+                    const uint32_t *sr = t + (r * s + ph - pt) * W + j - pl;
+                    fill_words(d, zw, lo);
+                    if (s == 1) memcpy(d + lo, sr + lo, (size_t)(4 * (hi - lo)));
+                    else
+                        for (int64_t ow = lo; ow < hi; ow++) d[ow] = sr[ow * s];
+                    fill_words(d + hi, zw, w_out - hi);
                 }
             }
         }

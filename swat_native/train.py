@@ -1,5 +1,7 @@
 """Bindings of the training-only loops (``csrc/train_*.c``): SWAT's weight gradient from the
-compact sparse activation (values + packed bitmask), with the dW tile in registers.
+compact sparse activation (values + packed bitmask), with the dW tile in registers; the
+sparse-weight conv for "same"-size stride-1 convs that reads NCHW directly (no packed copy,
+``csrc/train_conv_f32.c``).
 
 Kept apart from ``swat_native/__init__.py`` (the inference core) so the two evolve separately;
 it uses the same library, ISA choice (``SWAT_ISA``) and numba-calls-ctypes pattern.
@@ -14,7 +16,9 @@ import numpy as np
 
 from . import _lib
 
-__all__ = ["wgrad_block", "plane_starts", "wgrad_loop", "to_nhwc"]
+__all__ = ["wgrad_block", "plane_starts", "wgrad_loop", "to_nhwc", "wgrad_s1_supported", "to_nhwc_padded",
+           "wgrad_s1_loop", "wgrad_s2_supported", "wgrad_s2_loop", "tconv_supported", "tconv_csr", "tconv_phases",
+           "tconv_unphase", "tconv_loop"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,6 +38,133 @@ def _fns() -> tuple[Any, Any, Any, Any]:
     nhwc.argtypes = [u64, u64, i64, i64, i64, i64]
     nhwc.restype = None
     return starts, block, wgrad, nhwc
+
+
+@functools.lru_cache(maxsize=1)
+def _s1_fns() -> tuple[Any, Any, Any, Any, Any]:
+    cdll = _lib().cdll
+    u64, i64 = ctypes.c_uint64, ctypes.c_int64
+    sup = cdll.swat_wgrad_s1_supported
+    sup.argtypes = [i64, i64, i64, i64]
+    sup.restype = ctypes.c_int
+    loop = cdll.swat_wgrad_s1_f32
+    loop.argtypes = [i64, u64, u64, u64, u64, u64] + [i64] * 17
+    loop.restype = ctypes.c_int
+    pad = cdll.swat_nchw_to_nhwc_pad_f32
+    pad.argtypes = [i64, u64, u64] + [i64] * 9
+    pad.restype = None
+    sup2 = cdll.swat_wgrad_s2_supported
+    sup2.argtypes = [i64] * 5
+    sup2.restype = ctypes.c_int
+    loop2 = cdll.swat_wgrad_s2_f32
+    loop2.argtypes = [i64, u64, u64, u64, u64, u64] + [i64] * 15
+    loop2.restype = ctypes.c_int
+    return sup, loop, pad, sup2, loop2
+
+
+def wgrad_s1_supported(isa_code: int, kh: int, kw: int, o: int, plane: int) -> bool:
+    """Whether the stride-1 weight-gradient loop (padded gradient, no branch per kept entry)
+    covers this (ISA, kernel, output channels, input H * W)."""
+    return plane <= 4096 and bool(_s1_fns()[0](isa_code, kh, kw, o))
+
+
+def wgrad_s2_supported(isa_code: int, kh: int, kw: int, o: int, plane: int) -> bool:
+    """Whether the stride-2 weight-gradient loop (parity classes, padded gradient) covers this
+    (ISA, kernel, output channels, input H * W)."""
+    return bool(_s1_fns()[3](isa_code, kh, kw, o, plane))
+
+
+def to_nhwc_padded(isa_code: int, x: np.ndarray, top: int, left: int, hp: int, wp: int, parts: int = 1) -> np.ndarray:
+    """A C-contiguous float32 (N, C, H, W) array as a new zero-padded (N, hp, wp, C) one, pixel
+    (y, x) at (y + top, x + left); ``parts`` > 1 splits the images over that many threads."""
+    n, c, h, w = x.shape
+    out = np.empty((n, hp, wp, c), np.float32)
+    if parts > 1 and n > 1:
+        _image_loops()[0](isa_code, x, out, c, h, w, hp, wp, top, left, n, min(parts, n))
+    else:
+        _s1_fns()[2](isa_code, x.ctypes.data, out.ctypes.data, c, h, w, hp, wp, top, left, 0, n)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _image_loops() -> tuple[Any, ...]:
+    """The per-image data movement above, split over threads (numba prange, as the kernels):
+    single-threaded, these copies had become a third of a 2-thread weight gradient."""
+    from numba import njit, prange
+
+    pad = _s1_fns()[2]
+    phases, unphase = _tconv_fns()[3], _tconv_fns()[4]
+
+    @njit(cache=False, parallel=True)
+    def pad_par(code, x, out, c, h, w, hp, wp, top, left, n, parts):  # noqa: ANN001, ANN202
+        for p in prange(parts):
+            pad(code, x.ctypes.data, out.ctypes.data, c, h, w, hp, wp, top, left, n * p // parts, n * (p + 1) // parts)
+
+    @njit(cache=False, parallel=True)
+    def move_par(fn_id, src, dst, c, h, w, sh, sw, ho, wo, n, parts):  # noqa: ANN001, ANN202
+        for p in prange(parts):
+            if fn_id == 0:
+                phases(src.ctypes.data, dst.ctypes.data, c, h, w, sh, sw, ho, wo, n * p // parts, n * (p + 1) // parts)
+            else:
+                unphase(src.ctypes.data, dst.ctypes.data, c, h, w, sh, sw, ho, wo, n * p // parts,
+                        n * (p + 1) // parts)
+
+    return pad_par, move_par
+
+
+def wgrad_s1_loop(par: bool) -> Any:
+    """numba loop (code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp,
+    top, left, items, parts) calling the stride-1 C loop on `parts` equal item ranges."""
+    return _s1_loops()[1 if par else 0]
+
+
+def wgrad_s2_loop(par: bool) -> Any:
+    """numba loop (code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh, kw, pt, pl, hp, wp, top, left,
+    items, parts) calling the stride-2 C loop on `parts` equal item ranges."""
+    return _s1_loops()[3 if par else 2]
+
+
+@functools.lru_cache(maxsize=1)
+def _s1_loops() -> tuple[Any, Any, Any, Any]:
+    from numba import njit, prange
+
+    fn = _s1_fns()[1]
+
+    @njit(cache=False)
+    def serial(code, bits, vals, starts, g, dwt, n, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp, top, left,  # noqa: ANN001, ANN202
+               items, parts):
+        return fn(code, bits.ctypes.data, vals.ctypes.data, starts.ctypes.data, g.ctypes.data, dwt.ctypes.data,
+                  n, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp, top, left, 0, items)
+
+    @njit(cache=False, parallel=True)
+    def parallel(code, bits, vals, starts, g, dwt, n, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp, top, left,  # noqa: ANN001, ANN202
+                 items, parts):
+        rc = np.zeros(parts, np.int32)
+        for p in prange(parts):
+            rc[p] = fn(code, bits.ctypes.data, vals.ctypes.data, starts.ctypes.data, g.ctypes.data, dwt.ctypes.data,
+                       n, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp, top, left, items * p // parts,
+                       items * (p + 1) // parts)
+        return rc.min()
+
+    fn2 = _s1_fns()[4]
+
+    @njit(cache=False)
+    def serial2(code, bits, vals, starts, g, dwt, n, c, h, w, o, kh, kw, pt, pl, hp, wp, top, left,  # noqa: ANN001, ANN202
+                items, parts):
+        return fn2(code, bits.ctypes.data, vals.ctypes.data, starts.ctypes.data, g.ctypes.data, dwt.ctypes.data,
+                   n, c, h, w, o, kh, kw, pt, pl, hp, wp, top, left, 0, items)
+
+    @njit(cache=False, parallel=True)
+    def parallel2(code, bits, vals, starts, g, dwt, n, c, h, w, o, kh, kw, pt, pl, hp, wp, top, left,  # noqa: ANN001, ANN202
+                  items, parts):
+        rc = np.zeros(parts, np.int32)
+        for p in prange(parts):
+            rc[p] = fn2(code, bits.ctypes.data, vals.ctypes.data, starts.ctypes.data, g.ctypes.data,
+                        dwt.ctypes.data, n, c, h, w, o, kh, kw, pt, pl, hp, wp, top, left, items * p // parts,
+                        items * (p + 1) // parts)
+        return rc.min()
+
+    return serial, parallel, serial2, parallel2
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:
@@ -83,6 +214,91 @@ def _loops() -> tuple[Any, Any]:
             rc[p] = fn(code, bits.ctypes.data, vals.ctypes.data, starts.ctypes.data, g.ctypes.data, dwt.ctypes.data,
                        n, c, h, w, o, kh, kw, sh, sw, pt, pl, dh, dw, h_out, w_out, items * p // parts,
                        items * (p + 1) // parts)
+        return rc.min()
+
+    return serial, parallel
+
+
+@functools.lru_cache(maxsize=1)
+def _tconv_fns() -> tuple[Any, Any, Any, Any, Any]:
+    cdll = _lib().cdll
+    u64, i64 = ctypes.c_uint64, ctypes.c_int64
+    csr = cdll.swat_tconv_csr
+    csr.argtypes = [u64, i64, i64, i64, i64, i64, u64, u64, u64, u64]
+    csr.restype = i64
+    sup = cdll.swat_tconv_supported
+    sup.argtypes = [i64, i64, i64]
+    sup.restype = ctypes.c_int
+    conv = cdll.swat_tconv_f32
+    conv.argtypes = [i64, u64, u64, u64, u64, u64, i64, u64, u64, i64, i64, i64, i64, i64, i64, i64]
+    conv.restype = ctypes.c_int
+    phases = cdll.swat_tconv_phases_f32
+    phases.argtypes = [u64, u64] + [i64] * 9
+    phases.restype = None
+    unphase = cdll.swat_tconv_unphase_f32
+    unphase.argtypes = [u64, u64] + [i64] * 9
+    unphase.restype = None
+    return csr, sup, conv, phases, unphase
+
+
+def tconv_supported(isa_code: int, block: int, plane: int) -> bool:
+    """Whether the direct conv kernel has a loop for (ISA, block height, output H * W)."""
+    return bool(_tconv_fns()[1](isa_code, block, plane))
+
+
+def tconv_csr(w2: np.ndarray, block: int, kk: int, cstride: int, dtab: np.ndarray, indptr: np.ndarray,
+              offs: np.ndarray, vals: np.ndarray) -> int:
+    """Tap-major block CSR of the C-contiguous float32 (O, C * kk) weight into the given buffers
+    (indptr O / block * kk + 1, offs O * C * kk / block, vals O * C * kk); returns nnz."""
+    o, k = w2.shape
+    return int(_tconv_fns()[0](w2.ctypes.data, o // block, block, k, kk, cstride, dtab.ctypes.data,
+                               indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data))
+
+
+def tconv_phases(x: np.ndarray, sh: int, sw: int, ho: int, wo: int, parts: int = 1) -> np.ndarray:
+    """The (N, C, sh, sw, ho, wo) stride phases of the C-contiguous float32 (N, C, H, W) x."""
+    n, c, h, w = x.shape
+    out = np.empty((n, c, sh, sw, ho, wo), np.float32)
+    if parts > 1 and n > 1:
+        _image_loops()[1](0, x, out, c, h, w, sh, sw, ho, wo, n, min(parts, n))
+    else:
+        _tconv_fns()[3](x.ctypes.data, out.ctypes.data, c, h, w, sh, sw, ho, wo, 0, n)
+    return out
+
+
+def tconv_unphase(ph: np.ndarray, out: np.ndarray, parts: int = 1) -> None:
+    """Write the (N, C, sh, sw, ho, wo) stride phases ``ph`` into the C-contiguous (N, C, H, W) ``out``."""
+    n, c, sh, sw, ho, wo = ph.shape
+    if parts > 1 and n > 1:
+        _image_loops()[1](1, ph, out, c, out.shape[2], out.shape[3], sh, sw, ho, wo, n, min(parts, n))
+    else:
+        _tconv_fns()[4](ph.ctypes.data, out.ctypes.data, c, out.shape[2], out.shape[3], sh, sw, ho, wo, 0, n)
+
+
+def tconv_loop(par: bool) -> Any:
+    """numba loop (code, indptr, offs, vals, bias_ptr, masks, kk, x, y, xs, o, plane, yr, block, n, parts)
+    running the direct conv on `parts` equal image ranges (output plane r of image b at
+    y + (b * o + r) * yr floats); returns the lowest status (0 ok)."""
+    return _tconv_loops()[1 if par else 0]
+
+
+@functools.lru_cache(maxsize=1)
+def _tconv_loops() -> tuple[Any, Any]:
+    from numba import njit, prange
+
+    fn = _tconv_fns()[2]
+
+    @njit(cache=False)
+    def serial(code, indptr, offs, vals, bias, masks, kk, x, y, xs, o, plane, yr, block, n, parts):  # noqa: ANN001, ANN202
+        return fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias, masks.ctypes.data, kk,
+                  x.ctypes.data, y, xs, o, plane, yr, block, 0, n)
+
+    @njit(cache=False, parallel=True)
+    def parallel(code, indptr, offs, vals, bias, masks, kk, x, y, xs, o, plane, yr, block, n, parts):  # noqa: ANN001, ANN202
+        rc = np.zeros(parts, np.int32)
+        for p in prange(parts):
+            rc[p] = fn(code, indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias, masks.ctypes.data, kk,
+                       x.ctypes.data, y, xs, o, plane, yr, block, n * p // parts, n * (p + 1) // parts)
         return rc.min()
 
     return serial, parallel

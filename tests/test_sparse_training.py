@@ -25,7 +25,15 @@ SHAPES = [(3, 16, 16, 16, 16, 3, 1, 1, 1, 1, 1), (2, 16, 9, 11, 32, 3, 2, 1, 1, 
           (3, 32, 8, 8, 32, 3, 1, 1, 1, 1, 1), (2, 8, 7, 9, 12, 3, 1, 1, 1, 2, 1),
           (2, 16, 9, 9, 32, 1, 2, 0, 1, 1, 1), (2, 16, 13, 11, 16, 3, 1, 2, 2, 1, 1),
           (2, 16, 16, 16, 32, 3, 1, 1, 1, 1, 4), (3, 16, 6, 6, 48, 1, 1, 0, 1, 1, 1),
-          (2, 8, 7, 6, 16, 5, 2, 2, 1, 1, 1), (2, 16, 10, 7, 16, 3, 3, 1, 1, 2, 1)]
+          (2, 8, 7, 6, 16, 5, 2, 2, 1, 1, 1), (2, 16, 10, 7, 16, 3, 3, 1, 1, 2, 1),
+          # even maps: the direct kernel (stride phases), the phase-wise direct input gradient and
+          # the stride-2 weight-gradient loop; blocks of 2 and 4 on the direct kernel
+          (2, 16, 16, 16, 32, 3, 2, 1, 1, 1, 1), (3, 32, 16, 16, 64, 1, 2, 0, 1, 1, 1),
+          (3, 16, 8, 8, 16, 3, 1, 1, 1, 1, 2), (2, 16, 16, 16, 32, 3, 2, 1, 1, 1, 4),
+          (2, 16, 12, 12, 16, 5, 1, 2, 1, 1, 1), (2, 16, 24, 24, 16, 3, 3, 1, 1, 1, 1),
+          # Fashion-MNIST's maps: planes that end in a partial vector (784, 196, 49 floats)
+          (3, 16, 28, 28, 16, 3, 1, 1, 1, 1, 1), (2, 16, 28, 28, 32, 3, 2, 1, 1, 1, 1),
+          (2, 32, 14, 14, 64, 1, 2, 0, 1, 1, 1), (5, 32, 7, 7, 32, 3, 1, 1, 1, 1, 4)]
 
 
 def _isas() -> list[str]:
@@ -206,3 +214,91 @@ def test_without_timing_the_rule_decides_and_nothing_is_written() -> None:
 def _pair(sparse_faster: bool) -> tuple:
     p = _Products(sparse_faster)
     return p.sparse, p.dense
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, names: list[str]) -> dict[str, int]:
+    """Wrap ``module.<name>`` (loop factories) so every loop they hand out counts its calls."""
+    calls = {n: 0 for n in names}
+    for name in names:
+        factory = getattr(module, name)
+
+        def wrapped(par: bool, _f=factory, _n=name):  # noqa: ANN001, ANN202
+            loop = _f(par)
+
+            def run(*a):  # noqa: ANN002, ANN202
+                calls[_n] += 1
+                return loop(*a)
+            return run
+        monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+@pytest.mark.skipif("avx512" not in swat_native.cpu_isas(), reason="the direct kernels are AVX-512 only")
+def test_resnet_layers_take_the_direct_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ResNet-20's layers (3x3 stride 1 and 2, 1x1 stride 2, even maps) run the no-packing
+    direct conv for forward and input gradient and the padded-gradient weight-gradient loops,
+    and still match torch."""
+    from swat_native import train as native_train
+    calls = _count_calls(monkeypatch, native_train, ["tconv_loop", "wgrad_s1_loop", "wgrad_s2_loop", "wgrad_loop"])
+    torch.manual_seed(3)
+    for c, o, h, k, s, p in [(16, 16, 32, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 64, 16, 1, 2, 0), (64, 64, 8, 3, 1, 1)]:
+        x = torch.relu(torch.randn(4, c, h, h))
+        sel = select_bits(x, 0.9, "nchw", drop_zeros=True)
+        vals = memory.compact(x, sel.bits, sel.count)
+        xs = memory.expand(vals, sel.bits, x.shape)
+        wt = _weight(o, c, k, 0.1, 1)
+        ref = F.conv2d(xs, wt, None, s, p)
+        gy = torch.randn_like(ref)
+        rgi, rgw, _ = torch.ops.aten.convolution_backward(gy, xs, wt, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+                                                          [True, True, False])
+        geo = ((s, s), (p, p), (1, 1))
+        with mock.patch.dict(os.environ, {"SWAT_ISA": "avx512"}), sp.use_mode("force"):
+            out = sp.conv_forward(xs, wt, None, *geo, 1, 0.1)
+            gi = sp.conv_input_grad(gy, wt, x.shape, *geo, 1, 0.1, lambda: torch.full_like(rgi, float("nan")))
+            gw = sp.conv_weight_grad(gy, vals, sel.bits, x.shape, wt.shape, *geo, 1,
+                                     lambda: torch.full_like(rgw, float("nan")))
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gi, rgi, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-4)
+    # forward x4, input gradient: 2 stride-1 convs + one direct conv per reached stride phase
+    # (4 for the 3x3 stride 2, 1 for the 1x1 stride 2)
+    assert calls["tconv_loop"] == 4 + 2 + 4 + 1
+    assert calls["wgrad_s1_loop"] == 2 and calls["wgrad_s2_loop"] == 2 and calls["wgrad_loop"] == 0
+
+
+def test_direct_kernel_refuses_what_it_cannot_do() -> None:
+    """A stride-1 conv that shrinks the map, groups, a strided conv whose input phases are larger
+    than its output: no direct plan (those layers keep the packed shift kernel or torch)."""
+    assert sp._direct_plan(sp._ConvSpec(16, 16, 3, 3, 1, (1, 1), (0, 0), (1, 1)), 18, 18, 1) is None
+    assert sp._direct_plan(sp._ConvSpec(16, 16, 3, 3, 2, (1, 1), (1, 1), (1, 1)), 16, 16, 1) is None
+    assert sp._direct_plan(sp._ConvSpec(16, 16, 3, 3, 1, (2, 2), (0, 0), (1, 1)), 16, 16, 1) is None  # 7x7 out, 8x8 phases
+    if "avx512" not in swat_native.cpu_isas():
+        return
+    spec = sp._ConvSpec(16, 16, 3, 3, 1, (1, 1), (1, 1), (1, 1))
+    with mock.patch.dict(os.environ, {"SWAT_ISA": "avx512"}):
+        plan = sp._direct_plan(spec, 8, 8, 1)
+        odd = sp._direct_plan(spec, 5, 7, 1)  # 35 outputs: two vectors and 3 lanes
+    assert plan is not None and plan.masks.shape == (4, 9)
+    # output vector 0 = rows 0-1 of the 8x8 map: tap (0, 0) reads row -1 for row 0 (masked) and
+    # column -1 for column 0 (masked): lanes 9..15 only
+    assert int(plan.masks[0, 0]) == sum(1 << q for q in range(9, 16))
+    assert int(plan.masks[1, 4]) == 0xFFFF  # the centre tap reads every lane
+    assert odd is not None and odd.masks.shape == (3, 9) and int(odd.masks[2, 4]) == 0b111  # lanes past 35 clear
+
+
+@pytest.mark.skipif("avx512" not in swat_native.cpu_isas(), reason="the banded loop is AVX-512 only")
+def test_weight_gradient_many_channels_on_a_large_map() -> None:
+    """The stride-1 weight-gradient loop walks large maps in bands of positions, every channel's
+    value index carried across bands, and more than 512 work items in groups: still exact."""
+    torch.manual_seed(4)
+    x = torch.relu(torch.randn(1, 520, 17, 17))  # 289 positions: 3 bands; 520 items in 2 groups
+    sel = select_bits(x, 0.8, "nchw", drop_zeros=True)
+    vals = memory.compact(x, sel.bits, sel.count)
+    xs = memory.expand(vals, sel.bits, x.shape)
+    wt = torch.randn(16, 520, 3, 3)
+    gy = torch.randn(1, 16, 17, 17)
+    ref = torch.ops.aten.convolution_backward(gy, xs, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                              [False, True, False])[1]
+    with mock.patch.dict(os.environ, {"SWAT_ISA": "avx512"}):
+        got = sp._sparse_wgrad(gy, vals, sel.bits, x.shape, wt.shape, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -10,14 +10,24 @@ Two of a SWAT conv's three products have a sparse operand that is a *weight*:
   conv (no dilation), one small stride-1 sparse conv per stride phase of the input grid
   (:func:`_strided_input_grad`), without inserting zeros into ``grad_y``.
 
-Both run on the compiled shift kernel (a block row of output channels x a tile of vectors in
-registers across the row's non-zeros). The CSR form is built per call straight from the masked
-weight (one numba pass, ~tens of microseconds at ResNet-20 sizes; the mask changes every step,
-so there is nothing to cache), into per-thread buffers. The per-non-zero input offsets come
-from a table per (layer shape, input shape) that is computed once.
+Where the map allows (one group; a stride-1 conv whose output is as large as its input, or a
+strided conv whose stride phases are as large as its output - ResNet's 3x3 and 1x1 layers,
+CIFAR's 32x32 and Fashion-MNIST's 28x28 maps alike; AVX-512) both run on the *direct* kernel of
+``swat_native/csrc/train_conv_f32.c`` (:func:`_direct_conv`, :func:`_direct_strided_input_grad`):
+it reads the NCHW input itself (a strided conv: one copy split into stride phases) and writes
+NCHW, the zero padding being lane masks. Elsewhere they run on the inference shift kernel over
+a packed input (kw shifted copies, or stride phases with images innermost). At 90 % sparsity the
+multiply is a fraction of a millisecond per ResNet-20 layer, and packing 3x the input had cost
+more than the multiply: the direct kernel took the forward and input-gradient products from
+~0.9x to ~0.4x of torch's time. Both kernels hold a block row of output channels x a tile of
+vectors in registers across the row's non-zeros. The sparse form is built per call straight from
+the masked weight by a compiled pass (tens of microseconds; the mask changes every step, so
+there is nothing to cache), into per-thread buffers; per-shape tables (offsets, masks) are
+computed once.
 
 The third product, the weight gradient ``grad_y x TopK(a)^T``, has a sparse *activation*: see
-:func:`conv_weight_grad` (loop in ``swat_native/csrc/train_wgrad_f32.c``).
+:func:`conv_weight_grad` (loops in ``swat_native/csrc/train_wgrad_f32.c``; stride 1 and 2 read
+a zero-padded NHWC copy of the output gradient, so no kept entry tests the border).
 
 Whether the sparse path wins depends on the layer, its density and the thread count (a
 3-channel first conv or a 4x4 map is faster dense), so the first call of each (product,
@@ -109,7 +119,10 @@ RULE_MAX_DENSITY = 0.3
 RULE_MIN_PLANE = 256
 
 
+@functools.lru_cache(maxsize=4096)
 def _key_text(key: tuple) -> str:
+    """The cache-file text of a choice key (memoised: dataclasses.astuple took ~100 us a call,
+    ~6 ms of a ResNet-20 step)."""
     import dataclasses
 
     return "|".join(str(dataclasses.astuple(p)) if dataclasses.is_dataclass(p) else str(p) for p in key)
@@ -373,11 +386,201 @@ def _fused_loops() -> tuple:
     return aligned_part, aligned_par, phases_part, phases_par
 
 
+# ------------------------------------------------------------------ direct conv
+# A stride-1 conv whose output is as large as its input (ResNet's 3x3, pad 1; its input
+# gradient too), or a strided conv read through its input's stride phases: the kernel of
+# swat_native/csrc/train_conv_f32.c reads NCHW (or the phases, one copy of the input instead of
+# the shift kernel's kw shifted copies) with the zero padding as lane masks.
+@dataclass
+class _Direct:
+    h_out: int
+    w_out: int
+    masks: np.ndarray  # (V, kh*kw) uint16: lanes of output vector v whose tap source is inside x
+    dtab: np.ndarray  # (kh*kw,) int32: the tap's shift in the (phase) planes of one channel
+    phased: bool  # strided: the kernel reads the stride phases, not x itself
+
+
+_DIRECT: dict[tuple, Optional[_Direct]] = {}
+
+
+def _lane_masks(inside: np.ndarray) -> np.ndarray:
+    """(P, taps) bool -> (ceil(P / 16), taps) uint16 lane masks; lanes past P stay clear (the
+    plane's last vector may be partial: 28 x 28 = 49 vectors, 7 x 7 = 3 vectors and 1 lane)."""
+    plane, taps = inside.shape
+    v = -(-plane // _LANES)
+    full = np.zeros((v * _LANES, taps), bool)
+    full[:plane] = inside
+    lanes = full.reshape(v, _LANES, taps).astype(np.uint32) << np.arange(_LANES, dtype=np.uint32)[None, :, None]
+    return np.ascontiguousarray(lanes.sum(1), dtype=np.uint16)
+
+
+def _direct_plan(spec: _ConvSpec, h: int, w: int, block: int) -> Optional[_Direct]:
+    """The direct kernel's tables for this conv, or None where it does not apply (groups,
+    a stride-1 conv that changes the map size, stride phases larger than the output, no AVX-512)."""
+    key = (spec, h, w, block, _native().isa_code())
+    if key in _DIRECT:
+        return _DIRECT[key]
+    if len(_DIRECT) > 256:
+        _DIRECT.clear()
+    _DIRECT[key] = plan = _make_direct(spec, h, w, block)
+    return plan
+
+
+def _make_direct(s: _ConvSpec, h: int, w: int, block: int) -> Optional[_Direct]:
+    from swat_native import train as native_train
+    (sh, sw), (pt, pl), (dh, dw) = s.stride, s.padding, s.dilation
+    h_out = (h + 2 * pt - dh * (s.kh - 1) - 1) // sh + 1
+    w_out = (w + 2 * pl - dw * (s.kw - 1) - 1) // sw + 1
+    plane, kk = h_out * w_out, s.kh * s.kw
+    phased = (sh, sw) != (1, 1)
+    if (s.groups != 1 or kk > 255 or h_out < 1 or w_out < 1 or (not phased and (h_out, w_out) != (h, w))
+            or not native_train.tconv_supported(_native().isa_code(), block, plane)):
+        return None
+    if s.c * sh * sw * plane + 2 * plane >= 2**31:
+        return None
+    ti = np.repeat(np.arange(s.kh), s.kw)
+    tj = np.tile(np.arange(s.kw), s.kh)
+    ry, rx = (ti * dh - pt) % sh, (tj * dw - pl) % sw  # the tap's phase
+    dy, dx = (ti * dh - pt - ry) // sh, (tj * dw - pl - rx) // sw  # its shift inside the phase plane
+    q = np.arange(plane)
+    u = (q // w_out)[:, None] + dy[None, :]
+    v = (q % w_out)[:, None] + dx[None, :]
+    inside = (u * sh + ry >= 0) & (u * sh + ry < h) & (v * sw + rx >= 0) & (v * sw + rx < w)
+    on_plane = (u >= 0) & (u < h_out) & (v >= 0) & (v < w_out)
+    if bool((inside & ~on_plane).any()):  # a source pixel outside the phase plane: not this kernel
+        return None
+    masks = _lane_masks(inside)
+    dtab = np.ascontiguousarray((ry * sw + rx) * plane + dy * w_out + dx, dtype=np.int32)
+    return _Direct(h_out, w_out, masks, dtab, phased)
+
+
+def _direct_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int, d: _Direct) -> Tensor:
+    """conv2d(x, w4, bias) with the zeros of w4 skipped, straight into the NCHW output."""
+    from swat_native import train as native_train
+    n, c, h, w = x.shape
+    plane, kk = d.h_out * d.w_out, spec.kh * spec.kw
+    xn = x.numpy()
+    if d.phased:
+        xn = native_train.tconv_phases(xn, spec.stride[0], spec.stride[1], d.h_out, d.w_out, _threads())
+    cstride = spec.stride[0] * spec.stride[1] * plane if d.phased else h * w
+    w2 = w4.detach().reshape(spec.o, -1).contiguous().numpy()
+    rows, k = spec.o // block, w2.shape[1]
+    indptr = _buffer("dp", rows * kk + 1, np.int32)
+    offs = _buffer("do", rows * (k // kk) * kk, np.int32)
+    vals = _buffer("dv", spec.o * k, np.float32)
+    native_train.tconv_csr(w2, block, kk, cstride, d.dtab, indptr, offs, vals)
+    y = torch.empty((n, spec.o, d.h_out, d.w_out), dtype=torch.float32)
+    b = None if bias is None else bias.detach().contiguous()
+    parts = max(1, min(_threads(), n))
+    rc = native_train.tconv_loop(parts > 1)(_native().isa_code(), indptr, offs, vals,
+                                           0 if b is None else b.data_ptr(), d.masks, kk, xn, y.data_ptr(),
+                                           c * cstride, spec.o, plane, plane, block, n, parts)
+    if rc != 0:
+        raise RuntimeError("internal: the direct conv kernel has no loop for this layer")
+    return y
+
+
+@dataclass
+class _PhaseTaps:
+    ti: list[int]  # kernel rows that reach this input phase
+    tj: list[int]  # kernel columns
+    masks: np.ndarray  # (V, len(ti) * len(tj)) uint16 over the output-gradient plane
+    dtab: np.ndarray  # shift per tap in the output-gradient plane
+
+
+_DGRAD: dict[tuple, Optional[list[tuple[int, int, Optional[_PhaseTaps]]]]] = {}
+
+
+def _direct_dgrad_plan(w_shape: tuple, x_shape: tuple, g_shape: tuple, stride: tuple[int, int],
+                       padding: tuple[int, int]) -> Optional[list[tuple[int, int, Optional[_PhaseTaps]]]]:
+    """Per input stride phase (ry, rx): the taps that reach it and the direct kernel's tables, for a
+    strided conv's input gradient whose every phase is as large as the output gradient (ResNet's
+    downsampling convs on even maps); None where that does not hold (then _strided_input_grad)."""
+    key = (tuple(w_shape), tuple(x_shape), tuple(g_shape), tuple(stride), tuple(padding), _native().isa_code())
+    if key in _DGRAD:
+        return _DGRAD[key]
+    if len(_DGRAD) > 256:
+        _DGRAD.clear()
+    _DGRAD[key] = plan = _make_dgrad(w_shape, x_shape, g_shape, stride, padding)
+    return plan
+
+
+def _make_dgrad(w_shape: tuple, x_shape: tuple, g_shape: tuple, stride: tuple[int, int],
+                padding: tuple[int, int]) -> Optional[list[tuple[int, int, Optional[_PhaseTaps]]]]:
+    from swat_native import train as native_train
+    _, _, kh, kw = w_shape
+    _, c, h, w = x_shape
+    ho, wo = g_shape[2], g_shape[3]
+    (sh, sw), (ph, pw) = stride, padding
+    plane = ho * wo
+    if kh * kw > 255 or c * plane >= 2**31 or not native_train.tconv_supported(_native().isa_code(), 1, plane):
+        return None
+    out = []
+    for ry in range(sh):
+        for rx in range(sw):
+            if -(-(h - ry) // sh) != ho or -(-(w - rx) // sw) != wo:
+                return None
+            ey0, ti = _phase_taps(kh, ph, sh, ry)
+            ex0, tj = _phase_taps(kw, pw, sw, rx)
+            if not ti or not tj:
+                out.append((ry, rx, None))  # no tap lands here: a zero gradient
+                continue
+            ey = np.arange(len(ti)) + ey0  # output-gradient row offset of each tap (consecutive)
+            ex = np.arange(len(tj)) + ex0
+            q = np.arange(plane)
+            m = (q // wo)[:, None, None] + ey[None, :, None]
+            k = (q % wo)[:, None, None] + ex[None, None, :]
+            inside = ((m >= 0) & (m < ho) & (k >= 0) & (k < wo)).reshape(plane, -1)
+            masks = _lane_masks(inside)
+            dtab = np.ascontiguousarray((ey[:, None] * wo + ex[None, :]).reshape(-1), dtype=np.int32)
+            out.append((ry, rx, _PhaseTaps(ti, tj, masks, dtab)))
+    return out
+
+
+def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride: tuple[int, int],
+                               plan: list[tuple[int, int, Optional[_PhaseTaps]]]) -> Tensor:
+    """grad_input of a strided conv (one group, no dilation): per input stride phase, one direct
+    sparse conv of the output gradient with the taps that reach the phase, written into a phase
+    buffer, then one pass that interleaves the phases into NCHW (no zeros inserted, no padding)."""
+    from swat_native import train as native_train
+    n, c, h, w_in = x_shape
+    o = w.shape[0]
+    ho, wo = g.shape[2], g.shape[3]
+    (sh, sw), plane = stride, ho * wo
+    gn = g.detach().contiguous().numpy()
+    empty = any(t is None for _, _, t in plan)
+    phases = (np.zeros if empty else np.empty)((n, c, sh, sw, ho, wo), np.float32)
+    wt = w.detach().transpose(0, 1)  # (C, O, kh, kw)
+    parts = max(1, min(_threads(), n))
+    loop = native_train.tconv_loop(parts > 1)
+    for ry, rx, taps in plan:
+        if taps is None:
+            continue
+        sub = wt[:, :, taps.ti][:, :, :, taps.tj]
+        kk = len(taps.ti) * len(taps.tj)
+        w2 = sub.reshape(c, -1).contiguous().numpy()
+        indptr = _buffer("gp", c * kk + 1, np.int32)
+        offs = _buffer("go", w2.size, np.int32)
+        vals = _buffer("gv", w2.size, np.float32)
+        native_train.tconv_csr(w2, 1, kk, plane, taps.dtab, indptr, offs, vals)
+        base = phases.ctypes.data + 4 * (ry * sw + rx) * plane
+        rc = loop(_native().isa_code(), indptr, offs, vals, 0, taps.masks, kk, gn, base, o * plane, c, plane,
+                  sh * sw * plane, 1, n, parts)
+        if rc != 0:
+            raise RuntimeError("internal: the direct conv kernel has no loop for this input gradient")
+    out = torch.empty(tuple(x_shape), dtype=torch.float32)
+    native_train.tconv_unphase(phases, out.numpy(), parts)
+    return out
+
+
 def _sparse_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int) -> Tensor:
     """conv2d(x, w4, bias) with the zeros of w4 skipped (symmetric zero padding)."""
     nat = _native()
     x = x.detach().contiguous()
     n, c, h, w = x.shape
+    d = _direct_plan(spec, h, w, block)
+    if d is not None:
+        return _direct_conv(x, w4, bias, spec, block, d)
     threads = _threads()
     p = _plan(spec, n, h, w, threads)
     csr = _build_csr(w4, block, p.table, spec.groups, "f")
@@ -530,6 +733,9 @@ def conv_input_grad(g: Tensor, w_sparse: Tensor, x_shape: torch.Size, stride: tu
             return dense()
         key = ("dgrad-s", tuple(w_sparse.shape), groups, tuple(stride), tuple(padding), tuple(g.shape),
                tuple(x_shape), _density_bucket(density), _threads(), _native().isa())
+        plan = _direct_dgrad_plan(w_sparse.shape, x_shape, g.shape, stride, padding) if groups == 1 else None
+        if plan is not None:
+            return choose(key, lambda: _direct_strided_input_grad(g, w_sparse, x_shape, stride, plan), dense, rule)
         return choose(key, lambda: _strided_input_grad(g, w_sparse, x_shape, stride, padding, groups), dense, rule)
     wt = transposed_weight(w_sparse, groups)
     pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
@@ -565,7 +771,6 @@ def _sparse_wgrad(g: Tensor, a_vals: Tensor, a_bits: Tensor, x_shape: torch.Size
     o, _, kh, kw = w_shape
     h_out, w_out = g.shape[2], g.shape[3]
     code = nat.isa_code()
-    g_nhwc = native_train.to_nhwc(g.detach().contiguous().numpy())
     bits = a_bits.numpy()
     vals = a_vals.detach().contiguous().numpy()
     starts = native_train.plane_starts(bits, n * c, h * w)
@@ -575,6 +780,30 @@ def _sparse_wgrad(g: Tensor, a_vals: Tensor, a_bits: Tensor, x_shape: torch.Size
     items = c * (o // native_train.wgrad_block(code, kh, kw, o))
     threads = _threads()
     parts = max(1, min(threads, items))
+    if tuple(stride) == (1, 1) and native_train.wgrad_s1_supported(code, kh, kw, o, h * w):
+        # the output gradient zero-padded so that every tap of every kept entry reads a row
+        top = max(0, dilation[0] * (kh - 1) - padding[0])
+        left = max(0, dilation[1] * (kw - 1) - padding[1])
+        hp, wp = top + max(h_out, h + padding[0]), left + max(w_out, w + padding[1])
+        gpad = native_train.to_nhwc_padded(code, g.detach().contiguous().numpy(), top, left, hp, wp, threads)
+        rc = native_train.wgrad_s1_loop(parts > 1)(code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh, kw,
+                                                   padding[0], padding[1], dilation[0], dilation[1], hp, wp,
+                                                   top, left, items, parts)
+        if rc != 0:
+            raise RuntimeError("internal: the stride-1 weight-gradient loop has no kernel for this layer")
+        return torch.from_numpy(dwt).view(c, kh, kw, o).permute(3, 0, 1, 2).contiguous()
+    if (tuple(stride) == (2, 2) and tuple(dilation) == (1, 1)
+            and native_train.wgrad_s2_supported(code, kh, kw, o, h * w)):
+        top, left = (kh - 1) // 2 + 1, (kw - 1) // 2 + 1
+        hp = top + max(h_out, (h - 1 + padding[0]) // 2 + 1)
+        wp = left + max(w_out, (w - 1 + padding[1]) // 2 + 1)
+        gpad = native_train.to_nhwc_padded(code, g.detach().contiguous().numpy(), top, left, hp, wp, threads)
+        rc = native_train.wgrad_s2_loop(parts > 1)(code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh, kw,
+                                                   padding[0], padding[1], hp, wp, top, left, items, parts)
+        if rc != 0:
+            raise RuntimeError("internal: the stride-2 weight-gradient loop has no kernel for this layer")
+        return torch.from_numpy(dwt).view(c, kh, kw, o).permute(3, 0, 1, 2).contiguous()
+    g_nhwc = native_train.to_nhwc(g.detach().contiguous().numpy())
     rc = native_train.wgrad_loop(parts > 1)(code, bits, vals, starts, g_nhwc, dwt, n, c, h, w, o, kh, kw,
                                             stride[0], stride[1], padding[0], padding[1], dilation[0],
                                             dilation[1], h_out, w_out, items, parts)

@@ -38,6 +38,17 @@ static inline uint64_t load_bits(const uint8_t *bits, int64_t pos, int64_t cnt) 
     return m;
 }
 
+/* load_bits for the common case first: a whole, byte-aligned word is one 8-byte load (the
+   variable-length copy of load_bits had cost a libc call per 64 positions). */
+static inline uint64_t load_word(const uint8_t *bits, int64_t pos, int64_t cnt) {
+    if (cnt == 64 && (pos & 7) == 0) {
+        uint64_t m;
+        memcpy(&m, bits + (pos >> 3), 8);
+        return m;
+    }
+    return load_bits(bits, pos, cnt);
+}
+
 /* starts[p] = index in the compact values of plane p's first kept entry; starts[nplanes] = total. */
 EXPORT void swat_wgrad_plane_starts(const uint8_t *bits, int64_t nplanes, int64_t plane, int64_t *starts) {
     int64_t total = 0;
@@ -241,4 +252,261 @@ EXPORT void swat_nchw_to_nhwc_f32(const float *src, float *dst, int64_t c, int64
                     for (int64_t ch = c0; ch < c1; ch++) d[p * c + ch] = s[ch * hw + p];
             }
     }
+}
+
+/* ------------------------------------------------------------- stride 1, padded gradient
+   The same product for stride-1 convs, without a branch per kept entry: the output gradient
+   comes zero-padded (NHWC, hp x wp, `top` rows and `left` columns of zeros before output (0, 0)),
+   so every tap of every kept entry reads a real row (zeros off the grid) at a constant offset
+   from the entry's own: pointer = base(pos) - (i * dh * wp + j * dw) * O. base(pos) comes from a
+   per-position table (no division, no row-tracking loop). The walk over the set bits and the
+   border test of the generic loop above had cost ~50 cycles per kept entry, five times its
+   9 FMAs. */
+#ifdef SWAT_X86
+#define WS_MICRO(KH, KW, T)                                                                        \
+    static __attribute__((target("avx512f"))) void ws_##KH##_##KW##_##T(                          \
+        const uint8_t *bits, const float *vals, int64_t *vip, const float *gb, float *dst,        \
+        int64_t p, int64_t plane, int64_t q_lo, int64_t q_hi, const int32_t *posoff,              \
+        const int64_t *toff, int64_t o) {                                                         \
+        __m512 acc[KH * KW][T];                                                                   \
+        int64_t to[KH * KW];                                                                      \
+        WG_UNROLL for (int q = 0; q < KH * KW; q++) {                                             \
+            to[q] = toff[q];                                                                      \
+            WG_UNROLL for (int t = 0; t < T; t++) acc[q][t] = _mm512_loadu_ps(dst + q * o + t * 16); \
+        }                                                                                         \
+        int64_t vi = *vip;                                                                        \
+        for (int64_t q0 = q_lo; q0 < q_hi; q0 += 64) {                                            \
+            const int64_t cnt = plane - q0 < 64 ? plane - q0 : 64;                                \
+            uint64_t m = load_word(bits, p * plane + q0, cnt);                                    \
+            while (m) {                                                                           \
+                const int64_t pos = q0 + __builtin_ctzll(m);                                      \
+                m &= m - 1;                                                                       \
+                const __m512 a = _mm512_set1_ps(vals[vi++]);                                      \
+                const float *base = gb + (int64_t)posoff[pos] * o;                                \
+                WG_UNROLL for (int q = 0; q < KH * KW; q++)                                       \
+                    WG_UNROLL for (int t = 0; t < T; t++)                                         \
+                        acc[q][t] = _mm512_fmadd_ps(a, _mm512_loadu_ps(base - to[q] + t * 16), acc[q][t]); \
+            }                                                                                     \
+        }                                                                                         \
+        *vip = vi;                                                                                \
+        WG_UNROLL for (int q = 0; q < KH * KW; q++)                                               \
+            WG_UNROLL for (int t = 0; t < T; t++) _mm512_storeu_ps(dst + q * o + t * 16, acc[q][t]); \
+    }
+WS_MICRO(3, 3, 1) WS_MICRO(3, 3, 2) WS_MICRO(1, 1, 1) WS_MICRO(1, 1, 2) WS_MICRO(1, 1, 4)
+#endif
+
+/* Whether swat_wgrad_s1_f32 has a loop for (isa, kernel, O): AVX-512, 3x3 or 1x1, O % 16 == 0. */
+EXPORT int swat_wgrad_s1_supported(int64_t isa, int64_t kh, int64_t kw, int64_t o) {
+#ifdef SWAT_X86
+    return isa == 2 && o % 16 == 0 && ((kh == 3 && kw == 3) || (kh == 1 && kw == 1));
+#else
+    (void)isa; (void)kh; (void)kw; (void)o;
+    return 0;
+#endif
+}
+
+/* dwt (C, kh, kw, O), zero on entry, += the stride-1 weight gradient for work items i0..i1
+   (item = (channel, block of output channels), as swat_wgrad_f32). gpad: (N, hp, wp, O) output
+   gradient, output (oh, ow) at row oh + top, column ow + left, zeros elsewhere. Returns 0, or -1
+   when there is no loop for (isa, kernel, O). */
+EXPORT int swat_wgrad_s1_f32(int64_t isa, const uint8_t *bits, const float *vals, const int64_t *starts,
+                             const float *gpad, float *dwt, int64_t n, int64_t c_in, int64_t h, int64_t w,
+                             int64_t o, int64_t kh, int64_t kw, int64_t pt, int64_t pl, int64_t dh, int64_t dw,
+                             int64_t hp, int64_t wp, int64_t top, int64_t left, int64_t i0, int64_t i1) {
+    if (!swat_wgrad_s1_supported(isa, kh, kw, o)) return -1;
+#ifdef SWAT_X86
+    const int64_t blk = swat_wgrad_block(isa, kh, kw, o);
+    if (blk <= 0) return -1;
+    const int64_t nob = o / blk, plane = h * w, t = blk / 16;
+    int32_t posoff_stack[4096];
+    int32_t *posoff = plane <= 4096 ? posoff_stack : NULL;
+    if (!posoff) return -1;
+    /* kept entry (y, x) meets tap (0, 0) at output (y + pt, x + pl): padded row y + pt + top */
+    for (int64_t y = 0; y < h; y++)
+        for (int64_t x = 0; x < w; x++) posoff[y * w + x] = (int32_t)((y + pt + top) * wp + x + pl + left);
+    int64_t toff[9];
+    for (int64_t i = 0; i < kh; i++)
+        for (int64_t j = 0; j < kw; j++) toff[i * kw + j] = (i * dh * wp + j * dw) * o;
+    (void)hp;
+    /* positions in bands of WS_BAND: every item (channel) of an image walks one band before the
+       next, so the gradient rows a band reads stay in L1 across the channels (walking whole
+       planes per channel re-read a 32 x 32 image's gradient from L2 for every channel; banding
+       took 12 % off the loop there) */
+    const int64_t WS_BAND = plane > 256 ? 128 : plane; /* small maps: measured slower in bands */
+    int64_t vis[512]; /* each item's next value index; items in groups of at most 512 */
+    for (int64_t j0 = i0; j0 < i1; j0 += 512)
+    for (int64_t b = 0; b < n; b++) {
+        const int64_t j1 = j0 + 512 < i1 ? j0 + 512 : i1;
+        for (int64_t it = j0; it < j1; it++) vis[it - j0] = starts[b * c_in + it / nob];
+        for (int64_t q_lo = 0; q_lo < plane; q_lo += WS_BAND) {
+            const int64_t q_hi = q_lo + WS_BAND < plane ? q_lo + WS_BAND : plane;
+            for (int64_t it = j0; it < j1; it++) {
+                const int64_t c = it / nob, ob = (it % nob) * blk;
+                const float *gb = gpad + b * hp * wp * o + ob;
+                float *dst = dwt + c * kh * kw * o + ob;
+                const int64_t p = b * c_in + c;
+                int64_t *vip = vis + (it - j0);
+#define WS_ARGS bits, vals, vip, gb, dst, p, plane, q_lo, q_hi, posoff, toff, o
+                if (kh == 3) {
+                    if (t == 1) ws_3_3_1(WS_ARGS);
+                    else ws_3_3_2(WS_ARGS);
+                } else {
+                    if (t == 1) ws_1_1_1(WS_ARGS);
+                    else if (t == 2) ws_1_1_2(WS_ARGS);
+                    else ws_1_1_4(WS_ARGS);
+                }
+#undef WS_ARGS
+            }
+        }
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+/* NCHW (N, C, H, W) -> zero-padded NHWC (N, hp, wp, C): pixel (y, x) at (y + top, x + left),
+   images b0..b1; C % 16 == 0 on AVX-512 (a gather of 16 channels per store), else scalar. */
+EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst, int64_t c, int64_t h,
+                                      int64_t w, int64_t hp, int64_t wp, int64_t top, int64_t left,
+                                      int64_t b0, int64_t b1);
+#ifdef SWAT_X86
+static __attribute__((target("avx512f"))) void nhwc_pad_512(const float *s, float *d, int64_t c, int64_t hw,
+                                                            int64_t w, int64_t wp, int64_t top, int64_t left,
+                                                            int64_t h) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)hw));
+    for (int64_t y = 0; y < h; y++)
+        for (int64_t x = 0; x < w; x++) {
+            const float *sp = s + y * w + x;
+            float *dp = d + ((y + top) * wp + x + left) * c;
+            for (int64_t c0 = 0; c0 < c; c0 += 16)
+                _mm512_storeu_ps(dp + c0, _mm512_i32gather_ps(idx, sp + c0 * hw, 4));
+        }
+}
+#endif
+EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst, int64_t c, int64_t h,
+                                      int64_t w, int64_t hp, int64_t wp, int64_t top, int64_t left,
+                                      int64_t b0, int64_t b1) {
+    const int64_t hw = h * w;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *s = src + b * c * hw;
+        float *d = dst + b * hp * wp * c;
+        /* the zero border: rows above / below, columns left / right of the image */
+        for (int64_t r = 0; r < hp; r++) {
+            if (r < top || r >= top + h) {
+                memset(d + r * wp * c, 0, sizeof(float) * wp * c);
+                continue;
+            }
+            memset(d + r * wp * c, 0, sizeof(float) * left * c);
+            memset(d + (r * wp + left + w) * c, 0, sizeof(float) * (wp - left - w) * c);
+        }
+#ifdef SWAT_X86
+        if (isa == 2 && c % 16 == 0 && c * hw < (1LL << 31) / 16) {
+            nhwc_pad_512(s, d, c, hw, w, wp, top, left, h);
+            continue;
+        }
+#endif
+        (void)isa;
+        for (int64_t y = 0; y < h; y++)
+            for (int64_t x = 0; x < w; x++)
+                for (int64_t ch = 0; ch < c; ch++) d[((y + top) * wp + x + left) * c + ch] = s[ch * hw + y * w + x];
+    }
+}
+
+/* ------------------------------------------------------------- stride 2, padded gradient
+   ResNet's downsampling convs: with stride 2 a kept entry (y, x) meets only the taps (i, j)
+   with y + pt - i and x + pl - j even: one tap of 9 for a quarter of the entries, four for
+   another quarter. The set bits of each 64-position word are split by that parity class with
+   per-word class masks (so each class runs its own fixed tap set, no branch per tap), and the
+   value index comes from a popcount of the bits before the entry. The generic loop had tested
+   every tap of every entry and ran at ~3x the dense product's time. */
+#ifdef SWAT_X86
+#define W2_CLASS(KH, KW, T, PY, PX)                                                                \
+    {                                                                                             \
+        uint64_t mk = m & cls[wi * 4 + (PY) * 2 + (PX)];                                          \
+        while (mk) {                                                                              \
+            const int64_t bit = __builtin_ctzll(mk);                                              \
+            mk &= mk - 1;                                                                         \
+            const uint64_t below = bit ? (m << (64 - bit)) : 0;                                   \
+            const __m512 a = _mm512_set1_ps(vals[vi + __builtin_popcountll(below)]);              \
+            const float *base = gb + (int64_t)posoff[q0 + bit] * o;                               \
+            WG_UNROLL for (int i = (PY); i < KH; i += 2)                                          \
+                WG_UNROLL for (int j = (PX); j < KW; j += 2) {                                    \
+                    const float *gp = base - (((i - (PY)) / 2) * wp + (j - (PX)) / 2) * o;        \
+                    WG_UNROLL for (int t = 0; t < T; t++)                                         \
+                        acc[i * KW + j][t] = _mm512_fmadd_ps(a, _mm512_loadu_ps(gp + t * 16), acc[i * KW + j][t]); \
+                }                                                                                 \
+        }                                                                                         \
+    }
+#define W2_MICRO(KH, KW, T)                                                                        \
+    static __attribute__((target("avx512f"))) void w2_##KH##_##KW##_##T(                          \
+        const uint8_t *bits, const float *vals, const int64_t *starts, const float *gb,           \
+        float *dst, int64_t p, int64_t plane, const int32_t *posoff, const uint64_t *cls,         \
+        int64_t wp, int64_t o) {                                                                  \
+        __m512 acc[KH * KW][T];                                                                   \
+        WG_UNROLL for (int q = 0; q < KH * KW; q++)                                               \
+            WG_UNROLL for (int t = 0; t < T; t++) acc[q][t] = _mm512_loadu_ps(dst + q * o + t * 16); \
+        int64_t vi = starts[p];                                                                   \
+        for (int64_t wi = 0, q0 = 0; q0 < plane; wi++, q0 += 64) {                                \
+            const uint64_t m = load_word(bits, p * plane + q0, plane - q0 < 64 ? plane - q0 : 64); \
+            if (!m) continue;                                                                     \
+            W2_CLASS(KH, KW, T, 0, 0) W2_CLASS(KH, KW, T, 0, 1)                                   \
+            W2_CLASS(KH, KW, T, 1, 0) W2_CLASS(KH, KW, T, 1, 1)                                   \
+            vi += __builtin_popcountll(m);                                                        \
+        }                                                                                         \
+        WG_UNROLL for (int q = 0; q < KH * KW; q++)                                               \
+            WG_UNROLL for (int t = 0; t < T; t++) _mm512_storeu_ps(dst + q * o + t * 16, acc[q][t]); \
+    }
+W2_MICRO(3, 3, 1) W2_MICRO(3, 3, 2) W2_MICRO(1, 1, 1) W2_MICRO(1, 1, 2) W2_MICRO(1, 1, 4)
+#endif
+
+/* Whether swat_wgrad_s2_f32 has a loop: AVX-512, 3x3 or 1x1, O % 16 == 0, plane <= 4096. */
+EXPORT int swat_wgrad_s2_supported(int64_t isa, int64_t kh, int64_t kw, int64_t o, int64_t plane) {
+    return swat_wgrad_s1_supported(isa, kh, kw, o) && plane <= 4096;
+}
+
+/* As swat_wgrad_s1_f32 for stride 2, dilation 1: gpad (N, hp, wp, O) holds output (oh, ow) at
+   (oh + top, ow + left), zeros elsewhere; top, left >= (kh - 1) / 2, (kw - 1) / 2 and hp, wp
+   large enough for output row (h - 1 + pt) / 2 and column (w - 1 + pl) / 2. */
+EXPORT int swat_wgrad_s2_f32(int64_t isa, const uint8_t *bits, const float *vals, const int64_t *starts,
+                             const float *gpad, float *dwt, int64_t n, int64_t c_in, int64_t h, int64_t w,
+                             int64_t o, int64_t kh, int64_t kw, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
+                             int64_t top, int64_t left, int64_t i0, int64_t i1) {
+    const int64_t plane = h * w;
+    if (!swat_wgrad_s2_supported(isa, kh, kw, o, plane)) return -1;
+#ifdef SWAT_X86
+    const int64_t blk = swat_wgrad_block(isa, kh, kw, o);
+    if (blk <= 0) return -1;
+    const int64_t nob = o / blk, t = blk / 16;
+    int32_t posoff[4096];
+    uint64_t cls[4096 / 64 * 4];
+    memset(cls, 0, sizeof(uint64_t) * (size_t)((plane + 63) / 64 * 4));
+    for (int64_t y = 0; y < h; y++)
+        for (int64_t x = 0; x < w; x++) {
+            const int64_t pos = y * w + x;
+            posoff[pos] = (int32_t)((((y + pt) >> 1) + top) * wp + ((x + pl) >> 1) + left);
+            cls[(pos >> 6) * 4 + ((y + pt) & 1) * 2 + ((x + pl) & 1)] |= 1ull << (pos & 63);
+        }
+    for (int64_t b = 0; b < n; b++)
+        for (int64_t it = i0; it < i1; it++) {
+            const int64_t c = it / nob, ob = (it % nob) * blk;
+            const float *gb = gpad + b * hp * wp * o + ob;
+            float *dst = dwt + c * kh * kw * o + ob;
+            const int64_t p = b * c_in + c;
+            if (kh == 3) {
+                if (t == 1) w2_3_3_1(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
+                else w2_3_3_2(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
+            } else {
+                if (t == 1) w2_1_1_1(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
+                else if (t == 2) w2_1_1_2(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
+                else w2_1_1_4(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
+            }
+        }
+    return 0;
+#else
+    (void)bits; (void)vals; (void)starts; (void)gpad; (void)dwt; (void)n; (void)c_in; (void)o; (void)kh; (void)kw;
+    (void)pt; (void)pl; (void)hp; (void)wp; (void)top; (void)left; (void)i0; (void)i1;
+    return -1;
+#endif
 }

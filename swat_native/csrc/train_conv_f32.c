@@ -1,0 +1,265 @@
+/* SWAT training's sparse-weight conv for "same"-size stride-1 convs (ResNet's 3x3, pad 1),
+   float32, AVX-512: y = conv(x, W) with the zeros of W skipped, read straight from the NCHW
+   input and written straight into the NCHW output.
+
+   Why a training-only kernel: the inference shift kernel reads a packed input (kw zero-padded,
+   column-shifted copies of every image, or stride phases with the images innermost). Its
+   weights are fixed, so in inference the multiply dominates; in training at 90 % sparsity the
+   multiply is ~0.2 ms per ResNet-20 layer while packing (3x the input written and read again)
+   and the epilogue took 1-1.5 ms, most of the sparse product's time, and the forward and the
+   stride-1 input gradient run it ~30 times a step. Here nothing is packed: the zero padding
+   is a lane mask. For a flat plane of P = H * W floats, output vector v (lanes q = 16v..16v+15)
+   and tap (i, j) read x[c, q + d] with d = (i*dh - pt) * W + (j*dw - pl), the same shift for
+   every vector; the lanes whose source pixel lies outside the image (row or column) are masked
+   off, masks[v * kk + tap] (16 bits, computed once per shape by the caller). Masked lanes may
+   point outside the buffer: AVX-512 masked loads do not fault there.
+
+   A strided conv reads its input's stride phases instead (swat_tconv_phases_f32: one copy,
+   (C, sh, sw, H_out, W_out) per image), where every tap is again a constant shift inside one
+   phase plane; the input gradient of a strided conv is one such conv of the output gradient per
+   input phase (the caller's _direct_strided_input_grad), interleaved by swat_tconv_unphase_f32.
+
+   Weights: tap-major block CSR per block of B output channels (SWAT's --block; B = 1
+   unstructured): segment (row, tap) of indptr, offs[k] = c * cstride + d(tap), vals[k * B + j];
+   the T lane masks of a tap are loaded once per segment. A tile is T output vectors of I images
+   (small planes: an 8 x 8 map is 4 vectors, so two images share each weight broadcast and mask)
+   x B output channels, all in registers across the row's non-zeros; the output channels are the
+   inner loop, so the input rows a tile reads stay in L1. */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SWAT_X86 1
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* Block CSR of the (rows * B, K) row-major weight w (K = C * kk), tap-major: segment
+   (r, tap) = indptr[r * kk + tap] .. indptr[r * kk + tap + 1] holds the kept block columns
+   (c, tap) of block row r, offs = c * cstride + dtab[tap] (cstride: floats per input channel).
+   A block column is kept if any of its B values is non-zero. Returns nnz. */
+EXPORT int64_t swat_tconv_csr(const float *w, int64_t rows, int64_t B, int64_t K, int64_t kk, int64_t cstride,
+                              const int32_t *dtab, int32_t *indptr, int32_t *offs, float *vals) {
+    int64_t n = 0;
+    const int64_t C = K / kk;
+    indptr[0] = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *wr = w + r * B * K;
+        for (int64_t tap = 0; tap < kk; tap++) {
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t col = c * kk + tap;
+                int keep = 0;
+                for (int64_t j = 0; j < B; j++) keep |= wr[j * K + col] != 0.0f;
+                if (!keep) continue;
+                for (int64_t j = 0; j < B; j++) vals[n * B + j] = wr[j * K + col];
+                offs[n] = (int32_t)(c * cstride + dtab[tap]);
+                n++;
+            }
+            indptr[r * kk + tap + 1] = (int32_t)n;
+        }
+    }
+    return n;
+}
+
+#ifdef SWAT_X86
+#define TC_UNROLL _Pragma("GCC unroll 16")
+/* One tile: I images x output vectors v0 .. v0 + T - 1 x block row r. The plane's last vector
+   (index vlast - v0 inside the tile, if it is) may be partial: its store is masked by `tail`. */
+#define TC_MICRO(B, T, I)                                                                          \
+    static inline __attribute__((always_inline, target("avx512f"))) void tc_##B##_##T##_##I(      \
+        const int32_t *seg, const int32_t *offs, const float *vals, const uint16_t *masks,         \
+        int64_t kk, const float *x, int64_t xs, float *y, int64_t ys, int64_t yr,                 \
+        const float *bias, int64_t vlast, __mmask16 tail) {                                       \
+        __m512 acc[B][I][T];                                                                      \
+        TC_UNROLL for (int j = 0; j < B; j++) {                                                   \
+            const __m512 b0 = _mm512_set1_ps(bias ? bias[j] : 0.0f);                              \
+            TC_UNROLL for (int m = 0; m < I; m++)                                                 \
+                TC_UNROLL for (int t = 0; t < T; t++) acc[j][m][t] = b0;                          \
+        }                                                                                         \
+        for (int64_t tap = 0; tap < kk; tap++) {                                                  \
+            const int32_t ks = seg[tap], ke = seg[tap + 1];                                       \
+            if (ks == ke) continue;                                                               \
+            __mmask16 mt[T];                                                                      \
+            TC_UNROLL for (int t = 0; t < T; t++) mt[t] = (__mmask16)masks[t * kk + tap];         \
+            for (int32_t k = ks; k < ke; k++) {                                                   \
+                const float *xk = x + offs[k];                                                    \
+                __m512 wv[B];                                                                     \
+                TC_UNROLL for (int j = 0; j < B; j++) wv[j] = _mm512_set1_ps(vals[(int64_t)k * B + j]); \
+                TC_UNROLL for (int t = 0; t < T; t++)                                             \
+                    TC_UNROLL for (int m = 0; m < I; m++) {                                       \
+                        const __m512 xv = _mm512_maskz_loadu_ps(mt[t], xk + m * xs + t * 16);    \
+                        TC_UNROLL for (int j = 0; j < B; j++)                                     \
+                            acc[j][m][t] = _mm512_fmadd_ps(wv[j], xv, acc[j][m][t]);             \
+                    }                                                                             \
+            }                                                                                     \
+        }                                                                                         \
+        TC_UNROLL for (int j = 0; j < B; j++)                                                     \
+            TC_UNROLL for (int m = 0; m < I; m++)                                                 \
+                TC_UNROLL for (int t = 0; t < T; t++) {                                           \
+                    float *yp = y + j * yr + m * ys + t * 16;                                     \
+                    if (t == vlast) _mm512_mask_storeu_ps(yp, tail, acc[j][m][t]);                \
+                    else _mm512_storeu_ps(yp, acc[j][m][t]);                                      \
+                }                                                                                 \
+    }
+
+/* Images [b, b + I) of every block row: the plane's V vectors in tiles of up to TM vectors (the
+   rest in tiles of 4, 2, 1); output channels innermost, so the input rows a tile reads (all
+   channels) stay in L1. */
+#define TC_CALLT(B, T, I) TC_CALLT_(B, T, I) /* expands T (TC_T8(TM) ...) before pasting */
+#define TC_CALLT_(B, T, I)                                                                         \
+    tc_##B##_##T##_##I(indptr + r * kk, offs, vals, masks + v0 * kk, kk, xb + v0 * 16, xs,          \
+                       yb + r * (B) * yr + v0 * 16, ys, yr, bias ? bias + r * (B) : NULL,          \
+                       V - 1 - v0, tail)
+#define TC_IMAGES(B, I, TM)                                                                        \
+    static __attribute__((target("avx512f"))) void tci_##B##_##I(                                 \
+        const int32_t *indptr, const int32_t *offs, const float *vals, const float *bias,         \
+        const uint16_t *masks, int64_t kk, const float *x, float *y, int64_t xs, int64_t o,       \
+        int64_t P, int64_t yr, int64_t b) {                                                       \
+        const int64_t ys = o * yr, rows = o / (B), V = (P + 15) / 16;                             \
+        const __mmask16 tail = (__mmask16)(P % 16 ? (1u << (P % 16)) - 1 : 0xFFFFu);              \
+        const float *xb = x + b * xs;                                                             \
+        float *yb = y + b * ys;                                                                   \
+        for (int64_t v0 = 0; v0 < V;) {                                                           \
+            const int64_t left = V - v0;                                                          \
+            if ((TM) >= 8 && left >= 8) {                                                         \
+                for (int64_t r = 0; r < rows; r++) TC_CALLT(B, TC_T8(TM), I);                     \
+                v0 += TC_T8(TM);                                                                  \
+            } else if ((TM) >= 4 && left >= 4) {                                                  \
+                for (int64_t r = 0; r < rows; r++) TC_CALLT(B, TC_T4(TM), I);                     \
+                v0 += TC_T4(TM);                                                                  \
+            } else if ((TM) >= 2 && left >= 2) {                                                  \
+                for (int64_t r = 0; r < rows; r++) TC_CALLT(B, TC_T2(TM), I);                     \
+                v0 += TC_T2(TM);                                                                  \
+            } else {                                                                              \
+                for (int64_t r = 0; r < rows; r++) TC_CALLT(B, 1, I);                             \
+                v0 += 1;                                                                          \
+            }                                                                                     \
+        }                                                                                         \
+    }
+/* tile widths a driver with at most TM vectors may use (a narrower stand-in keeps unused
+   branches compiling without register-spilling micro-kernels) */
+#define TC_T8(TM) TC_T8_##TM
+#define TC_T4(TM) TC_T4_##TM
+#define TC_T2(TM) TC_T2_##TM
+#define TC_T8_8 8
+#define TC_T4_8 4
+#define TC_T2_8 2
+#define TC_T8_4 4
+#define TC_T4_4 4
+#define TC_T2_4 2
+#define TC_T8_2 2
+#define TC_T4_2 2
+#define TC_T2_2 2
+#define TC_T8_1 1
+#define TC_T4_1 1
+#define TC_T2_1 1
+TC_MICRO(1, 8, 1) TC_MICRO(1, 4, 1) TC_MICRO(1, 2, 1) TC_MICRO(1, 1, 1)
+TC_MICRO(1, 4, 2) TC_MICRO(1, 2, 2) TC_MICRO(1, 1, 2)
+TC_MICRO(1, 2, 4) TC_MICRO(1, 1, 4) TC_MICRO(1, 1, 8)
+TC_MICRO(2, 8, 1) TC_MICRO(2, 4, 1) TC_MICRO(2, 2, 1) TC_MICRO(2, 1, 1)
+TC_MICRO(2, 4, 2) TC_MICRO(2, 2, 2) TC_MICRO(2, 1, 2)
+TC_MICRO(2, 2, 4) TC_MICRO(2, 1, 4)
+TC_MICRO(4, 4, 1) TC_MICRO(4, 2, 1) TC_MICRO(4, 1, 1)
+TC_MICRO(4, 2, 2) TC_MICRO(4, 1, 2) TC_MICRO(4, 1, 4)
+TC_IMAGES(1, 1, 8) TC_IMAGES(1, 2, 4) TC_IMAGES(1, 4, 2) TC_IMAGES(1, 8, 1)
+TC_IMAGES(2, 1, 8) TC_IMAGES(2, 2, 4) TC_IMAGES(2, 4, 2)
+TC_IMAGES(4, 1, 4) TC_IMAGES(4, 2, 2) TC_IMAGES(4, 4, 1)
+#endif
+
+/* Images per tile for block height B and V vectors per plane (several images share each weight
+   broadcast and mask when the plane is only a few vectors). */
+static int tc_images(int64_t B, int64_t V) {
+    if (B == 1) return V >= 8 ? 1 : V >= 4 ? 2 : V >= 2 ? 4 : 8;
+    if (B == 2) return V >= 8 ? 1 : V >= 4 ? 2 : 4;
+    return V >= 4 ? 1 : V >= 2 ? 2 : 4;
+}
+
+/* Whether (isa, B, P) has a kernel: isa 2 (AVX-512F), B in {1, 2, 4}, any plane size. */
+EXPORT int swat_tconv_supported(int64_t isa, int64_t B, int64_t P) {
+#ifdef SWAT_X86
+    return isa == 2 && (B == 1 || B == 2 || B == 4) && P >= 1;
+#else
+    (void)isa; (void)B; (void)P;
+    return 0;
+#endif
+}
+
+/* y[b] = conv(x[b], W) (+ bias) for images b0 .. b1: x holds xs floats per image (the C input
+   planes, or their stride phases); output channel r's plane of P floats at y + (b * O + r) * yr
+   (yr = P: NCHW; larger: one stride phase of an input gradient), float32. masks: (ceil(P / 16),
+   kk), lanes past P clear. Returns 0, or -1 when (isa, B, P) has no kernel. bias may be NULL. */
+EXPORT int swat_tconv_f32(int64_t isa, const int32_t *indptr, const int32_t *offs, const float *vals,
+                          const float *bias, const uint16_t *masks, int64_t kk, const float *x, float *y,
+                          int64_t xs, int64_t o, int64_t P, int64_t yr, int64_t B, int64_t b0, int64_t b1) {
+    if (!swat_tconv_supported(isa, B, P)) return -1;
+#ifdef SWAT_X86
+    const int I = tc_images(B, (P + 15) / 16);
+    int64_t b = b0;
+#define TC_RUN(BB, II) tci_##BB##_##II(indptr, offs, vals, bias, masks, kk, x, y, xs, o, P, yr, b)
+    if (B == 1) {
+        if (I == 8) for (; b + 8 <= b1; b += 8) TC_RUN(1, 8);
+        if (I == 4) for (; b + 4 <= b1; b += 4) TC_RUN(1, 4);
+        if (I == 2) for (; b + 2 <= b1; b += 2) TC_RUN(1, 2);
+        for (; b < b1; b++) TC_RUN(1, 1);
+    } else if (B == 2) {
+        if (I == 4) for (; b + 4 <= b1; b += 4) TC_RUN(2, 4);
+        if (I == 2) for (; b + 2 <= b1; b += 2) TC_RUN(2, 2);
+        for (; b < b1; b++) TC_RUN(2, 1);
+    } else {
+        if (I == 4) for (; b + 4 <= b1; b += 4) TC_RUN(4, 4);
+        if (I == 2) for (; b + 2 <= b1; b += 2) TC_RUN(4, 2);
+        for (; b < b1; b++) TC_RUN(4, 1);
+    }
+#undef TC_RUN
+    return 0;
+#else
+    (void)indptr; (void)offs; (void)vals; (void)bias; (void)masks; (void)kk; (void)x; (void)y; (void)xs;
+    (void)o; (void)yr; (void)b0; (void)b1;
+    return -1;
+#endif
+}
+
+/* Stride phases of images b0 .. b1 for a strided direct conv: out (N, C, sh, sw, ho, wo),
+   out[b, c, ri, rj, u, v] = x[b, c, u * sh + ri, v * sw + rj], 0 where that is outside x. */
+EXPORT void swat_tconv_phases_f32(const float *x, float *out, int64_t c_in, int64_t h, int64_t w, int64_t sh,
+                                  int64_t sw, int64_t ho, int64_t wo, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t c = 0; c < c_in; c++) {
+            const float *src = x + (b * c_in + c) * h * w;
+            float *dst = out + (b * c_in + c) * sh * sw * ho * wo;
+            for (int64_t ri = 0; ri < sh; ri++)
+                for (int64_t rj = 0; rj < sw; rj++)
+                    for (int64_t u = 0; u < ho; u++) {
+                        float *d = dst + ((ri * sw + rj) * ho + u) * wo;
+                        const int64_t row = u * sh + ri;
+                        if (row >= h) {
+                            for (int64_t v = 0; v < wo; v++) d[v] = 0.0f;
+                            continue;
+                        }
+                        const float *s = src + row * w + rj;
+                        int64_t v = 0;
+                        for (; v < wo && v * sw + rj < w; v++) d[v] = s[v * sw];
+                        for (; v < wo; v++) d[v] = 0.0f;
+                    }
+        }
+}
+
+/* The inverse of swat_tconv_phases_f32: out[b, c, u * sh + ri, v * sw + rj] = ph[b, c, ri, rj, u, v]
+   for every (u, v) inside out (N, C, H, W); images b0 .. b1. */
+EXPORT void swat_tconv_unphase_f32(const float *ph, float *out, int64_t c_in, int64_t h, int64_t w, int64_t sh,
+                                   int64_t sw, int64_t ho, int64_t wo, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t c = 0; c < c_in; c++) {
+            const float *src = ph + (b * c_in + c) * sh * sw * ho * wo;
+            float *dst = out + (b * c_in + c) * h * w;
+            for (int64_t row = 0; row < h; row++) {
+                const int64_t ri = row % sh, u = row / sh;
+                float *d = dst + row * w;
+                for (int64_t rj = 0; rj < sw; rj++) {
+                    const float *s = src + ((ri * sw + rj) * ho + u) * wo;
+                    for (int64_t v = 0; v * sw + rj < w; v++) d[v * sw + rj] = s[v];
+                }
+            }
+        }
+}

@@ -35,7 +35,7 @@ class QLayerArgs(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_uint64) for k in ("indptr", "offs", "vals", "corr", "mult")]
                 + [(k, ctypes.c_int64) for k in _QLAYER_FIXED]
                 + [(k, ctypes.c_float) for k in ("ra", "rb", "rc")] + [("rlo", ctypes.c_int64)]
-                + [(k, ctypes.c_uint64) for k in ("x", "xp", "y", "res")])
+                + [(k, ctypes.c_uint64) for k in ("x", "xp", "y", "res")] + [("chunk", ctypes.c_int64)])
 
 
 class _Int8Lib:
@@ -131,6 +131,7 @@ class QLayerCall:
                 raise ValueError(f"QLayerCall needs contiguous {np.dtype(dt).name} arrays, got {a.dtype}")
         self._keep = (indptr, offs, vals, corr, mult)
         self.args = QLayerArgs(*(a.ctypes.data for a in self._keep), *(int(fixed.get(k, 0)) for k in _QLAYER_FIXED))
+        self.args.chunk = int(fixed.get("chunk", 0))  # > 0: fused pack + multiply per chunk of images
         self._ptr = ctypes.pointer(self.args)
         self._fn = _int8().qlayer
 

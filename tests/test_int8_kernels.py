@@ -60,6 +60,47 @@ def test_qconv_exact(isa: str, case: tuple) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], (20, 16, 8, 4, 4, 3, 1, 1, 0.7, True),
+                                  (5, 8, 12, 6, 6, 1, 1, 0, 0.5, False)])
+def test_qconv_fused_chunks_exact(isa: str, case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing and multiplying per chunk of images (the batch path) gives the same bytes as the
+    two phases over the whole batch, residual included, with a last chunk that is partial."""
+    from swat_deploy.kernels import int8_direct
+    from swat_deploy.kernels.int8_direct import reference_qadd
+
+    monkeypatch.setattr(int8_direct, "_FUSED", 1)
+    n, c, o, h, w_, k, s, p, sparsity, relu = case
+    rng = np.random.default_rng(hash(case) % 2**32 + 11)
+    w, ws, b, spec = _layer(rng, c, o, k, s, p, sparsity, relu)
+    x = rng.integers(0, 256, (n, c, h, w_)).astype(np.uint8)
+    plane = reference_qconv(x[:1], w, ws, b, spec).shape[2:]
+    assert int8_direct.fused_chunk(n, plane[0] * plane[1], 1, 2) > 0
+    want = reference_qconv(x, w, ws, b, spec)
+    op = PreparedQConv(w, ws, b, spec, isa=isa)
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(op(torch.from_numpy(x), threads).numpy(), want)
+    res = rng.integers(0, 256, want.shape).astype(np.uint8)
+    ra, rb, cc = np.float32(0.61), np.float32(0.43), np.float32(3.0)
+    op = PreparedQConv(w, ws, b, spec, isa=isa)
+    op.fuse_residual(ra, rb, cc, 0)
+    np.testing.assert_array_equal(op(torch.from_numpy(x), 2, torch.from_numpy(res)).numpy(),
+                                  reference_qadd(want, res, ra, rb, cc, 0))
+
+
+def test_fused_chunk_rule() -> None:
+    """Batch 1 keeps the split over rows; a large batch of small maps packs per chunk of at least
+    8 tiles (the multiply's register block)."""
+    from swat_deploy.kernels import int8_direct
+
+    if int8_direct._FUSED is not None:
+        pytest.skip("SWAT_INT8_FUSED is set")
+    assert int8_direct.fused_chunk(1, 32 * 32, 1000, 2) == 0
+    assert int8_direct.fused_chunk(64, 8 * 8, 1000, 2) == 2      # 4 tiles per image -> 2 images
+    assert int8_direct.fused_chunk(64, 32 * 32, 1000, 2) == 1    # 64 tiles per image
+    assert int8_direct.fused_chunk(3, 4 * 4, 1000, 2) == 0       # fewer than 2 chunks per thread
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_qconv_blocks_skip_zeros(isa: str) -> None:
     """Weights pruned in 4-channel blocks store only the kept blocks."""
     rng = np.random.default_rng(1)

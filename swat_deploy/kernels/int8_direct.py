@@ -156,6 +156,7 @@ class PreparedQConv:
         ``rint(clamp(y * ra + res * rb + c, lo, 255))`` in float32 (see `_qadd` in int8_qdq.py),
         done in the conv's output loop (one pass over the output and one step per block fewer)."""
         self.residual = (float(np.float32(ra)), float(np.float32(rb)), float(np.float32(c)), int(lo))
+        self._calls.clear()  # calls built before carry no residual
 
     def __call__(self, x: torch.Tensor, threads: int | None = None, res: torch.Tensor | None = None) -> torch.Tensor:
         """``threads``: work items to split the layer into (None: numba's thread count; 1 and
@@ -213,16 +214,18 @@ class PreparedQConv:
         plane = h_out * w_out
         ntiles = n * (-(-plane // 16))
         items = n * self.groups_in
+        chunk = fused_chunk(n, plane, img_in, threads)
         call = native.QLayerCall(
             self.indptr, offs, self.vals, self.corr, self.mult, rows=self.out_channels, zy=s.y_zero, lo=self.lo,
             hi=255, n=n, c=self.in_channels, h=h, w=w, kw=self.kw, s=s.stride[0], nph=nph, pt=s.padding[0],
             pl=s.padding[1], R=rows, w_out=w_out, zx=s.x_zero, img_in=img_in, plane=plane,
             pack_items=min(items, 4 * threads) if threads > 1 else 1,
             by_rows=int(threads > 1 and ntiles < 8 * threads),
-            row_parts=min(self.out_channels, 2 * threads), threads=threads)
+            row_parts=min(self.out_channels, 2 * threads), threads=threads, chunk=chunk)
         if self.residual is not None:
             call.set_residual(*self.residual)
-        return call, (n, self.out_channels, h_out, w_out), n * img_in * 4 + _SLACK_WORDS * 4
+        need = 64 if chunk else n * img_in * 4 + _SLACK_WORDS * 4  # fused items pack into their own scratch
+        return call, (n, self.out_channels, h_out, w_out), need
 
     def _one_call(self, x: torch.Tensor, n: int, h: int, w: int, threads: int,
                   res: torch.Tensor | None) -> torch.Tensor:
@@ -252,6 +255,25 @@ class PreparedQConv:
         call.run(x.data_ptr(), buf[1], y.data_ptr(), native.isa_code(self.isa), rp)
         return y
 
+
+def fused_chunk(n: int, plane: int, img_in: int, threads: int) -> int:
+    """Images per fused pack + multiply item of the one-call layer (0: pack the whole batch, then
+    multiply). Why: packed per chunk, a chunk's input is multiplied while it is in L2 instead of
+    the whole batch's packed copies going to memory and back (see int8_layer.c q_fused_item).
+    A chunk holds at least one full group of 8 tiles (the multiply's register block); fused only
+    when there are at least 2 chunks per thread, so batch 1 keeps its split over rows."""
+    if _FUSED == 0:
+        return 0
+    tpi = -(-plane // 16)
+    chunk = max(1, -(-8 // tpi))
+    if _FUSED is None and n < 2 * chunk * max(1, threads):
+        return 0
+    return min(chunk, n)
+
+
+# SWAT_INT8_FUSED=0 / 1: never / always pack per chunk of images (default: by fused_chunk's rule)
+_FUSED = {"0": 0, "off": 0, "false": 0, "1": 1, "on": 1, "true": 1}.get(
+    os.environ.get("SWAT_INT8_FUSED", "").strip().lower())
 
 # SWAT_INT8_LAYER_CALL=0: the two numba calls per layer (pack, multiply) instead of one C call
 _LAYER_CALL = os.environ.get("SWAT_INT8_LAYER_CALL", "1").strip().lower() not in ("0", "off", "false")

@@ -16,6 +16,7 @@ import numpy as np
 from training.errors import SwatError
 from training.text import escape_control as esc
 from swat_deploy import artifact as art
+from swat_deploy.formats import sparsity_of
 
 
 @dataclass
@@ -41,7 +42,7 @@ def _layers(stored: dict[str, Any]) -> list[LayerInfo]:
     out = []
     for name, sw in stored.items():
         v = np.asarray(sw.value)
-        out.append(LayerInfo(art.layer_name(name), list(v.shape), float((v == 0).sum()) / max(v.size, 1),
+        out.append(LayerInfo(art.layer_name(name), list(v.shape), sparsity_of(v),
                              sw.format, int(sw.stored_bytes), int(v.size * 4)))
     return out
 

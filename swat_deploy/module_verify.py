@@ -32,6 +32,7 @@ from torch import nn
 
 from training.errors import SwatError
 from swat_deploy import artifact as art
+from swat_deploy.formats import sparsity_of
 from swat_deploy.verify import (ACCURACY_TOL, AGREEMENT_MIN, BATCH, LOGIT_TOL, LOGIT_TOL_FP16, SPARSITY_TOL,
                                 ArtifactResult, Check, _block_pattern, _exact_weights, _onnxruntime_runner, _predict,
                                 _session_runner, _torchscript_runner, format_checks)
@@ -220,7 +221,7 @@ def verify_module(model: nn.Module, path: str | Path, loader: Iterable[Any], *, 
             if list(w.shape) != layer.shape:
                 add(first, f"shape {layer.name}", list(w.shape), f"= {layer.shape}", False)
                 continue
-            measured = float((w == 0).sum()) / max(w.size, 1)
+            measured = sparsity_of(w)
             res.layers.append({"name": layer.name, "expected_sparsity": layer.measured_sparsity,
                                "measured_sparsity": measured, "block": layer.block})
             add(first, f"sparsity {layer.name}", round(measured, 4),

@@ -19,6 +19,8 @@ from training.errors import SwatError, option
 from training.rundir import Run, load_trained_model, read_run
 from training.weight_topk import topk_weight
 
+from .formats import sparsity_of
+
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel, inside the graph so users feed raw [0, 1] images."""
@@ -70,10 +72,6 @@ class SparseModel:
         """Prunable weights by run.json layer name (the tensors exports store)."""
         params = dict(self.module.net.named_parameters())
         return {layer.name: params[f"{layer.name}.weight"].detach() for layer in self.layers}
-
-
-def sparsity_of(t: torch.Tensor) -> float:
-    return float((t == 0).sum().item()) / max(t.numel(), 1)
 
 
 def fold_batchnorm(net: nn.Module) -> nn.Module:

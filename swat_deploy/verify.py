@@ -44,6 +44,7 @@ from training.rundir import Run, load_trained_model, read_run
 from training.text import escape_control as esc
 from training.evaluation import iterate_batches
 from swat_deploy import artifact as art
+from swat_deploy.formats import sparsity_of
 from swat_deploy.export import DEFAULT_NAMES, INT8_NAME
 from swat_deploy.qdq import is_quantized
 
@@ -432,7 +433,7 @@ class _Judge:
                 continue
             w = weights[lname]
             block = self.blocks_of.get(lname, 1)
-            measured = float((w == 0).sum()) / max(w.size, 1)
+            measured = sparsity_of(w)
             res.layers.append({"name": lname, "expected_sparsity": exp, "measured_sparsity": measured,
                                "block": block})
             if block > 1:

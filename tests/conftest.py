@@ -10,6 +10,21 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_timing_and_private_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test, and every `swat` process a test starts, picks kernels by rule instead of timing
+    them (timings make a test slow and its path depend on the machine's load) and keeps its
+    caches in a temp folder, never the user's ~/.cache. Tests of the timing itself set
+    SWAT_AUTOTUNE=1 with monkeypatch."""
+    mp = pytest.MonkeyPatch()
+    folder = tmp_path_factory.mktemp("caches")
+    mp.setenv("SWAT_AUTOTUNE", "0")
+    mp.setenv("SWAT_AUTOTUNE_CACHE", str(folder / "autotune.json"))
+    mp.setenv("SWAT_INT8_CACHE", str(folder / "int8"))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """torch on one thread for the test: the machine's two cores are shared, and one thread
@@ -33,8 +48,10 @@ def isolated_caches(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa:
 # Plain functions (not fixtures) because module-scoped fixtures use them too; test files import
 # them with ``from conftest import run_swat`` (pytest puts tests/ on sys.path).
 def swat_env(**extra: str) -> dict[str, str]:
-    """Environment for a `swat` subprocess: no display, kernels chosen by rule (no timing)."""
-    return dict(os.environ, MPLBACKEND="Agg", SWAT_AUTOTUNE="0", **extra)
+    """Environment for a `swat` subprocess: no display, kernels chosen by rule (no timing), torch
+    on one thread unless ``extra`` says otherwise (two torch threads on a 2-core machine that is
+    busy with anything else stall at every barrier: a 3-epoch LeNet-5 run took 3x longer)."""
+    return dict(os.environ, **{"MPLBACKEND": "Agg", "SWAT_AUTOTUNE": "0", "OMP_NUM_THREADS": "1", **extra})
 
 
 def run_swat(*args: str, env: Optional[dict[str, str]] = None, check: bool = False,

@@ -125,3 +125,16 @@ def test_bad_state_is_rejected_with_a_message() -> None:
         F.load_state(bad, header, "l")
     with pytest.raises(ValueError, match="unknown weight format"):
         F.to_format(w, "bsr")
+
+
+def test_sparsity_of_counts_exact_zeros_in_torch_and_numpy() -> None:
+    """One count for every report: -0.0 is a zero, NaN is not, an empty tensor is 0 % sparse."""
+    import numpy as np
+
+    from swat_deploy.formats import sparsity_of
+
+    t = torch.tensor([0.0, -0.0, float("nan"), 1.0, 0.0, 2.0, 0.0, 3.0])
+    assert sparsity_of(t) == 0.5
+    assert sparsity_of(t.numpy()) == 0.5
+    assert sparsity_of(np.zeros((0, 3), np.int8)) == 0.0
+    assert sparsity_of(torch.zeros(3, 3, dtype=torch.int8)) == 1.0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import swat_env
 from training.config import TrainConfig
 from training.errors import SwatError
 from training.fileio import atomic_write_bytes, load_tensors, save_tensors
@@ -77,7 +78,7 @@ ARGS = ["train", "--model", "lenet5", "--dataset", "digits", "--mode", "swat", "
 
 
 def test_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
-    env = dict(os.environ, MPLBACKEND="Agg")
+    env = swat_env()
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(_swat(*ARGS, "--out", str(ref)), check=True, capture_output=True, env=env)
     proc = subprocess.Popen(_swat(*ARGS, "--out", str(cut)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

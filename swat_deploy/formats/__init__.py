@@ -28,8 +28,19 @@ FORMAT_NAMES: tuple[str, ...] = ("dense", "csr") + tuple(f"bsr{bh}x{bw}" for bh,
 __all__ = ["BLOCK_CANDIDATES", "BLOCK_LAYER_OVERHEAD", "BLOCK_SHAPES", "BSRWeight", "CSRWeight", "DenseWeight",
            "ENCODED_NAMES", "FORMAT_NAMES", "INDEX_DTYPE", "LAYER_OVERHEAD", "SparseWeight",
            "block_pattern_violations", "block_size_of", "choose_format", "format_nbytes", "load_state", "matrix_shape",
-           "to_bsr", "to_csr", "to_dense_format", "to_format"]
+           "sparsity_of", "to_bsr", "to_csr", "to_dense_format", "to_format"]
 
+
+
+def sparsity_of(t: Union[torch.Tensor, np.ndarray]) -> float:
+    """Fraction of exact zeros (NaN counts as non-zero): the one count every report, plan and
+    check uses, so a layer's sparsity reads the same in `swat verify`, `swat info`, the bench
+    and the kernel choice."""
+    if isinstance(t, np.ndarray):
+        n, nz = t.size, int(np.count_nonzero(t))
+    else:
+        n, nz = t.numel(), int(torch.count_nonzero(t))
+    return 0.0 if n == 0 else 1.0 - nz / n
 
 def _parse_bsr(name: str) -> tuple[int, int] | None:
     if not name.startswith("bsr"):

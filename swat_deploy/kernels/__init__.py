@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .. import autotune
+from ..formats import sparsity_of
 from .base import Kernel, LayerSpec, Op, thread_scope
 from .csr_direct import CsrDirectKernel
 from .csr_im2col import CsrIm2colKernel
@@ -67,11 +68,6 @@ def _padding4(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
     if len(p) == 4:
         return p  # type: ignore[return-value]
     raise ValueError(f"padding must be an int, (ph, pw) or (top, left, bottom, right), got {padding!r}")
-
-
-def _sparsity(weight: torch.Tensor) -> float:
-    n = weight.numel()
-    return 0.0 if n == 0 else 1.0 - int(torch.count_nonzero(weight)) / n
 
 
 def detect_block(weight: torch.Tensor, groups: int = 1, min_fill: float = 0.98) -> int:
@@ -150,7 +146,7 @@ def make_conv2d(weight: torch.Tensor, bias: torch.Tensor | None = None,
     elif block not in (1, 2, 4, 8, 16) or (w.shape[0] // groups) % block:
         raise ValueError(f"block={block} must be 1, 2, 4, 8 or 16 and divide the output channels per group")
     spec = LayerSpec("conv2d", tuple(int(d) for d in w.shape), stride_, pad, dilation_, groups,
-                     bias is not None, _sparsity(w), input_shape, int(block))
+                     bias is not None, sparsity_of(w), input_shape, int(block))
     return _build(spec, w, None if bias is None else bias.detach().float(), kernel, threads)
 
 
@@ -170,5 +166,5 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                              "inputs; pass (N, in_features)")
     w = weight.detach().to(torch.float32).contiguous()
     spec = LayerSpec("linear", tuple(int(d) for d in w.shape), has_bias=bias is not None,
-                     sparsity=_sparsity(w), input_shape=input_shape)
+                     sparsity=sparsity_of(w), input_shape=input_shape)
     return _build(spec, w, None if bias is None else bias.detach().float(), kernel, threads)

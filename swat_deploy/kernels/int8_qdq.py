@@ -38,6 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..formats import sparsity_of
 from ..onnx_ops.base import BuildContext, Node, OpDef
 from ..onnx_ops.graph import Graph
 from ..onnx_ops.optimize import DEFAULT_DOMAINS, FUSED_RELU, FUSED_RESIDUAL, optimize, remove_dead, toposort
@@ -156,7 +157,7 @@ class QConvLayer:
             self.kernel.fuse_residual(a["res_ra"], a["res_rb"], a["res_c"], a["res_lo"])
         self.name = node.name or node.outputs[0]
         self.ctx = ctx
-        self.sparsity = float(1.0 - np.count_nonzero(w) / max(1, w.size))
+        self.sparsity = sparsity_of(w)
         self.weight_shape = tuple(int(d) for d in w.shape)
         ctx.layers.append(self)
 

@@ -687,3 +687,26 @@ def test_residual_add_and_relu_fuse_into_the_conv() -> None:
     assert [(m.op_type, m.attrs.get("swat.residual"), m.attrs.get("swat.relu")) for m in sess.graph.nodes] == \
         [("Conv", 0, 1), ("Conv", 1, 1)]
     assert sess.graph.nodes[1].inputs[3] == "input"
+
+
+def test_plan_timing_uses_the_median_for_long_runs_and_the_lower_quartile_for_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: an engine whose long calls spread (83-134 ms) must not beat a steady 101 ms
+    one by its lucky calls; short runs still see through bursts of other load."""
+    import itertools
+
+    from swat_deploy import session as session_mod
+    from swat_deploy import timing
+
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def engine(costs: list[float]):
+        it = itertools.cycle(costs)
+        return lambda: clock.__setitem__(0, clock[0] + next(it))
+
+    ms = session_mod._time_candidates({"spread": engine([0.083, 0.134, 0.090, 0.120, 0.118, 0.094, 0.117]),
+                                       "steady": engine([0.101])})
+    assert ms["spread"] > ms["steady"] == pytest.approx(101.0)
+    ms = session_mod._time_candidates({"bursty": engine([0.001, 0.001, 0.001, 0.005]),
+                                       "steady": engine([0.0015])})
+    assert ms["bursty"] < ms["steady"]

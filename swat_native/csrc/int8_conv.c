@@ -367,18 +367,21 @@ static void interleave4(uint8_t *dst, const uint8_t *const *src, int64_t off, in
     }
 }
 
-/* A per-thread scratch of at least `bytes` (grown, never shrunk; freed at thread exit never:
-   one per pool / numba worker, at most a few hundred KB for CIFAR-sized maps). NULL on OOM. */
-static __thread uint8_t *q_tmp;
-static __thread int64_t q_tmp_cap;
-static uint8_t *q_scratch(int64_t bytes) {
-    if (bytes > q_tmp_cap) {
-        free(q_tmp);
+/* This thread's scratch number `slot` (< SWAT_Q_SLOTS), 64-byte aligned, of at least `bytes`
+   (grown, never shrunk, never freed: one per pool / numba worker and slot, at most a few hundred
+   KB at CIFAR sizes). NULL on OOM. Slots because one caller's buffer may be live while a callee
+   uses its own (int8_layer.c's fused items hold a packed chunk while the conv uses slot 0). */
+#define SWAT_Q_SLOTS 2
+static __thread uint8_t *q_tmp[SWAT_Q_SLOTS];
+static __thread int64_t q_tmp_cap[SWAT_Q_SLOTS];
+uint8_t *swat_q_scratch(int slot, int64_t bytes) {
+    if (bytes > q_tmp_cap[slot]) {
+        free(q_tmp[slot]);
         const int64_t cap = (bytes + 4095) / 4096 * 4096;
-        q_tmp = aligned_alloc(64, (size_t)cap);
-        q_tmp_cap = q_tmp ? cap : 0;
+        q_tmp[slot] = aligned_alloc(64, (size_t)cap);
+        q_tmp_cap[slot] = q_tmp[slot] ? cap : 0;
     }
-    return q_tmp;
+    return q_tmp[slot];
 }
 
 static inline void fill_words(uint32_t *d, uint32_t v, int64_t n) {
@@ -401,7 +404,7 @@ EXPORT void swat_qpack_u8(const uint8_t *x, uint8_t *out, int64_t C, int64_t H, 
                           int64_t s, int64_t nph, int64_t pt, int64_t pl, int64_t R, int64_t w_out,
                           int64_t zx, int64_t img_out, int64_t i0, int64_t i1) {
     const int64_t CG = (C + 3) / 4, HW = H * W;
-    uint8_t *tmp = q_scratch(5 * HW + 64);
+    uint8_t *tmp = swat_q_scratch(0, 5 * HW + 64);
     if (tmp == NULL) return;
     uint32_t *t = (uint32_t *)tmp;   /* the interleaved plane, HW words */
     uint8_t *zplane = tmp + 4 * HW;  /* zx bytes, for channels past the last */

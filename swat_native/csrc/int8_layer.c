@@ -16,7 +16,6 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <time.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -39,6 +38,7 @@ int swat_qconv_u8(int64_t isa, const int32_t *indptr, const int32_t *offs, const
 void swat_qpack_u8(const uint8_t *x, uint8_t *out, int64_t C, int64_t H, int64_t W, int64_t kw,
                    int64_t s, int64_t nph, int64_t pt, int64_t pl, int64_t R, int64_t w_out,
                    int64_t zx, int64_t img_out, int64_t i0, int64_t i1);
+uint8_t *swat_q_scratch(int slot, int64_t bytes); /* int8_conv.c; slot 1: a fused item's packed chunk */
 void swat_qadd_u8(int64_t isa, const uint8_t *a, const uint8_t *b, uint8_t *y, float ra, float rb, float c,
                   int64_t lo, int64_t i0, int64_t i1);
 
@@ -236,20 +236,6 @@ static void q_conv_item(const void *vc, int64_t i) {
                           c->rc, c->rlo);
 }
 
-/* A per-thread packed-input scratch for the fused items (grown, never shrunk, never freed: one
-   per pool worker and calling thread, a chunk's packed images, ~100-300 KB at CIFAR sizes). */
-static __thread uint8_t *q_chunk_buf;
-static __thread int64_t q_chunk_cap;
-static uint8_t *q_chunk_scratch(int64_t bytes) {
-    if (bytes > q_chunk_cap) {
-        free(q_chunk_buf);
-        const int64_t cap = (bytes + 4095) / 4096 * 4096;
-        q_chunk_buf = aligned_alloc(64, (size_t)cap);
-        q_chunk_cap = q_chunk_buf ? cap : 0;
-    }
-    return q_chunk_buf;
-}
-
 /* Images [n0, n1) = item i * chunk ...: packed into this thread's scratch, then multiplied while
    the packed bytes are still in this core's L2. Why: at batch 64 the two-phase layer wrote the
    whole batch's packed input (3 column copies: 13 MB for a 64-channel 32x32 map) to memory and
@@ -259,7 +245,7 @@ static void q_fused_item(const void *vc, int64_t i) {
     const int64_t n0 = i * c->chunk, n1 = n0 + c->chunk < c->n ? n0 + c->chunk : c->n;
     if (n0 >= n1) return;
     const int64_t cg = (c->c + 3) / 4, tpi = (c->plane + 15) / 16, img_out = c->rows * c->plane;
-    uint8_t *xp = q_chunk_scratch(4 * ((n1 - n0) * c->img_in + 32));
+    uint8_t *xp = swat_q_scratch(1, 4 * ((n1 - n0) * c->img_in + 32));
     if (xp == NULL) return;
     swat_qpack_u8(c->x + n0 * c->c * c->h * c->w, xp, c->c, c->h, c->w, c->kw, c->s, c->nph, c->pt, c->pl, c->R,
                   c->w_out, c->zx, c->img_in, 0, (n1 - n0) * cg);

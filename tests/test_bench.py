@@ -99,6 +99,7 @@ def test_bench_onnx_file_reports_engines_layers_and_sweep(cnn_onnx: Path, tmp_pa
     json.dumps(report.to_dict())
 
 
+@pytest.mark.slow  # trains, exports and sweeps in subprocesses (7 s)
 def test_sweep_of_a_run_dir_with_a_compact_export(tmp_path: Path) -> None:
     """The user's model.onnx stores weights as values + bitmask; the sweep re-prunes the plain model."""
     from swat_deploy.export import export

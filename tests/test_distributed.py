@@ -115,6 +115,7 @@ def _nan_on_rank1(ctx: ddp.DistContext) -> None:
         assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+@pytest.mark.slow  # two ranks in subprocesses (5 s); the single-process NaN stop is in the default suite
 def test_nan_loss_on_one_rank_stops_every_rank_before_the_step() -> None:
     with pytest.raises(SwatError) as e:
         ddp.launch(_nan_on_rank1, 2)

@@ -112,6 +112,7 @@ def _tamper_onnx(src: Path, dst: Path, fix_hash: bool) -> None:
     onnx.save(model, str(dst))
 
 
+@pytest.mark.slow  # the CLI form of test_verify.py's in-process integrity tests
 @pytest.mark.parametrize("fix_hash", [False, True], ids=["hash-stale", "hash-forged"])
 def test_verify_fails_on_tampered_weights(run_dir: Path, tmp_path: Path, fix_hash: bool) -> None:
     bad = tmp_path / "tampered.onnx"

@@ -310,6 +310,7 @@ def test_verify_fails_when_an_export_is_missing_unless_allowed(run_copy: Path) -
     assert "not checked (--allow-missing)" in format_report(report)
 
 
+@pytest.mark.slow  # several `swat` runs in subprocesses (5-8 s)
 def test_train_force_leaves_no_stale_artefacts(run_copy: Path) -> None:
     (run_copy / "sparse.safetensors").write_bytes(b"old")
     (run_copy / "notes.txt").write_text("mine")
@@ -330,6 +331,7 @@ def test_resume_refuses_changed_settings_in_one_line_without_touching_the_run(ru
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow  # several `swat` runs in subprocesses (5-8 s)
 def test_resume_with_more_epochs_extends_the_run_and_records_it(run_copy: Path) -> None:
     old = json.loads((run_copy / "run.json").read_text())
     proc = swat("train", "--resume", str(run_copy), "--epochs", "3", "--seed", "0")  # --seed: same as the run's
@@ -355,6 +357,7 @@ def test_resuming_a_finished_run_keeps_its_hash_and_exports_valid(run_copy: Path
     assert report.passed, _failed(report)
 
 
+@pytest.mark.slow  # several `swat` runs in subprocesses (5-8 s)
 def test_torn_first_metrics_line_keeps_the_valid_rows_on_resume(run_copy: Path) -> None:
     lines = (run_copy / "metrics.jsonl").read_text().splitlines()
     (run_copy / "metrics.jsonl").write_text(lines[0][:25] + "\n" + "\n".join(lines[1:]) + "\n")
@@ -453,6 +456,7 @@ def test_directory_named_like_a_model_is_not_called_missing(run_copy: Path) -> N
     one_line(swat("verify", str(run_copy), "--model", str(run_copy / "dir.onnx")), 2, "is a directory")
 
 
+@pytest.mark.slow  # several `swat` runs in subprocesses (5-8 s)
 def test_export_and_resume_into_an_unwritable_dir_fail_before_any_work(run_copy: Path, tmp_path: Path,
                                                                         monkeypatch) -> None:
     import importlib

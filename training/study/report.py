@@ -46,8 +46,11 @@ NOTES = """\
   Conv / Linear) with each term scaled by the density the run *recorded* during training
   (weight Top-K, saved activation Top-K, meProp's gradient Top-K), averaged over layers by
   MACs. It is a count of multiply-accumulates, not a speed: the measured step time next to it
-  (median CPU seconds per training step, 1 torch thread, dense kernels with masks - no sparse
-  GEMM) shows what this CPU implementation actually costs.
+  (median CPU seconds per training step, 1 torch thread) shows what this CPU implementation
+  actually costs. Each run measured it with the code of its day: runs started after SWAT's
+  sparse training products landed use them where they win (`swat train`'s default), earlier
+  runs used dense kernels with masks, and runs share the machine with other work, so step
+  times are comparable only roughly, and wall times not at all.
 """
 
 

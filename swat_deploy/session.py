@@ -488,16 +488,10 @@ def _time_candidates(runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
     """
     from .timing import lower_quartile, time_interleaved
 
-    rounds = {"n": 15}
+    def stat(values: list[float]) -> float:  # 16 values = 8 rounds of 2 timed calls per turn
+        return lower_quartile(values) if len(values) >= 16 else statistics.median(values)
 
-    def rounds_for(per_round_s: float) -> int:
-        rounds["n"] = max(3, min(15, int(1.0 / max(per_round_s, 1e-6))))
-        return rounds["n"]
-
-    def stat(values: list[float]) -> float:
-        return lower_quartile(values) if rounds["n"] >= 8 else statistics.median(values)
-
-    timed = time_interleaved(runs, repeats=15, stat=stat, rounds_for=rounds_for)
+    timed = time_interleaved(runs, repeats=15, budget_s=1.0, stat=stat)
     return {k: sec * 1e3 for k, (sec, _) in timed.items()}
 
 

@@ -74,7 +74,7 @@ def test_qconv_fused_chunks_exact(isa: str, case: tuple, monkeypatch: pytest.Mon
     w, ws, b, spec = _layer(rng, c, o, k, s, p, sparsity, relu)
     x = rng.integers(0, 256, (n, c, h, w_)).astype(np.uint8)
     plane = reference_qconv(x[:1], w, ws, b, spec).shape[2:]
-    assert int8_direct.fused_chunk(n, plane[0] * plane[1], 1, 2) > 0
+    assert int8_direct.fused_chunk(n, plane[0] * plane[1], 2) > 0
     want = reference_qconv(x, w, ws, b, spec)
     op = PreparedQConv(w, ws, b, spec, isa=isa)
     for threads in (1, 2, 3):
@@ -94,10 +94,10 @@ def test_fused_chunk_rule() -> None:
 
     if int8_direct._FUSED is not None:
         pytest.skip("SWAT_INT8_FUSED is set")
-    assert int8_direct.fused_chunk(1, 32 * 32, 1000, 2) == 0
-    assert int8_direct.fused_chunk(64, 8 * 8, 1000, 2) == 2      # 4 tiles per image -> 2 images
-    assert int8_direct.fused_chunk(64, 32 * 32, 1000, 2) == 1    # 64 tiles per image
-    assert int8_direct.fused_chunk(3, 4 * 4, 1000, 2) == 0       # fewer than 2 chunks per thread
+    assert int8_direct.fused_chunk(1, 32 * 32, 2) == 0
+    assert int8_direct.fused_chunk(64, 8 * 8, 2) == 2      # 4 tiles per image -> 2 images
+    assert int8_direct.fused_chunk(64, 32 * 32, 2) == 1    # 64 tiles per image
+    assert int8_direct.fused_chunk(3, 4 * 4, 2) == 0       # fewer than 2 chunks per thread
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -31,7 +31,6 @@ __all__ = ["BLOCK_CANDIDATES", "BLOCK_LAYER_OVERHEAD", "BLOCK_SHAPES", "BSRWeigh
            "sparsity_of", "to_bsr", "to_csr", "to_dense_format", "to_format"]
 
 
-
 def sparsity_of(t: Union[torch.Tensor, np.ndarray]) -> float:
     """Fraction of exact zeros (NaN counts as non-zero): the one count every report, plan and
     check uses, so a layer's sparsity reads the same in `swat verify`, `swat info`, the bench
@@ -41,6 +40,7 @@ def sparsity_of(t: Union[torch.Tensor, np.ndarray]) -> float:
     else:
         n, nz = t.numel(), int(torch.count_nonzero(t))
     return 0.0 if n == 0 else 1.0 - nz / n
+
 
 def _parse_bsr(name: str) -> tuple[int, int] | None:
     if not name.startswith("bsr"):

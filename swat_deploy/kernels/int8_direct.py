@@ -214,7 +214,7 @@ class PreparedQConv:
         plane = h_out * w_out
         ntiles = n * (-(-plane // 16))
         items = n * self.groups_in
-        chunk = fused_chunk(n, plane, img_in, threads)
+        chunk = fused_chunk(n, plane, threads)
         call = native.QLayerCall(
             self.indptr, offs, self.vals, self.corr, self.mult, rows=self.out_channels, zy=s.y_zero, lo=self.lo,
             hi=255, n=n, c=self.in_channels, h=h, w=w, kw=self.kw, s=s.stride[0], nph=nph, pt=s.padding[0],
@@ -256,7 +256,7 @@ class PreparedQConv:
         return y
 
 
-def fused_chunk(n: int, plane: int, img_in: int, threads: int) -> int:
+def fused_chunk(n: int, plane: int, threads: int) -> int:
     """Images per fused pack + multiply item of the one-call layer (0: pack the whole batch, then
     multiply). Why: packed per chunk, a chunk's input is multiplied while it is in L2 instead of
     the whole batch's packed copies going to memory and back (see int8_layer.c q_fused_item).

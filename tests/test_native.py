@@ -229,3 +229,48 @@ def test_without_the_compiled_kernels_the_numba_loops_give_the_same_result(monke
     lin = make_linear(wt.reshape(16, -1), None, kernel="csr_rows")
     xl = torch.randn(5, 72)
     torch.testing.assert_close(lin(xl), F.linear(xl, wt.reshape(16, -1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 100, 1003, 40001])
+def test_bitmask_passes_match_the_numba_loops_on_every_isa(isa: str, n: int) -> None:
+    """ReLU + bits, masking, threshold -> bits, compact <-> dense: bit-identical to the numba
+    reference, NaN / -0.0 / inf included, at lengths that end mid-byte and mid-vector."""
+    from swat_native import bits as B
+    from training import _swat_kernels as K
+
+    code = native.isa_code(isa)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    for v in (np.nan, 0.0, -0.0, np.inf, -np.inf):
+        x[rng.integers(0, n, max(1, n // 40))] = v
+    nb = (n + 7) // 8
+    y_ref, b_ref = np.empty_like(x), np.zeros(nb, np.uint8)
+    c_ref = K.relu_pack(x, y_ref, b_ref)
+    y, b = np.empty_like(x), np.zeros(nb, np.uint8)
+    assert B.relu_pack(code, x, y, b) == c_ref
+    assert np.array_equal(b, b_ref) and np.array_equal(y.view(np.uint32), y_ref.view(np.uint32))
+    xi = x.copy()  # in place, as SwatReLU(inplace=True) calls it
+    B.relu_pack(code, xi, xi, b)
+    assert np.array_equal(xi.view(np.uint32), y_ref.view(np.uint32))
+
+    g_ref, g = np.empty(n, np.uint32), np.empty(n, np.uint32)
+    K.mask_select(x.view(np.uint32), b_ref, g_ref)
+    B.mask_select(code, x.view(np.uint32), b_ref, g)
+    assert np.array_equal(g, g_ref)
+
+    thr = np.abs(rng.standard_normal(5)).astype(np.float32)
+    for inner, period in ((n, 1), (3, 5), (9, 2), (64, 5), (1000, 3)):
+        p_ref, p = np.zeros(nb, np.uint8), np.zeros(nb, np.uint8)
+        assert B.pack_gt(code, x, thr[:period], inner, period, p) == K.pack_gt(x, thr[:period], inner, period, p_ref)
+        assert np.array_equal(p, p_ref), (inner, period)
+
+    v_ref, v = np.zeros(n + 1, np.float32), np.full(n + 1, 7.0, np.float32)
+    count = K.gather(x, b_ref, v_ref)
+    assert B.gather(code, x, b_ref, v) == count
+    assert np.array_equal(v[:count].view(np.uint32), v_ref[:count].view(np.uint32))
+    assert v[count] == 7.0  # writes exactly the values it owns
+    d_ref, d = np.empty(n, np.float32), np.empty(n, np.float32)
+    K.expand(b_ref, v_ref, d_ref)
+    B.expand(code, b_ref, v[:count].copy(), d)  # no spare slot needed
+    assert np.array_equal(d.view(np.uint32), d_ref.view(np.uint32))

@@ -77,7 +77,7 @@ def ref_kth(x: torch.Tensor, s: float, topk: str) -> torch.Tensor:
 
 
 def _backends():
-    return ["numba", "torch"]
+    return (["native"] if memory.packing.native_available() else []) + ["numba", "torch"]
 
 
 CONV_CASES = [
@@ -133,7 +133,7 @@ def test_drop_zeros_never_keeps_zeros_and_thresholds_are_kth(backend):
     assert torch.equal(thr, ref_kth(big, 0.6, "hw").view(3, 4))
 
 
-def test_numba_and_torch_backends_agree_on_compact_storage():
+def test_every_backend_agrees_on_compact_storage():
     x = torch.randn(3, 5, 7, 9, generator=torch.Generator().manual_seed(4))
     out = {}
     for b in _backends():
@@ -145,8 +145,9 @@ def test_numba_and_torch_backends_agree_on_compact_storage():
         out[b] = (sel.bits, vals, dense, g)
         assert torch.equal(dense, torch.where(ref_mask(x, 0.7, "hw"), x, 0.0))
         assert torch.equal(g, torch.where(ref_mask(x, 0.7, "hw"), 2 * x, 0.0))
-    for a, b in zip(out["numba"], out["torch"]):
-        assert torch.equal(a, b)
+    for name in out:
+        for a, b in zip(out[name], out["torch"]):
+            assert torch.equal(a, b), name
 
 
 def test_topk_weight_uses_the_training_tie_rule():

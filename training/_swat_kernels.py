@@ -15,6 +15,10 @@ one or two streaming passes (about 0.3-1 ms per million elements):
 * ``gather`` / ``expand`` / ``mask_select``: bitmask + values <-> dense tensor.
 * ``relu_pack``: ReLU and the bitmask of its positives in one pass.
 
+Where the compiled library is built, the bitmask passes (``pack_gt``, ``gather``, ``expand``,
+``mask_select``, ``relu_pack``) run in its vectorised C instead (``swat_native/bits.py``,
+3-5x faster on one thread); these stay the fallback and the reference the tests compare with.
+
 Every function takes flat contiguous numpy views of torch tensors (zero copy); the Python
 wrappers in :mod:`training.topk` and :mod:`training.memory` choose between these and the
 plain-torch path (used for other dtypes and devices, and as the reference in the tests).

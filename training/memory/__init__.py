@@ -11,12 +11,13 @@ plus int64 indices.  BatchNorm stays dense, as in the paper.
 :func:`saved_bytes` measures the result with ``torch.autograd.graph.saved_tensors_hooks``,
 counting every storage once (a tensor saved by two nodes costs memory once).
 
-On CPU float32 the bit work runs in the numba kernels of :mod:`training._swat_kernels` (numba is
-a dependency); everything else (other dtypes, other devices) uses plain torch.  :func:`use_backend` forces
-one path, so tests can check that both give identical results.
+On CPU float32 the bit work runs in compiled C (``swat_native/csrc/bits_f32.c``), or in the numba
+kernels of :mod:`training._swat_kernels` where the library was not built; everything else (other
+dtypes, other devices) uses plain torch.  :func:`use_backend` forces one path, so tests can check
+that all give identical results.
 
-One job per module: :mod:`~training.memory.packing` (bitmasks, compact values and the numba /
-torch backend), :mod:`~training.memory.layers` (the ReLU and max-pool that save little) and
+One job per module: :mod:`~training.memory.packing` (bitmasks, compact values and the native /
+numba / torch backends), :mod:`~training.memory.layers` (the ReLU and max-pool that save little) and
 :mod:`~training.memory.saved` (measuring what autograd keeps).
 """
 from training.memory.layers import SwatMaxPool2d, SwatReLU

@@ -710,3 +710,19 @@ def test_plan_timing_uses_the_median_for_long_runs_and_the_lower_quartile_for_sh
     ms = session_mod._time_candidates({"bursty": engine([0.001, 0.001, 0.001, 0.005]),
                                        "steady": engine([0.0015])})
     assert ms["bursty"] < ms["steady"]
+
+
+@pytest.mark.parametrize("kernel,stride,dilation", [((3, 3), (2, 2), (1, 1)), ((2, 3), (1, 2), (1, 1)),
+                                                    ((3, 2), (2, 1), (2, 1)), ((1, 1), (2, 2), (1, 1)),
+                                                    ((4, 4), (3, 3), (1, 2))])
+def test_strided_view_max_pool_matches_torch_including_nan(kernel, stride, dilation) -> None:  # noqa: ANN001
+    """The MaxPool op's separable max (swat_deploy/onnx_ops/pool.py) is exact vs torch's pool."""
+    from swat_deploy.onnx_ops.pool import _max_pool2d
+
+    x = torch.randn(2, 3, 13, 11, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 2, 3], x[1, 2, 7, 7], x[0, 1, 0, 0] = float("nan"), float("inf"), float("-inf")
+    ref = F.max_pool2d(x, kernel, stride, 0, dilation)
+    got = _max_pool2d(x, list(kernel), list(stride), list(dilation))
+    assert got.shape == ref.shape and got.is_contiguous()
+    assert torch.equal(got.nan_to_num(7.0), ref.nan_to_num(7.0))
+    assert torch.equal(got.isnan(), ref.isnan())

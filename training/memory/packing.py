@@ -36,8 +36,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 class _NativeKernels:
-    """The numba kernel module's interface with the bitmask passes in compiled C (3-5x faster
-    single-threaded, see bits_f32.c); the Top-K selection loops stay numba."""
+    """The numba kernel module's interface with the bitmask passes in compiled C (2.5-5x faster
+    per call, see bits_f32.c); the Top-K selection loops stay numba. The ISA (``SWAT_ISA``) is
+    read once, when the backend is first used."""
 
     def __init__(self, numba_mod: Any) -> None:
         import swat_native
@@ -64,24 +65,30 @@ class _NativeKernels:
 
 
 def native_available() -> bool:
+    """Whether the compiled kernels were built (``pip install -e .``) and load."""
     import swat_native
 
     return swat_native.available()
 
 
 def _load_kernels(name: str) -> Any:
-    """The kernels of backend ``name`` ("native" / "numba"), built on first use (numba compiles
-    for ~1 s)."""
+    """The kernels of backend ``name`` ("auto", "native" or "numba"), built on first use (numba
+    compiles for ~1 s)."""
     k = _kernels.get(name)
-    if k is None:
-        from training import _swat_kernels
-        if name == "auto":
-            k = _kernels[name] = _load_kernels("native" if native_available() else "numba")
-            return k
-        if name == "native" and not native_available():
+    if k is not None:
+        return k
+    from training import _swat_kernels
+
+    if name == "auto":
+        k = _load_kernels("native" if native_available() else "numba")
+    elif name == "native":
+        if not native_available():
             raise ValueError("the native backend needs the compiled kernels (pip install -e .); "
                              "use_backend('numba') or 'auto'")
-        k = _kernels[name] = _NativeKernels(_swat_kernels) if name == "native" else _swat_kernels
+        k = _NativeKernels(_swat_kernels)
+    else:
+        k = _swat_kernels
+    _kernels[name] = k
     return k
 
 

@@ -13,10 +13,25 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["serial_call", "serial_scope", "thread_cap", "torch_thread_cap", "thread_scope"]
+__all__ = ["numba_threads", "serial_call", "serial_scope", "thread_cap", "torch_thread_cap", "thread_scope"]
 
 _cap = threading.local()
 _serial = threading.local()
+_numba_now = threading.local()  # numba's count on this thread as thread_scope set it (None: unknown)
+
+
+def numba_threads() -> int:
+    """numba's intra-op thread count on this thread.
+
+    Inside a :func:`thread_scope` it is the count the scope set, without asking numba:
+    ``numba.get_num_threads()`` takes a process-wide lock on every call, and the kernels asked
+    74 times per batch-1 ResNet-18 run (0.26 ms of a ~5 ms run). Outside, numba is asked."""
+    n = getattr(_numba_now, "n", None)
+    if n is None:
+        import numba as nb
+
+        n = nb.get_num_threads()
+    return n
 
 
 def thread_cap() -> int | None:
@@ -74,17 +89,21 @@ def thread_scope(threads: int | None, torch_threads: bool = True) -> Iterator[No
     old_torch = torch.get_num_threads()
     import numba as nb  # a dependency; imported here so importing this module stays cheap
 
-    old_numba = nb.get_num_threads()
+    known = getattr(_numba_now, "n", None)
+    old_numba = known if known is not None else nb.get_num_threads()
     if torch_threads and old_torch != want_torch:
         torch.set_num_threads(want_torch)
-    want_numba = want_torch if cap is not None else threads
+    want_numba = min(want_torch if cap is not None else threads, nb.config.NUMBA_NUM_THREADS)
     if old_numba != want_numba:
-        nb.set_num_threads(min(want_numba, nb.config.NUMBA_NUM_THREADS))
+        nb.set_num_threads(want_numba)
+    _numba_now.n = want_numba
     try:
         yield
     finally:
-        if nb.get_num_threads() != old_numba:
+        # inside the block only scopes (which restore) change numba's count: it is want_numba
+        if want_numba != old_numba:
             nb.set_num_threads(old_numba)
+        _numba_now.n = known
         # last: with numba's OpenMP layer, resizing numba's pool also resizes torch's
         if torch.get_num_threads() != old_torch:
             torch.set_num_threads(old_torch)

@@ -106,8 +106,20 @@ def pick_isa(runs: tuple[str, ...], what: str) -> str:
     return want
 
 
+_ISA_BY_ENV: dict[str, int] = {}
+
+
 def isa_code(name: str | None = None) -> int:
-    return _ISA_CODE[name or isa()]
+    """The ISA's number as the C loops take it; without a name, the one `isa()` picks. Every
+    layer call asks, so the pick is kept per value of SWAT_ISA (the variable is still read
+    each time: tests and users may change it between calls)."""
+    if name is not None:
+        return _ISA_CODE[name]
+    env = os.environ.get("SWAT_ISA", "")
+    code = _ISA_BY_ENV.get(env)
+    if code is None:
+        code = _ISA_BY_ENV[env] = _ISA_CODE[isa()]
+    return code
 
 
 def lanes(name: str | None = None) -> int:

@@ -268,6 +268,21 @@ def test_thread_scope_restores_settings() -> None:
     assert torch.get_num_threads() == t0 and numba.get_num_threads() == n0
 
 
+def test_numba_threads_tracks_nested_scopes_without_asking_numba() -> None:
+    """Kernels read the scope's count from `numba_threads` (numba's own getter takes a lock per
+    call); it must agree with numba inside nested scopes and after each one exits."""
+    from swat_deploy.threads import numba_threads
+
+    n0 = numba.get_num_threads()
+    assert numba_threads() == n0
+    with thread_scope(1, torch_threads=False):
+        assert numba_threads() == numba.get_num_threads() == 1
+        with thread_scope(2, torch_threads=False):
+            assert numba_threads() == numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+        assert numba_threads() == numba.get_num_threads() == 1
+    assert numba_threads() == numba.get_num_threads() == n0
+
+
 def test_cache_of_an_older_kernel_version_is_retimed_silently(recwarn) -> None:  # noqa: ANN001
     path = autotune.cache_path()
     stale = {"version": autotune.CACHE_VERSION - 1, "machines": {"m": {"k": {"kernel": "dense"}}}}

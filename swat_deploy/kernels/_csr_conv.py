@@ -13,6 +13,7 @@ import torch
 from ..formats import to_csr
 from . import _numba_common as nc
 import swat_native as native
+from swat_deploy.threads import numba_threads
 from .base import LayerSpec, add_relu_
 
 
@@ -54,7 +55,7 @@ class CsrConvWeights:
         plane = g.h_out * g.w_out
         yn = np.empty(n * self.o * plane, np.float32)
         res = yn if residual is None else residual.numpy().reshape(-1)
-        threads = nc.numba.get_num_threads() if par else 1
+        threads = numba_threads() if par else 1
         ntg, tg, nrg = native.split(g.run, g.nb, self.indptr.shape[0] - 1, threads)
         native.shift_rows_into(par)(native.isa_code(), self.indptr, native.check_offsets(g.offs), self.vals,
                                     self.bias, packed, g.chunk_in, yn, res, residual is not None, int(relu),
@@ -127,7 +128,7 @@ def shift_multiply(indptr: np.ndarray, offs: np.ndarray, vals: np.ndarray, bias:
 
     The compiled loop when it is built (see `native`), else the numba one (block 1 only)."""
     if native.available():
-        threads = nc.numba.get_num_threads() if par else 1
+        threads = numba_threads() if par else 1
         ntg, tg, nrg = native.split(run, nb, indptr.shape[0] - 1, threads)
         native.shift_rows(par)(native.isa_code(), indptr, native.check_offsets(offs), vals, bias, packed,
                                chunk_in, out, run, nb, block, ntg, tg, nrg)

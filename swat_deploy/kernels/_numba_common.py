@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from swat_deploy.threads import numba_threads, thread_scope
 from ._simd import LANES, vadd, vfma, vload, vrelu, vsplat, vstore
 
 _workspace = threading.local()
@@ -96,7 +97,7 @@ def parallel(work: int) -> bool:
     """Use the parallel builds when more than one numba thread is active and `work` is worth it."""
     from .base import serial_call
 
-    return work >= PARALLEL_MIN_WORK and not serial_call() and numba.get_num_threads() > 1
+    return work >= PARALLEL_MIN_WORK and not serial_call() and numba_threads() > 1
 
 
 def warm_up(prepared: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...]) -> None:
@@ -110,12 +111,8 @@ def warm_up(prepared: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple
     try:
         prepared(x)
         if numba.config.NUMBA_NUM_THREADS > 1:
-            old = numba.get_num_threads()
-            numba.set_num_threads(2 if old == 1 else 1)
-            try:
+            with thread_scope(2 if numba_threads() == 1 else 1, torch_threads=False):
                 prepared(x)
-            finally:
-                numba.set_num_threads(old)
     finally:
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)

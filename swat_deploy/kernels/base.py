@@ -13,7 +13,8 @@ from typing import Callable, Protocol
 import torch
 
 # the thread scopes live in swat_deploy.threads (shared with the autotuner); re-exported here
-from swat_deploy.threads import serial_call, serial_scope, thread_cap, thread_scope, torch_thread_cap  # noqa: F401
+from swat_deploy.threads import (numba_threads, serial_call, serial_scope, thread_cap, thread_scope,  # noqa: F401
+                                 torch_thread_cap)
 
 
 @dataclass(frozen=True)

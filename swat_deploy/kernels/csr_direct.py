@@ -30,6 +30,7 @@ from . import _numba_common as nc
 import swat_native as native
 import swat_native.layer as native_layer
 from ._csr_conv import CsrConvWeights, epilogue_ok
+from swat_deploy.threads import numba_threads
 from .base import LayerSpec
 
 # A batch chunk's packed input should stay in the per-core L2 (1 MiB on the machine measured):
@@ -170,7 +171,7 @@ class _CsrDirectConv:
         pt, pl = self.spec.padding[0], self.spec.padding[1]
         par = nc.parallel(wt.vals.size * g.run * g.nb)
         if epilogue_ok((n, wt.o, g.h_out, g.w_out), residual):
-            threads = nc.numba.get_num_threads() if par else 1
+            threads = numba_threads() if par else 1
             call = self._one_call(g, n, h, w, threads, residual is not None or relu)
             if call is not None:
                 return self._run_one_call(call, g, x, n, h, w, residual, relu, threads)

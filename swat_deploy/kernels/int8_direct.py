@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import serial_call
+from .base import numba_threads, serial_call
 
 BLOCK = 4  # input channels per weight block (the int8 dot product's width)
 _SLACK_WORDS = 32  # the kernels read up to 16 words past the last grid position
@@ -169,7 +169,7 @@ class PreparedQConv:
         if res is not None and (self.residual is None or res.dtype != torch.uint8):
             raise ValueError("a residual needs fuse_residual() first and a uint8 tensor")
         n, c, h, w = x.shape
-        threads = 1 if serial_call() else max(1, threads or _numba_threads())
+        threads = 1 if serial_call() else max(1, threads or numba_threads())
         if _LAYER_CALL and native.layer_call_available():
             return self._one_call(x, n, h, w, threads, res)
         h_out, w_out, nph, rows, img_in, offs = self._geometry(h, w)
@@ -278,11 +278,6 @@ _FUSED = {"0": 0, "off": 0, "false": 0, "1": 1, "on": 1, "true": 1}.get(
 # SWAT_INT8_LAYER_CALL=0: the two numba calls per layer (pack, multiply) instead of one C call
 _LAYER_CALL = os.environ.get("SWAT_INT8_LAYER_CALL", "1").strip().lower() not in ("0", "off", "false")
 
-
-def _numba_threads() -> int:
-    import numba
-
-    return int(numba.get_num_threads())
 
 
 def reference_qconv(x: np.ndarray, weight: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None,

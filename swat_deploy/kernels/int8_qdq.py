@@ -42,7 +42,7 @@ from ..formats import sparsity_of
 from ..onnx_ops.base import BuildContext, Node, OpDef
 from ..onnx_ops.graph import Graph
 from ..onnx_ops.optimize import DEFAULT_DOMAINS, FUSED_RELU, FUSED_RESIDUAL, optimize, remove_dead, toposort
-from .base import serial_call, thread_cap
+from .base import numba_threads, serial_call, thread_cap
 from .int8_direct import Int8DirectKernel, QConvSpec, requant_multipliers
 
 QCONV, QADD = "SwatQLinearConv", "SwatQLinearAdd"
@@ -131,9 +131,7 @@ def _threads(ctx: BuildContext | None) -> int:
         return max(1, cap)
     if ctx is not None and ctx.threads:
         return ctx.threads
-    import numba
-
-    return int(numba.get_num_threads())
+    return numba_threads()
 
 
 def _prepare_qconv(node: Node, consts: Mapping[str, np.ndarray], ctx: BuildContext) -> Any:

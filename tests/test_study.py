@@ -120,6 +120,20 @@ rec = {"key": spec["key"], "seed": spec["train"]["seed"], "config": spec["config
 """
 
 
+def test_report_judges_only_claims_whose_configurations_the_preset_has():
+    from training.study.report import render
+
+    def claims_in(p):
+        text, _ = render(p, {}, [])
+        return {cl.id for cl in V.CLAIMS if cl.text in text}
+
+    full = study.preset("tiny")
+    no_blocks = replace(full, configs=tuple(c for c in full.configs if c.block == 1))
+    assert "blocks-vs-unstructured" in claims_in(full)
+    left = claims_in(no_blocks)
+    assert "blocks-vs-unstructured" not in left and "swat70-vs-dense" in left
+
+
 def test_resume_skips_finished_runs(tmp_path, monkeypatch):
     from training.study import runner
     fake = tmp_path / "fake_worker.py"

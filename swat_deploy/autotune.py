@@ -362,10 +362,9 @@ def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias
             return k.name, k.prepare(weight, bias, spec), threads
     cached = lookup(spec, threads)
     if cached is not None and cached["kernel"] in by_name:
-        k = by_name[cached["kernel"]]
-        run_threads = 1 if cached.get("serial") else threads
+        k = by_name[cached["kernel"]]  # "serial" is always false since layers are timed on the caller's threads
         with thread_scope(threads):
-            return k.name, k.prepare(weight, bias, spec), run_threads
+            return k.name, k.prepare(weight, bias, spec), threads
 
     timed = [k for k in candidates if worth_timing(k, spec)]
     if len(timed) == 1:

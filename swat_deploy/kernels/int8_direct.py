@@ -279,7 +279,6 @@ _FUSED = {"0": 0, "off": 0, "false": 0, "1": 1, "on": 1, "true": 1}.get(
 _LAYER_CALL = os.environ.get("SWAT_INT8_LAYER_CALL", "1").strip().lower() not in ("0", "off", "false")
 
 
-
 def reference_qconv(x: np.ndarray, weight: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None,
                     spec: QConvSpec) -> np.ndarray:
     """The exact QLinearConv result (int64 sums, float32 requantisation), for tests and checks."""

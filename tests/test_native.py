@@ -274,3 +274,22 @@ def test_bitmask_passes_match_the_numba_loops_on_every_isa(isa: str, n: int) -> 
     K.expand(b_ref, v_ref, d_ref)
     B.expand(code, b_ref, v[:count].copy(), d)  # no spare slot needed
     assert np.array_equal(d.view(np.uint32), d_ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(2, 16, 32, 32, 1, 1), (3, 32, 7, 7, 2, 1), (2, 64, 8, 8, 1, 1),
+                                   (2, 16, 5, 3, 0, 0), (1, 48, 1, 1, 1, 2), (2, 24, 6, 6, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_padded_nhwc_copy_matches_numpy_on_every_isa(isa: str, shape: tuple) -> None:
+    """The weight gradient's zero-padded NHWC copy of the output gradient (a register transpose
+    on AVX-512 for 16-channel groups, a plain loop otherwise), with plane sizes that end mid-tile."""
+    from swat_native import train as native_train
+
+    n, c, h, w, top, left = shape
+    hp, wp = h + top + 2, w + left + 1
+    x = np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)
+    want = np.zeros((n, hp, wp, c), np.float32)
+    want[:, top:top + h, left:left + w, :] = x.transpose(0, 2, 3, 1)
+    for parts in (1, 2):
+        got = native_train.to_nhwc_padded(native.isa_code(isa), x, top, left, hp, wp, parts)
+        np.testing.assert_array_equal(got, want)

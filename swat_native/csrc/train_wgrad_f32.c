@@ -371,18 +371,56 @@ EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst,
                                       int64_t w, int64_t hp, int64_t wp, int64_t top, int64_t left,
                                       int64_t b0, int64_t b1);
 #ifdef SWAT_X86
+/* 16 vectors (rows) -> their 16x16 transpose, in registers: out[4L + k] gathers lane L (a
+   128-bit quarter) of u[k], u[4 + k], u[8 + k], u[12 + k], where u[4q + k] holds column 4L + k
+   of rows 4q..4q+3 after the in-lane unpack / shuffle stages. */
+static inline __attribute__((always_inline, target("avx512f"))) void transpose16_512(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int q = 0; q < 4; q++) {
+        u[4 * q + 0] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512 x0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x44), x1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xEE);
+        const __m512 y0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x44);
+        const __m512 y1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xEE);
+        r[k] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+        r[4 + k] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+        r[8 + k] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+        r[12 + k] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+    }
+}
+
+/* Tiles of 16 channels x 16 consecutive positions of the plane: 16 contiguous (masked at the
+   plane's end) loads, a register transpose, 16 pixel stores. The former loop gathered each
+   pixel's 16 channels from 16 planes (one vgatherdps per store) and ran at ~2.6 GB/s on a
+   16x32x32 batch-64 gradient (AMD EPYC, one thread), a third of the weight gradient's time. */
 static __attribute__((target("avx512f"))) void nhwc_pad_512(const float *s, float *d, int64_t c, int64_t hw,
                                                             int64_t w, int64_t wp, int64_t top, int64_t left,
                                                             int64_t h) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)hw));
-    for (int64_t y = 0; y < h; y++)
-        for (int64_t x = 0; x < w; x++) {
-            const float *sp = s + y * w + x;
-            float *dp = d + ((y + top) * wp + x + left) * c;
-            for (int64_t c0 = 0; c0 < c; c0 += 16)
-                _mm512_storeu_ps(dp + c0, _mm512_i32gather_ps(idx, sp + c0 * hw, 4));
+    (void)h;
+    for (int64_t p0 = 0, y0 = 0, x0 = 0; p0 < hw; p0 += 16) {
+        const int64_t n = hw - p0 < 16 ? hw - p0 : 16;
+        const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);
+        for (int64_t c0 = 0; c0 < c; c0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_ps(m, s + (c0 + i) * hw + p0);
+            transpose16_512(r);
+            int64_t y = y0, x = x0;
+            for (int j = 0; j < n; j++) {
+                _mm512_storeu_ps(d + ((y + top) * wp + x + left) * c + c0, r[j]);
+                if (++x == w) { x = 0; y++; }
+            }
         }
+        x0 += 16;
+        while (x0 >= w) { x0 -= w; y0++; }
+    }
 }
 #endif
 EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst, int64_t c, int64_t h,

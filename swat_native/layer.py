@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,16 @@ def available() -> bool:
     return _fn() is not None
 
 
+def _own_copy(local: threading.local, template: ctypes.Structure) -> ctypes.Structure:
+    """This Python thread's copy of `template`: the C call runs with the GIL released, so two
+    threads running one layer at once must not share the struct they fill per call."""
+    a = getattr(local, "args", None)
+    if a is None:
+        a = local.args = type(template)()
+        ctypes.memmove(ctypes.byref(a), ctypes.byref(template), ctypes.sizeof(template))
+    return a
+
+
 class ConvCall:
     """The fixed arguments of one layer at one input shape; `__call__` runs it.
 
@@ -66,14 +77,14 @@ class ConvCall:
         self._keep = (indptr, offs, vals, bias)
         self.args = _ConvArgs(indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
                               *(int(fixed.get(k, 0)) for k in _FIXED))
-        self._ptr = ctypes.pointer(self.args)
+        self._local = threading.local()  # per-call fields: one struct copy per Python thread
 
     def __call__(self, x: int, y: int, res: int, relu: bool, packed: int, scratch: int, isa: int,
                  threads: int) -> None:
         """Pointers as integers (``tensor.data_ptr()`` / ``array.ctypes.data``); `res` 0 for none."""
-        a = self.args
+        a = _own_copy(self._local, self.args)
         a.x, a.y, a.res, a.relu, a.packed, a.scratch, a.isa, a.threads = x, y, res, int(relu), packed, scratch, isa, threads
-        if _fn()(self._ptr):
+        if _fn()(ctypes.byref(a)):
             raise ValueError(f"the compiled layer refused its arguments (B={a.B}, layout={a.layout}, isa={isa})")
 
 

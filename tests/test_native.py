@@ -293,3 +293,102 @@ def test_padded_nhwc_copy_matches_numpy_on_every_isa(isa: str, shape: tuple) -> 
     for parts in (1, 2):
         got = native_train.to_nhwc_padded(native.isa_code(isa), x, top, left, hp, wp, parts)
         np.testing.assert_array_equal(got, want)
+
+
+def _masked_direct_applies(case: tuple) -> bool:
+    from swat_deploy.kernels.base import LayerSpec
+    from swat_deploy.kernels.masked_direct import MaskedDirectKernel
+
+    o, ig, kh, kw, st, pad, dil, groups, n, h, w = case
+    spec = LayerSpec("conv2d", (o, ig, kh, kw), (st, st), (pad,) * 4, (dil, dil), groups, True, 0.7, (n, ig * groups, h, w))
+    return MaskedDirectKernel().supports(spec)
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="the lane-masked direct kernel is AVX-512 only")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block", [1, 2, 4, 16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_masked_direct_matches_torch(threads: int, block: int, case: tuple) -> None:
+    """The lane-masked direct kernel (no packed input) on every case it takes, with the fused
+    residual + ReLU, batch 1 split by rows over two threads and larger batches by images."""
+    o, ig, kh, kw, st, pad, dil, groups, n, h, w = case
+    if (o // groups) % block:
+        pytest.skip("block does not divide the outputs per group")
+    if not _masked_direct_applies(case):
+        pytest.skip("not a layer the kernel takes (groups, or a stride-1 conv that changes the map size)")
+    wt = _block_sparse((o, ig, kh, kw), 0.7, block, seed=o + block)
+    b = torch.randn(o)
+    x = torch.randn(n, ig * groups, h, w)
+    op = make_conv2d(wt, b, st, pad, dil, groups, kernel="masked_direct", block=block, threads=threads)
+    ref = F.conv2d(x, wt, b, st, pad, dil, groups)
+    torch.testing.assert_close(op(x), ref, rtol=1e-4, atol=1e-4)
+    res = torch.randn_like(ref)
+    torch.testing.assert_close(op.fused(x, res, True), torch.relu(ref + res), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="the lane-masked direct kernel is AVX-512 only")
+def test_masked_direct_nan_reaches_what_a_kept_weight_connects() -> None:
+    wt = _block_sparse((16, 16, 3, 3), 0.8, 4, seed=1)
+    x = torch.randn(1, 16, 9, 7)
+    x[0, 3, 0, 4] = float("nan")  # on the border: the lane masks must not hide it
+    res = torch.randn(1, 16, 9, 7)
+    op = make_conv2d(wt, None, 1, 1, kernel="masked_direct", threads=2)
+    got = op.fused(x, res, True)
+    reach = F.conv2d(torch.isnan(x).float(), (wt != 0).float(), None, 1, 1) > 0
+    assert reach.any()
+    assert torch.equal(torch.isnan(got), reach)
+    ref = torch.relu(F.conv2d(torch.nan_to_num(x), wt, None, 1, 1) + res)
+    torch.testing.assert_close(got[~reach], ref[~reach], rtol=1e-4, atol=1e-4)
+
+
+def test_masked_direct_is_offered_only_where_it_runs(monkeypatch) -> None:  # noqa: ANN001
+    """AVX-512 only: forced down to AVX2 the registry does not offer it (the autotuner then never
+    times it), and asking for it by name is one clear error."""
+    from swat_deploy.kernels.base import LayerSpec
+    from swat_deploy.kernels.masked_direct import MaskedDirectKernel
+
+    spec = LayerSpec("conv2d", (16, 16, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, False, 0.9, (1, 16, 8, 8))
+    monkeypatch.setenv("SWAT_ISA", "avx2")
+    assert not MaskedDirectKernel().supports(spec)
+    with pytest.raises(ValueError, match="masked_direct"):
+        make_conv2d(torch.randn(16, 16, 3, 3), None, 1, 1, kernel="masked_direct")
+    assert not MaskedDirectKernel().supports(LayerSpec("conv2d", (16, 4, 3, 3), groups=4, padding=(1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("kernel", ["csr_direct", "masked_direct"])
+def test_one_layer_run_from_two_python_threads_at_once(kernel: str) -> None:
+    """The compiled layer calls release the GIL: two Python threads running the same layer on
+    different inputs each get their own result (the per-call pointers are per thread)."""
+    import threading
+
+    if kernel == "masked_direct" and "avx512" not in ISAS:
+        pytest.skip("the lane-masked direct kernel is AVX-512 only")
+    wt = _block_sparse((64, 64, 3, 3), 0.9, 1, seed=3)
+    op = make_conv2d(wt, None, 1, 1, kernel=kernel, threads=1)
+    xs = [torch.randn(1, 64, 16, 16) for _ in range(2)]
+    want = [F.conv2d(x, wt, None, 1, 1) for x in xs]
+    wrong = []
+
+    def work(i: int) -> None:
+        for _ in range(300):
+            if not torch.allclose(op(xs[i]), want[i], rtol=1e-4, atol=1e-4):
+                wrong.append(i)
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="the lane-masked direct kernel is AVX-512 only")
+def test_masked_direct_runs_any_input_size() -> None:
+    """An op built for one input size runs others too; sizes whose taps leave the stride phases
+    go to the packed direct kernel."""
+    wt = _block_sparse((16, 8, 3, 3), 0.7, 1, seed=5)
+    op = make_conv2d(wt, None, 2, 1, kernel="masked_direct", input_shape=(1, 8, 8, 8))
+    for shape in [(1, 8, 8, 8), (3, 8, 8, 8), (2, 8, 5, 9), (1, 8, 1, 1), (1, 8, 8, 8)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(op(x), F.conv2d(x, wt, None, 2, 1), rtol=1e-4, atol=1e-4)

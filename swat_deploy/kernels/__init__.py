@@ -21,12 +21,14 @@ from .csr_direct import CsrDirectKernel
 from .csr_im2col import CsrIm2colKernel
 from .csr_rows import CsrRowsKernel
 from .dense import DenseKernel
+from .masked_direct import MaskedDirectKernel
 from .torch_csr import TorchCsrKernel
 
 # The registry. Order matters only to break ties; "dense" must stay first (the fallback).
 KERNELS: list[Kernel] = [
     DenseKernel(),
     CsrDirectKernel(),
+    MaskedDirectKernel(),
     CsrIm2colKernel(),
     CsrRowsKernel(),
     TorchCsrKernel(),

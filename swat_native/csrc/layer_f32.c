@@ -161,6 +161,10 @@ static int ensure_workers(int n) {
 
 /* fn(ctx, i) for i in [0, items) on `threads` threads (the caller is one of them); returns when
    all are done. */
+static void pool_for(int threads, item_fn fn, const void *ctx, int64_t items);
+/* The pool for the other compiled layers of the extension (train_conv_f32.c). */
+void swat_pool_for(int threads, item_fn fn, const void *ctx, int64_t items) { pool_for(threads, fn, ctx, items); }
+
 static void pool_for(int threads, item_fn fn, const void *ctx, int64_t items) {
     if (threads > items) threads = (int)items;
     if (threads <= 1) {

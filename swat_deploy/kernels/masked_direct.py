@@ -1,0 +1,163 @@
+"""Direct sparse conv on the unpadded NCHW input, the zero padding as lane masks (AVX-512).
+
+Why a second direct kernel: `csr_direct` multiplies over a packed input (kw column-shifted,
+zero-padded copies written on every call), which keeps every load aligned - what matters when
+the multiply dominates (many non-zeros, large batches). At batch 1 and high sparsity that copy
+is a large share of the layer. This kernel (the one SWAT training runs its forward on,
+``swat_native/csrc/train_conv_f32.c``) reads the input where it lies: every tap is one constant
+shift of the flat plane, the lanes whose source pixel falls outside the image are masked off,
+and a strided conv reads one copy split into stride phases. Measured per layer at batch 1, one
+thread, AMD EPYC (AVX-512), ResNet-18 shapes: 1.0-1.25x `csr_direct` at 32x32 and 16x16 maps,
+1.5-2.2x at 8x8 and 4x4. The autotuner picks per layer, so where the packed layout wins it
+stays.
+
+Covers: one group, AVX-512, blocks of 1, 2 or 4, any dilation, a stride-1 conv whose output is
+as large as its input (symmetric "same" padding) or a strided conv whose taps all land inside
+its stride phases (ResNet's downsampling 3x3 and 1x1 convs). The weight's tap-major block CSR
+and the lane masks are built once per input shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import swat_native as native
+from swat_native import direct_layer
+from swat_native import train as native_train
+from swat_deploy.threads import numba_threads
+from . import _numba_common as nc
+from .base import LayerSpec
+from .csr_direct import _CsrDirectConv
+
+_MAX_SHAPES = 8
+
+
+def _tables(spec: LayerSpec, h: int, w: int, block: int) -> tuple | None:
+    """(h_out, w_out, lane masks, per-tap shifts) for input h x w, or None if the kernel does
+    not apply. Tap (i, j) of output pixel q reads phase (ry, rx) of the input at q + shift."""
+    o, cg, kh, kw = spec.weight_shape
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl, pb, pr = spec.padding
+    h_out = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    plane = h_out * w_out
+    if h_out < 1 or w_out < 1 or not native_train.tconv_supported(native.isa_code(), block, plane):
+        return None
+    if (sh, sw) == (1, 1) and (h_out, w_out) != (h, w):
+        return None
+    if cg * sh * sw * plane + 2 * plane >= 2**31 or kh * kw > 255:
+        return None
+    ti = np.repeat(np.arange(kh), kw)
+    tj = np.tile(np.arange(kw), kh)
+    ry, rx = (ti * dh - pt) % sh, (tj * dw - pl) % sw
+    dy, dx = (ti * dh - pt - ry) // sh, (tj * dw - pl - rx) // sw
+    q = np.arange(plane)
+    u = (q // w_out)[:, None] + dy[None, :]
+    v = (q % w_out)[:, None] + dx[None, :]
+    inside = (u * sh + ry >= 0) & (u * sh + ry < h) & (v * sw + rx >= 0) & (v * sw + rx < w)
+    on_plane = (u >= 0) & (u < h_out) & (v >= 0) & (v < w_out)
+    if bool((inside & ~on_plane).any()):  # a source pixel outside its phase plane: not this kernel
+        return None
+    vecs = -(-plane // 16)
+    full = np.zeros((vecs * 16, kh * kw), bool)
+    full[:plane] = inside
+    lanes = full.reshape(vecs, 16, kh * kw).astype(np.uint32) << np.arange(16, dtype=np.uint32)[None, :, None]
+    masks = np.ascontiguousarray(lanes.sum(1), dtype=np.uint16)
+    shifts = np.ascontiguousarray((ry * sw + rx) * plane + dy * w_out + dx, dtype=np.int32)
+    return h_out, w_out, masks, shifts
+
+
+def _usable_block(block: int) -> int:
+    """The largest block height the kernel has (4, 2, 1) that divides `block`: a pattern shared by
+    8 or 16 channels is also shared by each 4 of them."""
+    return next(b for b in (4, 2, 1) if block % b == 0)
+
+
+class _MaskedDirectConv:
+    uses_torch_threads = False  # the extension's own pool; see base.thread_scope
+    fuses_epilogue = True  # __call__ takes residual / relu (see Op.fused)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> None:
+        o, cg, kh, kw = spec.weight_shape
+        self.spec = spec
+        self._weight, self._bias_t = weight, bias
+        self._fallback: _CsrDirectConv | None = None
+        self.block = _usable_block(spec.block)
+        self.w2 = weight.detach().float().reshape(o, -1).contiguous().numpy()
+        self.bias = np.zeros(o, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
+        nz = self.w2.reshape(o // self.block, self.block, -1).any(axis=1)
+        self.nbytes = int(nz.sum()) * (4 * self.block + 4) + (o // self.block + 1) * 4
+        self._calls: dict[tuple[int, int], direct_layer.DirectLayerCall | None] = {}
+        if spec.input_shape is not None:
+            nc.warm_up(self, spec.input_shape)
+
+    def _call_for(self, h: int, w: int) -> direct_layer.DirectLayerCall | None:
+        """The layer call for an h x w input, None where the kernel does not apply to that size."""
+        if (h, w) in self._calls:
+            return self._calls[(h, w)]
+        t = _tables(self.spec, h, w, self.block)
+        if t is None:
+            self._calls[(h, w)] = None
+            return None
+        h_out, w_out, masks, shifts = t
+        o, cg, kh, kw = self.spec.weight_shape
+        (sh, sw), plane, kk = self.spec.stride, h_out * w_out, kh * kw
+        cstride = sh * sw * plane if (sh, sw) != (1, 1) else h * w
+        rows = o // self.block
+        indptr = np.zeros(rows * kk + 1, np.int32)
+        offs = np.zeros(rows * cg * kk, np.int32)
+        vals = np.zeros(o * cg * kk, np.float32)
+        native_train.tconv_csr(self.w2, self.block, kk, cstride, shifts, indptr, offs, vals)
+        call = direct_layer.DirectLayerCall(indptr, offs, vals, self.bias, masks, kk=kk, o=o, B=self.block, P=plane,
+                                            c=cg, h=h, w=w, sh=sh, sw=sw, ho=h_out, wo=w_out)
+        if len(self._calls) >= _MAX_SHAPES:
+            self._calls.pop(next(iter(self._calls)))
+        self._calls[(h, w)] = call
+        return call
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if c != self.spec.weight_shape[1]:
+            raise ValueError(f"conv expects input (N, {self.spec.weight_shape[1]}, H, W), got {tuple(x.shape)}")
+        call = self._call_for(h, w)
+        if call is None:  # an op built for another input size (or none): the packed direct kernel
+            if self._fallback is None:
+                self._fallback = _CsrDirectConv(self._weight, self._bias_t, self.spec)
+            return self._fallback(x, residual, relu)
+        a = call.args
+        y = torch.empty((n, a.o, a.ho, a.wo), dtype=torch.float32)
+        res = 0
+        if residual is not None:
+            if residual.shape != y.shape or residual.dtype != torch.float32:
+                y = self(x)
+                y = y.add_(residual)
+                return y.relu_() if relu else y
+            residual = residual.contiguous()
+            res = residual.data_ptr()
+        phases = 0
+        if (a.sh, a.sw) != (1, 1):
+            phases = nc.workspace(0, n * c * a.sh * a.sw * a.P).ctypes.data
+        call(x.data_ptr(), y.data_ptr(), n, res, relu, phases, native.isa_code(), numba_threads())
+        return y
+
+
+class MaskedDirectKernel:
+    """Direct sparse conv on the NCHW input with lane-masked padding (AVX-512, no packed copies)."""
+
+    name = "masked_direct"
+    rule_min_sparsity = None  # only where timed on a known input shape (it covers some layers only)
+
+    def supports(self, spec: LayerSpec) -> bool:
+        if (spec.kind != "conv2d" or spec.groups != 1 or not direct_layer.available()
+                or native.isa() != "avx512"):
+            return False
+        top, left, bottom, right = spec.padding
+        if spec.stride == (1, 1) and (top != bottom or left != right):
+            return False
+        if spec.input_shape is not None:
+            n, c, h, w = spec.input_shape
+            return _tables(spec, h, w, _usable_block(spec.block)) is not None
+        return True
+
+    def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec) -> _MaskedDirectConv:
+        return _MaskedDirectConv(weight, bias, spec)

@@ -1,0 +1,75 @@
+"""Binding of ``swat_tconv_layer_f32`` (``csrc/train_conv_f32.c``): the lane-masked direct conv
+as one inference layer call (stride phases, multiply, residual + ReLU) on the extension's thread
+pool. The Python side is `swat_deploy.kernels.masked_direct`."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+
+from . import _lib
+
+_INTS = ("kk", "o", "B", "P", "c", "h", "w", "sh", "sw", "ho", "wo", "n", "isa", "threads")
+
+
+class _LayerArgs(ctypes.Structure):
+    # field order and types are struct swat_tconv_layer's
+    _fields_ = ([(k, ctypes.c_uint64) for k in ("indptr", "offs", "vals", "bias", "masks")]
+                + [(k, ctypes.c_int64) for k in _INTS]
+                + [(k, ctypes.c_uint64) for k in ("x", "phases", "y", "res")]
+                + [(k, ctypes.c_int64) for k in ("relu", "nrg", "per_item")] + [("rc", ctypes.c_int)])
+
+
+@functools.lru_cache(maxsize=1)
+def _fn() -> Any:
+    lib = _lib()
+    fn = None if lib is None else getattr(lib.cdll, "swat_tconv_layer_f32", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.POINTER(_LayerArgs)]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def available() -> bool:
+    """Whether the built extension has the one-call direct layer (an older build may not)."""
+    return _fn() is not None
+
+
+def _own_copy(local: threading.local, template: ctypes.Structure) -> ctypes.Structure:
+    """This Python thread's copy of `template`: the C call runs with the GIL released, so two
+    threads running one layer at once must not share the struct they fill per call."""
+    a = getattr(local, "args", None)
+    if a is None:
+        a = local.args = type(template)()
+        ctypes.memmove(ctypes.byref(a), ctypes.byref(template), ctypes.sizeof(template))
+    return a
+
+
+class DirectLayerCall:
+    """The fixed arguments of one layer at one input shape; `__call__` runs it. The arrays
+    (tap-major block CSR, bias, lane masks) stay referenced so their pointers stay valid."""
+
+    def __init__(self, indptr: np.ndarray, offs: np.ndarray, vals: np.ndarray, bias: np.ndarray,
+                 masks: np.ndarray, **fixed: int) -> None:
+        for a, dt in ((indptr, np.int32), (offs, np.int32), (vals, np.float32), (bias, np.float32),
+                      (masks, np.uint16)):
+            if a.dtype != dt or not a.flags.c_contiguous:
+                raise ValueError(f"DirectLayerCall needs contiguous {np.dtype(dt).name} arrays, got {a.dtype}")
+        missing = set(_INTS) - set(fixed) - {"isa", "threads", "n"}
+        if missing:
+            raise ValueError(f"DirectLayerCall is missing {sorted(missing)}")
+        self._keep = (indptr, offs, vals, bias, masks)
+        self.args = _LayerArgs(indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
+                               masks.ctypes.data, *(int(fixed.get(k, 0)) for k in _INTS))
+        self._local = threading.local()  # per-call fields: one struct copy per Python thread
+
+    def __call__(self, x: int, y: int, n: int, res: int, relu: bool, phases: int, isa: int, threads: int) -> None:
+        """Pointers as integers; `res` 0 for none, `phases` a scratch of n * C * sh * sw * P floats
+        for a strided conv (0 otherwise)."""
+        a = _own_copy(self._local, self.args)
+        a.x, a.y, a.n, a.res, a.relu, a.phases, a.isa, a.threads = x, y, n, res, int(relu), phases, isa, threads
+        if _fn()(ctypes.byref(a)):
+            raise ValueError(f"the compiled direct layer refused its arguments (B={a.B}, P={a.P}, isa={isa})")

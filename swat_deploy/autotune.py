@@ -129,6 +129,9 @@ def _valid_entry(entry: Any) -> bool:
         return False
     if not isinstance(entry.get("serial", False), bool):
         return False
+    cands = entry.get("candidates", [])
+    if not isinstance(cands, list) or not all(isinstance(c, str) for c in cands):
+        return False
     times = entry.get("times_us", {})
     return isinstance(times, dict) and all(
         isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in times.items())
@@ -361,12 +364,15 @@ def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias
         with thread_scope(threads):
             return k.name, k.prepare(weight, bias, spec), threads
     cached = lookup(spec, threads)
-    if cached is not None and cached["kernel"] in by_name:
+    timed = [k for k in candidates if worth_timing(k, spec)]
+    # A pick made before a kernel was added never met it: time again (once) when the cached
+    # entry lacks one of today's candidates.
+    if (cached is not None and cached["kernel"] in by_name
+            and {k.name for k in timed} <= set(cached.get("candidates", cached.get("times_us", {}))) | {cached["kernel"]}):
         k = by_name[cached["kernel"]]  # "serial" is always false since layers are timed on the caller's threads
         with thread_scope(threads):
             return k.name, k.prepare(weight, bias, spec), threads
 
-    timed = [k for k in candidates if worth_timing(k, spec)]
     if len(timed) == 1:
         with thread_scope(threads):
             return timed[0].name, timed[0].prepare(weight, bias, spec), threads
@@ -396,5 +402,6 @@ def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias
     if rule_name in times and best != rule_name and times[best] > RULE_MARGIN * times[rule_name]:
         best = rule_name
     _store(machine_key(threads), layer_key(spec),
-           {"kernel": best, "serial": False, "times_us": {n: round(t * 1e6, 2) for n, t in times.items()}})
+           {"kernel": best, "serial": False, "times_us": {n: round(t * 1e6, 2) for n, t in times.items()},
+            "candidates": sorted(k.name for k in timed)})  # times_us omits those dropped early
     return best, prepared[best], threads

@@ -294,3 +294,30 @@ def test_cache_of_an_older_kernel_version_is_retimed_silently(recwarn) -> None: 
     data = json.loads(path.read_text())
     assert data["version"] == autotune.CACHE_VERSION and "m" not in data["machines"]
     assert not [w for w in recwarn if "autotune" in str(w.message)]
+
+
+def test_a_cached_pick_that_never_met_a_new_kernel_is_timed_again(monkeypatch) -> None:  # noqa: ANN001
+    weight = _sparse((32, 16, 3, 3), 0.9, 12)
+    shape = (1, 16, 8, 8)
+    make_conv2d(weight, None, 1, 1, input_shape=shape)
+    data = json.loads(autotune.cache_path().read_text())
+    entries = data["machines"][autotune.machine_key(None)]
+    (key, entry), = entries.items()
+    newcomer = next(n for n in entry["candidates"] if n != entry["kernel"])
+    entry["candidates"].remove(newcomer)  # as if written before that kernel existed
+    entry["times_us"].pop(newcomer, None)
+    autotune.cache_path().write_text(json.dumps(data))
+    calls = []
+    real = autotune.time_prepared
+
+    def spy(prepared, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(set(prepared))
+        return real(prepared, *args, **kwargs)
+
+    monkeypatch.setattr(autotune, "time_prepared", spy)
+    make_conv2d(weight, None, 1, 1, input_shape=shape)
+    assert len(calls) == 1 and newcomer in calls[0]
+    again = json.loads(autotune.cache_path().read_text())["machines"][autotune.machine_key(None)][key]
+    assert newcomer in again["candidates"]
+    make_conv2d(weight, None, 1, 1, input_shape=shape)
+    assert len(calls) == 1  # complete now: the cached pick holds

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _lib
+from .layer import _own_copy
 
 _INTS = ("kk", "o", "B", "P", "c", "h", "w", "sh", "sw", "ho", "wo", "n", "isa", "threads")
 
@@ -36,16 +37,6 @@ def _fn() -> Any:
 def available() -> bool:
     """Whether the built extension has the one-call direct layer (an older build may not)."""
     return _fn() is not None
-
-
-def _own_copy(local: threading.local, template: ctypes.Structure) -> ctypes.Structure:
-    """This Python thread's copy of `template`: the C call runs with the GIL released, so two
-    threads running one layer at once must not share the struct they fill per call."""
-    a = getattr(local, "args", None)
-    if a is None:
-        a = local.args = type(template)()
-        ctypes.memmove(ctypes.byref(a), ctypes.byref(template), ctypes.sizeof(template))
-    return a
 
 
 class DirectLayerCall:

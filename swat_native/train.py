@@ -302,3 +302,29 @@ def _tconv_loops() -> tuple[Any, Any]:
         return rc.min()
 
     return serial, parallel
+
+
+def direct_tables(kh: int, kw: int, stride: tuple[int, int], pad: tuple[int, int], dilation: tuple[int, int],
+                  h: int, w: int, h_out: int, w_out: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lane masks (ceil(P / 16), kh * kw) uint16, per-tap shifts (kh * kw,) int32) of the direct
+    conv kernel for an h x w input, or None when a tap's source pixel leaves its stride phase
+    plane (the kernel does not apply). Tap (i, j) of output pixel q reads phase (ry, rx) at q + shift."""
+    (sh, sw), (pt, pl), (dh, dw) = stride, pad, dilation
+    plane = h_out * w_out
+    ti = np.repeat(np.arange(kh), kw)
+    tj = np.tile(np.arange(kw), kh)
+    ry, rx = (ti * dh - pt) % sh, (tj * dw - pl) % sw  # the tap's phase
+    dy, dx = (ti * dh - pt - ry) // sh, (tj * dw - pl - rx) // sw  # its shift inside the phase plane
+    q = np.arange(plane)
+    u = (q // w_out)[:, None] + dy[None, :]
+    v = (q % w_out)[:, None] + dx[None, :]
+    inside = (u * sh + ry >= 0) & (u * sh + ry < h) & (v * sw + rx >= 0) & (v * sw + rx < w)
+    on_plane = (u >= 0) & (u < h_out) & (v >= 0) & (v < w_out)
+    if bool((inside & ~on_plane).any()):
+        return None
+    vecs = -(-plane // 16)  # lanes past P stay clear (the plane's last vector may be partial)
+    full = np.zeros((vecs * 16, kh * kw), bool)
+    full[:plane] = inside
+    lanes = full.reshape(vecs, 16, kh * kw).astype(np.uint32) << np.arange(16, dtype=np.uint32)[None, :, None]
+    masks = np.ascontiguousarray(lanes.sum(1), dtype=np.uint16)
+    return masks, np.ascontiguousarray((ry * sw + rx) * plane + dy * w_out + dx, dtype=np.int32)

@@ -438,19 +438,10 @@ def _make_direct(s: _ConvSpec, h: int, w: int, block: int) -> Optional[_Direct]:
         return None
     if s.c * sh * sw * plane + 2 * plane >= 2**31:
         return None
-    ti = np.repeat(np.arange(s.kh), s.kw)
-    tj = np.tile(np.arange(s.kw), s.kh)
-    ry, rx = (ti * dh - pt) % sh, (tj * dw - pl) % sw  # the tap's phase
-    dy, dx = (ti * dh - pt - ry) // sh, (tj * dw - pl - rx) // sw  # its shift inside the phase plane
-    q = np.arange(plane)
-    u = (q // w_out)[:, None] + dy[None, :]
-    v = (q % w_out)[:, None] + dx[None, :]
-    inside = (u * sh + ry >= 0) & (u * sh + ry < h) & (v * sw + rx >= 0) & (v * sw + rx < w)
-    on_plane = (u >= 0) & (u < h_out) & (v >= 0) & (v < w_out)
-    if bool((inside & ~on_plane).any()):  # a source pixel outside the phase plane: not this kernel
+    t = native_train.direct_tables(s.kh, s.kw, (sh, sw), (pt, pl), (dh, dw), h, w, h_out, w_out)
+    if t is None:  # a source pixel outside the phase plane: not this kernel
         return None
-    masks = _lane_masks(inside)
-    dtab = np.ascontiguousarray((ry * sw + rx) * plane + dy * w_out + dx, dtype=np.int32)
+    masks, dtab = t
     return _Direct(h_out, w_out, masks, dtab, phased)
 
 

@@ -47,23 +47,10 @@ def _tables(spec: LayerSpec, h: int, w: int, block: int) -> tuple | None:
         return None
     if cg * sh * sw * plane + 2 * plane >= 2**31 or kh * kw > 255:
         return None
-    ti = np.repeat(np.arange(kh), kw)
-    tj = np.tile(np.arange(kw), kh)
-    ry, rx = (ti * dh - pt) % sh, (tj * dw - pl) % sw
-    dy, dx = (ti * dh - pt - ry) // sh, (tj * dw - pl - rx) // sw
-    q = np.arange(plane)
-    u = (q // w_out)[:, None] + dy[None, :]
-    v = (q % w_out)[:, None] + dx[None, :]
-    inside = (u * sh + ry >= 0) & (u * sh + ry < h) & (v * sw + rx >= 0) & (v * sw + rx < w)
-    on_plane = (u >= 0) & (u < h_out) & (v >= 0) & (v < w_out)
-    if bool((inside & ~on_plane).any()):  # a source pixel outside its phase plane: not this kernel
+    t = native_train.direct_tables(kh, kw, (sh, sw), (pt, pl), (dh, dw), h, w, h_out, w_out)
+    if t is None:
         return None
-    vecs = -(-plane // 16)
-    full = np.zeros((vecs * 16, kh * kw), bool)
-    full[:plane] = inside
-    lanes = full.reshape(vecs, 16, kh * kw).astype(np.uint32) << np.arange(16, dtype=np.uint32)[None, :, None]
-    masks = np.ascontiguousarray(lanes.sum(1), dtype=np.uint16)
-    shifts = np.ascontiguousarray((ry * sw + rx) * plane + dy * w_out + dx, dtype=np.int32)
+    masks, shifts = t
     return h_out, w_out, masks, shifts
 
 

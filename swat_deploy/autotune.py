@@ -34,16 +34,18 @@ from .threads import thread_scope
 if TYPE_CHECKING:  # types only: the kernel package imports this module, not the other way
     from .kernels.base import Kernel, LayerSpec, Prepared
 
-CACHE_VERSION = 4  # bump when kernels change speed: old timings no longer hold
+CACHE_VERSION = 5  # bump when kernels change speed: old timings no longer hold
 # A sparse kernel must be at least this much faster than dense to be chosen: timing noise
 # must not trade a sure dense result for a sparse one that is slower on average.
 DENSE_MARGIN = 0.97
-# Any other kernel must be at least this much faster than the rule's pick (see `rule_choice`) on
-# all threads. Why: a layer timed alone cannot see what it costs the graph around it. The rule
-# picks the one-call C kernels, which share one thread pool; a numba kernel (im2col, or a layer
-# put on one thread) between them makes the pools contend. Measured on ResNet-18 (CIFAR, 90 %,
-# batch 1, AMD EPYC, one process, interleaved): per-layer timed picks 4.0-5.1 ms a run, the
-# rule's 3.5-4.4 ms, though each timed pick had won its own layer by a few per cent.
+# A kernel on another thread pool than the rule's pick (see `rule_choice`, `pick`) must be at least
+# this much faster than the best kernel on the rule's pool. Why: a layer timed alone cannot see
+# what it costs the graph around it. The rule picks the one-call C kernels, which share one
+# thread pool; a numba kernel (im2col) between them makes the pools contend (each spins while the
+# other runs). Measured on ResNet-18 (CIFAR, 90 %, batch 1, AMD EPYC, one process, interleaved):
+# per-layer timed picks 4.0-5.1 ms a run, the rule's 3.5-4.4 ms, though each timed pick had won
+# its own layer by a few per cent; ResNet-50 at 224 (80 %, blocks of 4, 2 threads) mixed
+# im2col into 15 of 53 layers until the margin was taken against every kernel on the C pool.
 RULE_MARGIN = 0.90
 _MIN_ROUNDS, _MAX_ROUNDS = 3, 15
 
@@ -346,6 +348,32 @@ def _example_input(spec: LayerSpec) -> torch.Tensor:
     return torch.rand(tuple(spec.input_shape or ()), generator=g, dtype=torch.float32)
 
 
+def thread_pool(kernel: Kernel) -> str:
+    """Which thread pool a kernel's parallel loops run on ("native": the extension's own pool,
+    "numba", "torch"). Kernels that do not say are counted as torch's (dense, torch ops)."""
+    return str(getattr(kernel, "thread_pool", "torch"))
+
+
+def pick(times: dict[str, float], pools: dict[str, str], ref_name: str, rule_name: str | None) -> str:
+    """The kernel to use given each one's time on the layer alone.
+
+    The fastest, except: it must beat dense (`ref_name`) by DENSE_MARGIN, and a kernel on another
+    thread pool than the rule's pick must beat the best kernel on the rule's pool by RULE_MARGIN.
+    Kernels sharing the rule's pool compete on time alone (e.g. the two one-call C kernels), since
+    switching between them costs the graph nothing."""
+    def fastest(names: list[str]) -> str:
+        return min(names, key=times.__getitem__)
+
+    best = fastest(list(times))
+    if rule_name in times and pools[best] != pools[rule_name]:
+        home = fastest([n for n in times if pools[n] == pools[rule_name]])
+        if times[best] > RULE_MARGIN * times[home]:
+            best = home
+    if ref_name in times and best != ref_name and times[best] > DENSE_MARGIN * times[ref_name]:
+        best = ref_name
+    return best
+
+
 def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None,
            threads: int | None) -> tuple[str, Prepared, int | None]:
     """(kernel name, prepared kernel, threads to run it with): cached pick, timed pick, or rule.
@@ -392,15 +420,11 @@ def choose(spec: LayerSpec, candidates: list[Kernel], weight: torch.Tensor, bias
                               stacklevel=3)
                 del prepared[name]
     times = time_prepared(dict(prepared), x, _budget_s(), threads)
-    best = min(times, key=times.__getitem__)
-    if ref_name in times and best != ref_name and times[best] > DENSE_MARGIN * times[ref_name]:
-        best = ref_name
     try:
         rule_name: str | None = rule_choice(spec, [by_name[n] for n in prepared]).name
     except ValueError:  # no timed kernel meets a rule threshold
         rule_name = None
-    if rule_name in times and best != rule_name and times[best] > RULE_MARGIN * times[rule_name]:
-        best = rule_name
+    best = pick(times, {n: thread_pool(by_name[n]) for n in times}, ref_name, rule_name)
     _store(machine_key(threads), layer_key(spec),
            {"kernel": best, "serial": False, "times_us": {n: round(t * 1e6, 2) for n, t in times.items()},
             "candidates": sorted(k.name for k in timed)})  # times_us omits those dropped early

@@ -27,6 +27,17 @@ from typing import Any
 
 import numpy as np
 
+# OpenMP's idle spin, shortened before any OpenMP runtime in this process starts (torch's and
+# numba's each read it once, when they load). Why: after every parallel region libgomp's workers
+# spin 300,000 PAUSEs (~5 ms on AMD Zen 4, longer on Intel) before they sleep. Our kernels run on
+# their own pool (csrc/layer_f32.c), so each torch or numba op between two of our layers left a
+# spinning worker that took one of the machine's cores from our pool for a whole scheduler slice:
+# ResNet-50 at 224 (80 %, blocks of 4, batch 1, 2 threads, AMD EPYC) ran 27-34 ms a call with
+# 4 ms stalls on layers of 0.3 ms, 17.5-19.4 ms with a spin of 10,000 (~0.2 ms, still longer than
+# the gap between two torch ops). Dense torch alone lost 5-10 % at batch 1 (67 -> 72 ms). A value
+# the user set wins; it must be set before `import torch` to reach torch's runtime.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 ISAS = ("generic", "avx2", "avx512")
 _ISA_CODE = {"generic": 0, "avx2": 1, "avx512": 2}
 _LIB_NAME = "_swatk"

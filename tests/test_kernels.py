@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from swat_deploy import autotune
-from swat_deploy.kernels import get_kernel, kernel_names, make_conv2d, make_linear
+from swat_deploy.kernels import KERNELS, get_kernel, kernel_names, make_conv2d, make_linear
 from swat_deploy.kernels.base import LayerSpec, thread_scope
 
 # Every registered kernel gets the same checks: a new kernel file is tested by registering it.
@@ -208,12 +208,10 @@ def test_autotune_picks_a_kernel_and_caches_it(monkeypatch) -> None:  # noqa: AN
     times = entry["times_us"]
     assert set(times) <= set(kernel_names()) and "dense" in times
     assert op.threads is None and entry["serial"] is False  # timed and run on the caller's threads
-    # the pick is the fastest, unless dense or the rule's kernel is within its margin of it
-    fastest = min(times, key=times.get)
+    # the pick follows from the recorded times (fastest, within the dense and thread-pool margins)
     rule = autotune.rule_choice(op.spec, [get_kernel(n) for n in times]).name
-    assert entry["kernel"] == fastest or (
-        entry["kernel"] == "dense" and times[fastest] > autotune.DENSE_MARGIN * times["dense"]) or (
-        entry["kernel"] == rule and times[fastest] > autotune.RULE_MARGIN * times[rule])
+    pools = {n: autotune.thread_pool(get_kernel(n)) for n in times}
+    assert entry["kernel"] == autotune.pick(times, pools, "dense", rule)
 
     def no_timing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a cached layer must not be timed again")
@@ -321,3 +319,22 @@ def test_a_cached_pick_that_never_met_a_new_kernel_is_timed_again(monkeypatch) -
     assert newcomer in again["candidates"]
     make_conv2d(weight, None, 1, 1, input_shape=shape)
     assert len(calls) == 1  # complete now: the cached pick holds
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_every_kernel_names_a_known_thread_pool(kernel) -> None:  # noqa: ANN001
+    assert autotune.thread_pool(kernel) in {"native", "numba", "torch"}
+
+
+def test_pick_keeps_to_the_rules_thread_pool_unless_another_wins_by_the_margin() -> None:
+    pools = {"dense": "torch", "csr_direct": "native", "masked_direct": "native", "csr_im2col": "numba"}
+    t = {"dense": 10.0, "csr_direct": 5.0, "masked_direct": 4.0, "csr_im2col": 3.8}
+    # im2col is fastest but within 10 % of masked_direct (the best on the rule's pool)
+    assert autotune.pick(t, pools, "dense", "csr_direct") == "masked_direct"
+    # kernels on the rule's pool compete on time alone
+    assert autotune.pick({**t, "csr_im2col": 9.0}, pools, "dense", "csr_direct") == "masked_direct"
+    # a clear win on another pool counts
+    assert autotune.pick({**t, "csr_im2col": 3.0}, pools, "dense", "csr_direct") == "csr_im2col"
+    # no rule pick: the fastest, but it must still beat dense by DENSE_MARGIN
+    assert autotune.pick(t, pools, "dense", None) == "csr_im2col"
+    assert autotune.pick({"dense": 10.0, "csr_im2col": 9.9}, pools, "dense", None) == "dense"

@@ -392,3 +392,19 @@ def test_masked_direct_runs_any_input_size() -> None:
     for shape in [(1, 8, 8, 8), (3, 8, 8, 8), (2, 8, 5, 9), (1, 8, 1, 1), (1, 8, 8, 8)]:
         x = torch.randn(shape)
         torch.testing.assert_close(op(x), F.conv2d(x, wt, None, 2, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_openmp_spin_is_shortened_before_torch_loads_unless_the_user_set_it() -> None:
+    import os
+    import subprocess
+    import sys
+
+    # sys.modules keeps import order: swat_native must have set the value before torch loaded
+    code = ("import training, os, sys; m = list(sys.modules); "
+            "assert m.index('swat_native') < m.index('torch'), 'torch first'; print(os.environ['GOMP_SPINCOUNT'])")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "10000"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "7"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "7"

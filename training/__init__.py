@@ -3,6 +3,7 @@
 ``models`` knows nothing of SWAT; this package turns any model's Conv2d / Linear layers into
 SWAT layers by module surgery (:func:`swatify`) and trains them.
 """
+import swat_native  # noqa: F401  (first: it shortens OpenMP's idle spin before torch loads)
 from training.errors import SwatError
 from training.swatify import (layer_stats, layer_table, load_swat_state_dict, swat_layers, swat_state_dict,
                               swatify, unswatify)

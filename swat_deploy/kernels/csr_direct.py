@@ -268,6 +268,7 @@ class CsrDirectKernel:
     """numba direct sparse conv over shifted input views (any stride, padding, dilation, groups)."""
 
     name = "csr_direct"
+    thread_pool = "native"  # the one-call layer (swat_native.layer); numba only for layouts it lacks
     rule_min_sparsity = 0.8
 
     def supports(self, spec: LayerSpec) -> bool:

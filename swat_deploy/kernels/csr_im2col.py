@@ -90,6 +90,7 @@ class CsrIm2colKernel:
     """numba CSR conv over a per-call im2col buffer; for small feature maps."""
 
     name = "csr_im2col"
+    thread_pool = "numba"
     rule_min_sparsity = None  # chosen by timing only: whether it beats csr_direct depends on the map size
 
     def supports(self, spec: LayerSpec) -> bool:

@@ -66,6 +66,7 @@ class CsrRowsKernel:
     """numba CSR row loop for linear layers (gather-dot at batch 1, register axpy above)."""
 
     name = "csr_rows"
+    thread_pool = "numba"
     rule_min_sparsity = 0.7
 
     def supports(self, spec: LayerSpec) -> bool:

@@ -132,6 +132,7 @@ class MaskedDirectKernel:
     """Direct sparse conv on the NCHW input with lane-masked padding (AVX-512, no packed copies)."""
 
     name = "masked_direct"
+    thread_pool = "native"
     rule_min_sparsity = None  # only where timed on a known input shape (it covers some layers only)
 
     def supports(self, spec: LayerSpec) -> bool:

@@ -34,7 +34,7 @@ from .threads import thread_scope
 if TYPE_CHECKING:  # types only: the kernel package imports this module, not the other way
     from .kernels.base import Kernel, LayerSpec, Prepared
 
-CACHE_VERSION = 5  # bump when kernels change speed: old timings no longer hold
+CACHE_VERSION = 6  # bump when kernels change speed: old timings no longer hold
 # A sparse kernel must be at least this much faster than dense to be chosen: timing noise
 # must not trade a sure dense result for a sparse one that is slower on average.
 DENSE_MARGIN = 0.97
@@ -350,7 +350,7 @@ def _example_input(spec: LayerSpec) -> torch.Tensor:
 
 def thread_pool(kernel: Kernel) -> str:
     """Which thread pool a kernel's parallel loops run on ("native": the extension's own pool,
-    "numba", "torch"). Kernels that do not say are counted as torch's (dense, torch ops)."""
+    "numba", "onnxruntime", "torch"). Kernels that do not say are counted as torch's (dense, torch ops)."""
     return str(getattr(kernel, "thread_pool", "torch"))
 
 

@@ -15,6 +15,7 @@ import hashlib
 import os
 import statistics
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -152,6 +153,31 @@ class Plan:
     threads: int
     ms: dict[str, float]  # ms per run of each candidate timed ({} when there was nothing to choose)
 
+    @property
+    def name(self) -> str:
+        """The candidate name this plan ran as when timed ("swat/2", "onnxruntime")."""
+        return "onnxruntime" if self.engine == "onnxruntime" else f"swat/{self.threads}"
+
+
+# A plan is chosen from about a second of timing; a burst of other load in that second can pick
+# the slower engine for the session's life (measured: one process in three planned our kernels
+# for a ResNet-18 at 50 % and ran 0.61x onnxruntime). So the first CHECK_RUNS real runs are
+# timed too (a clock read each), and if their median is RECHECK_SLOWER times what the plan
+# expected while another candidate was timed faster than that median, the shape is planned once
+# more. Once per shape: a machine that is simply slower now must not re-time forever.
+CHECK_RUNS = 16
+RECHECK_SLOWER = 1.25
+
+
+def _plan_looks_wrong(plan: Plan, seconds: list[float]) -> bool:
+    """Whether the real runs contradict the timing the plan was chosen on."""
+    expected = plan.ms.get(plan.name)
+    if not expected or len(seconds) < CHECK_RUNS:
+        return False
+    seen_ms = 1e3 * statistics.median(seconds)
+    others = [ms for name, ms in plan.ms.items() if name != plan.name]
+    return seen_ms > RECHECK_SLOWER * expected and any(ms < seen_ms / RECHECK_SLOWER for ms in others)
+
 
 class Session:
     """An onnxruntime-like session whose Conv / Gemm / MatMul run on swat's sparse kernels.
@@ -208,6 +234,8 @@ class Session:
         self._programs: dict[tuple[str, ...], tuple[list[_Step], list[list[str]]]] = {}
         self._lock = threading.Lock()
         self._plans: dict[Any, Plan] = {}
+        self._seen: dict[Any, list[float] | None] = {}  # key -> real run seconds; None: checked
+        self._replan: set[Any] = set()  # keys planned a second time (see CHECK_RUNS)
         self._onnx_source = onnx_source if (fallback and kernel is None) or self.delegated else None
         self._ort: Any = None  # onnxruntime session, opened when a plan first times it
         if self.delegated and not self._ort_ready(tuple(v.name for v in self._outputs)):
@@ -233,10 +261,35 @@ class Session:
             return self._run_delegated(names, input_feed)
         self._program(names)  # an unknown output name fails here, before any timing
         env = self._feed(input_feed)
+        key = self._plan_key(names, env)
         plan = self._plan(names, env)
+        t0 = time.perf_counter()
         if plan.engine == "onnxruntime":
-            return self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
-        return self._run_kernels(names, env, plan.threads)
+            out = self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
+        else:
+            out = self._run_kernels(names, env, plan.threads)
+        self._observe(key, plan, time.perf_counter() - t0)
+        return out
+
+    def _observe(self, key: tuple, plan: Plan, seconds: float) -> None:
+        """Record one real run of a planned shape; plan it again if the runs contradict the plan
+        (see CHECK_RUNS)."""
+        seen = self._seen.setdefault(key, [])
+        if seen is None:
+            return
+        seen.append(seconds)
+        if len(seen) < CHECK_RUNS:
+            return
+        self._seen[key] = None  # checked: at most one second plan per shape
+        if _plan_looks_wrong(plan, seen):
+            with self._lock:
+                if self._plans.get(key) is plan:
+                    del self._plans[key]  # the next run times the candidates again
+                    self._replan.add(key)
+
+    @staticmethod
+    def _plan_key(names: tuple[str, ...], env: dict[str, torch.Tensor]) -> tuple:
+        return (names,) + tuple((k, tuple(v.shape)) for k, v in sorted(env.items()))
 
     def _run_delegated(self, names: tuple[str, ...], input_feed: dict[str, Any]) -> list[np.ndarray]:
         """The whole graph on onnxruntime (``delegated``), recorded as that shape's plan."""
@@ -267,7 +320,7 @@ class Session:
         by far more; a close call is noise, and all threads is right on a quiet machine);
         onnxruntime must win by 5 %, since our kernels hold the sparse weights and it the dense.
         """
-        key = (names,) + tuple((k, tuple(v.shape)) for k, v in sorted(env.items()))
+        key = self._plan_key(names, env)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -297,6 +350,8 @@ class Session:
         # unless it is now more than 10 % slower, so near-ties do not flip from run to run.
         cache_key = f"{self._fingerprint()}|" + ";".join(f"{k}={'x'.join(map(str, s))}" for k, s in key[1:])
         before = autotune.lookup_plan(cache_key, threads) if autotune.enabled() else None
+        if key in self._replan:  # a second plan: the earlier choice was contradicted by real runs
+            before = None
         if before in ms and before != choice and ms[before] <= 1.10 * ms[choice]:
             choice = before
         if autotune.enabled() and choice != before:

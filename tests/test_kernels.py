@@ -16,6 +16,8 @@ from swat_deploy.kernels.base import LayerSpec, thread_scope
 # Every registered kernel gets the same checks: a new kernel file is tested by registering it.
 CONV_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("conv2d", (4, 4, 3, 3)))]
 LINEAR_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("linear", (4, 4)))]
+# kernels for grouped / depthwise convs only (ort_node) are checked on the cases they take
+GROUPED_CONV_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("conv2d", (8, 1, 3, 3), groups=8))]
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +57,7 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", CONV_KERNELS)
+@pytest.mark.parametrize("kernel", sorted(set(CONV_KERNELS) | set(GROUPED_CONV_KERNELS)))
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"_s{c[4]}_d{c[6]}_g{c[7]}_n{c[8]}")
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_matches_dense(kernel: str, case: tuple, bias: bool) -> None:
@@ -81,6 +83,21 @@ def test_conv_extreme_sparsity(kernel: str, sparsity: float) -> None:
     x = torch.randn(2, 8, 6, 6)
     y = make_conv2d(weight, b, 1, 1, kernel=kernel)(x)
     torch.testing.assert_close(y, F.conv2d(x, weight, b, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", GROUPED_CONV_KERNELS)
+@pytest.mark.parametrize("n,threads", [(1, 1), (1, 2), (64, 2)])
+def test_depthwise_conv_matches_torch_and_keeps_nan(kernel: str, n: int, threads: int) -> None:
+    weight = torch.randn(24, 1, 3, 3)
+    b = torch.randn(24)
+    x = torch.randn(n, 24, 13, 13)
+    x[0, 3, 5, 5] = float("nan")  # reaches the 3x3 window around it in channel 3 only
+    op = make_conv2d(weight, b, 2, 1, 1, 24, kernel=kernel, threads=threads)
+    y = op(x)
+    want = F.conv2d(x, weight, b, 2, 1, 1, 24)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert y[0, 3].isnan().any() and not y[0, 4].isnan().any()
+    torch.testing.assert_close(op(x[:1]), want[:1], rtol=1e-4, atol=1e-4, equal_nan=True)  # batch changes
 
 
 def test_conv_handles_changing_input_shapes() -> None:
@@ -323,7 +340,7 @@ def test_a_cached_pick_that_never_met_a_new_kernel_is_timed_again(monkeypatch) -
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 def test_every_kernel_names_a_known_thread_pool(kernel) -> None:  # noqa: ANN001
-    assert autotune.thread_pool(kernel) in {"native", "numba", "torch"}
+    assert autotune.thread_pool(kernel) in {"native", "numba", "onnxruntime", "torch"}
 
 
 def test_pick_keeps_to_the_rules_thread_pool_unless_another_wins_by_the_margin() -> None:

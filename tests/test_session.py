@@ -658,6 +658,45 @@ def test_whole_graph_falls_back_to_onnxruntime_when_that_is_faster(rescat_onnx: 
         assert s.plans()[0]["engine"] == "swat" and "onnxruntime" not in s.plans()[0]["ms"]
 
 
+def test_a_plan_contradicted_by_its_real_runs_is_made_once_more(rescat_onnx: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A burst of load during the planning second must not fix the slower engine for good."""
+    import swat_deploy.session as session_mod
+
+    calls = []
+
+    def timing(first: dict):  # noqa: ANN202
+        def fake(runs: dict) -> dict:
+            calls.append(sorted(runs))
+            for fn in runs.values():
+                fn()
+            return dict(first) if len(calls) == 1 else {"swat/2": 1.0, "swat/1": 5.0, "onnxruntime": 9.0}
+        return fake
+
+    # onnxruntime "timed" at 10 ns: every real run is far slower, and swat/2 was timed below them
+    monkeypatch.setattr(session_mod, "_time_candidates", timing({"swat/2": 1e-4, "swat/1": 5.0, "onnxruntime": 1e-5}))
+    sess = Session(rescat_onnx, threads=2)
+    feed = _images(RESCAT_SHAPE, batches=(2,))[0]
+    want = _ort(rescat_onnx).run(None, feed)[0]
+    sess.run(None, feed)
+    assert sess.plans()[0]["engine"] == "onnxruntime"
+    for _ in range(session_mod.CHECK_RUNS + 20):
+        np.testing.assert_allclose(sess.run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2  # planned once more, and only once
+    assert sess.plans()[0]["engine"] == "swat" and sess.plans()[0]["threads"] == 2
+
+
+def test_plan_check_rule() -> None:
+    from swat_deploy.session import CHECK_RUNS, Plan, _plan_looks_wrong
+
+    ours = Plan("swat", 2, {"swat/2": 5.0, "swat/1": 9.0, "onnxruntime": 8.0})
+    assert _plan_looks_wrong(ours, [0.014] * CHECK_RUNS)  # ran 14 ms, onnxruntime was timed at 8
+    assert not _plan_looks_wrong(ours, [0.014] * (CHECK_RUNS - 1))  # too few runs to say
+    assert not _plan_looks_wrong(ours, [0.0055] * CHECK_RUNS)  # as expected, within noise
+    assert not _plan_looks_wrong(Plan("swat", 2, {"swat/2": 5.0, "onnxruntime": 9.0}), [0.008] * CHECK_RUNS)
+    assert not _plan_looks_wrong(Plan("swat", 2, {}), [1.0] * CHECK_RUNS)  # nothing was timed
+    assert _plan_looks_wrong(Plan("onnxruntime", 2, {"swat/2": 5.0, "onnxruntime": 3.0}), [0.008] * CHECK_RUNS)
+
+
 def test_fallback_is_skipped_when_onnxruntime_cannot_load_the_model(rescat_onnx: Path, monkeypatch) -> None:  # noqa: ANN001
     import swat_deploy.ort as ort_mod
     import swat_deploy.session as session_mod

@@ -685,6 +685,30 @@ def test_a_plan_contradicted_by_its_real_runs_is_made_once_more(rescat_onnx: Pat
     assert sess.plans()[0]["engine"] == "swat" and sess.plans()[0]["threads"] == 2
 
 
+def test_a_later_process_keeps_an_earlier_plan_on_a_near_tie_only(rescat_onnx: Path, monkeypatch) -> None:  # noqa: ANN001
+    import swat_deploy.session as session_mod
+
+    monkeypatch.setenv("SWAT_AUTOTUNE", "1")  # the plan cache is part of autotuning
+    monkeypatch.setenv("SWAT_SESSION_TUNE_THREADS", "0")
+    feed = _images(RESCAT_SHAPE, batches=(2,))[0]
+
+    def planned(swat_ms: float, ort_ms: float) -> str:
+        def fake(runs: dict) -> dict:
+            for fn in runs.values():
+                fn()
+            return {"swat/2": swat_ms, "onnxruntime": ort_ms}
+        monkeypatch.setattr(session_mod, "_time_candidates", fake)
+        sess = Session(rescat_onnx, threads=2)  # a new Session: what a new process does
+        sess.run(None, feed)
+        return sess.plans()[0]["engine"]
+
+    assert planned(10.0, 1.0) == "onnxruntime"
+    assert planned(1.0, 1.0 * (session_mod.STICKY - 0.01)) == "onnxruntime"  # near tie: kept
+    assert planned(1.0, 1.0 * (session_mod.STICKY + 0.05)) == "swat"  # clearly slower now: changed
+    assert planned(1.0, 0.99) == "swat"  # onnxruntime 1 % faster is not worth the switch
+    assert planned(1.0, 0.90) == "onnxruntime"
+
+
 def test_plan_check_rule() -> None:
     from swat_deploy.session import CHECK_RUNS, Plan, _plan_looks_wrong
 

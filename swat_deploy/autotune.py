@@ -350,7 +350,7 @@ def _example_input(spec: LayerSpec) -> torch.Tensor:
 
 def thread_pool(kernel: Kernel) -> str:
     """Which thread pool a kernel's parallel loops run on ("native": the extension's own pool,
-    "numba", "onnxruntime", "torch"). Kernels that do not say are counted as torch's (dense, torch ops)."""
+    "numba", "torch"). Kernels that do not say are counted as torch's (dense, torch ops)."""
     return str(getattr(kernel, "thread_pool", "torch"))
 
 

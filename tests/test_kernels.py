@@ -16,7 +16,7 @@ from swat_deploy.kernels.base import LayerSpec, thread_scope
 # Every registered kernel gets the same checks: a new kernel file is tested by registering it.
 CONV_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("conv2d", (4, 4, 3, 3)))]
 LINEAR_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("linear", (4, 4)))]
-# kernels for grouped / depthwise convs only (ort_node) are checked on the cases they take
+# every kernel that takes grouped / depthwise convs
 GROUPED_CONV_KERNELS = [k for k in kernel_names() if get_kernel(k).supports(LayerSpec("conv2d", (8, 1, 3, 3), groups=8))]
 
 
@@ -340,7 +340,7 @@ def test_a_cached_pick_that_never_met_a_new_kernel_is_timed_again(monkeypatch) -
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 def test_every_kernel_names_a_known_thread_pool(kernel) -> None:  # noqa: ANN001
-    assert autotune.thread_pool(kernel) in {"native", "numba", "onnxruntime", "torch"}
+    assert autotune.thread_pool(kernel) in {"native", "numba", "torch"}
 
 
 def test_pick_keeps_to_the_rules_thread_pool_unless_another_wins_by_the_margin() -> None:

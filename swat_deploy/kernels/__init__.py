@@ -22,7 +22,6 @@ from .csr_im2col import CsrIm2colKernel
 from .csr_rows import CsrRowsKernel
 from .dense import DenseKernel
 from .masked_direct import MaskedDirectKernel
-from .ort_node import OrtNodeKernel
 from .torch_csr import TorchCsrKernel
 
 # The registry. Order matters only to break ties; "dense" must stay first (the fallback).
@@ -33,7 +32,6 @@ KERNELS: list[Kernel] = [
     CsrIm2colKernel(),
     CsrRowsKernel(),
     TorchCsrKernel(),
-    OrtNodeKernel(),
 ]
 
 __all__ = ["KERNELS", "LayerSpec", "Op", "detect_block", "kernel_names", "make_conv2d", "make_linear", "get_kernel"]

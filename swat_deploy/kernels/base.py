@@ -59,7 +59,7 @@ class Kernel(Protocol):
     """A way to compute one conv2d / linear layer. Registered in `kernels.KERNELS`.
 
     Optional attributes the autotuner reads: ``rule_min_sparsity`` (see `autotune.rule_choice`)
-    and ``thread_pool`` ("native", "numba", "onnxruntime" or "torch", the default; see `autotune.pick`)."""
+    and ``thread_pool`` ("native", "numba" or "torch", the default; see `autotune.pick`)."""
 
     name: str
 

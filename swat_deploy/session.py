@@ -240,8 +240,9 @@ class Session:
         self._programs: dict[tuple[str, ...], tuple[list[_Step], list[list[str]]]] = {}
         self._lock = threading.Lock()
         self._plans: dict[Any, Plan] = {}
-        self._seen: dict[Any, list[float] | None] = {}  # key -> real run seconds; None: checked
-        self._replan: set[Any] = set()  # keys planned a second time (see CHECK_RUNS)
+        # key -> seconds of its first real runs; None once checked (a key checked and without a
+        # plan is being planned a second time, see CHECK_RUNS)
+        self._seen: dict[Any, list[float] | None] = {}
         self._onnx_source = onnx_source if (fallback and kernel is None) or self.delegated else None
         self._ort: Any = None  # onnxruntime session, opened when a plan first times it
         if self.delegated and not self._ort_ready(tuple(v.name for v in self._outputs)):
@@ -268,7 +269,7 @@ class Session:
         self._program(names)  # an unknown output name fails here, before any timing
         env = self._feed(input_feed)
         key = self._plan_key(names, env)
-        plan = self._plan(names, env)
+        plan = self._plan(key, names, env)
         t0 = time.perf_counter()
         if plan.engine == "onnxruntime":
             out = self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
@@ -291,7 +292,6 @@ class Session:
             with self._lock:
                 if self._plans.get(key) is plan:
                     del self._plans[key]  # the next run times the candidates again
-                    self._replan.add(key)
 
     @staticmethod
     def _plan_key(names: tuple[str, ...], env: dict[str, torch.Tensor]) -> tuple:
@@ -304,7 +304,7 @@ class Session:
             if name not in known:
                 raise SwatError(f"unknown output '{name}'; the model's outputs are {known}")
         env = self._feed(input_feed)
-        key = (names,) + tuple((k, tuple(v.shape)) for k, v in sorted(env.items()))
+        key = self._plan_key(names, env)
         with self._lock:
             self._plans.setdefault(key, Plan("onnxruntime", self._ctx.threads, {}))
         return self._ort.run(list(names), {k: v.numpy() for k, v in env.items()})
@@ -314,7 +314,7 @@ class Session:
         with torch.no_grad(), _torch_threads(threads), torch_thread_cap(threads):
             return self._execute(names, steps, frees, env)
 
-    def _plan(self, names: tuple[str, ...], env: dict[str, torch.Tensor]) -> Plan:
+    def _plan(self, key: tuple, names: tuple[str, ...], env: dict[str, torch.Tensor]) -> Plan:
         """How runs of this output set and input shape execute; timed on the first such run.
 
         Candidates: our kernels with all threads, with one thread, and onnxruntime. One thread
@@ -327,7 +327,6 @@ class Session:
         onnxruntime must win by 3 % (ORT_MARGIN), since our kernels hold the sparse weights and it
         the dense.
         """
-        key = self._plan_key(names, env)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -357,7 +356,7 @@ class Session:
         # unless it is now more than STICKY slower, so near-ties do not flip from run to run.
         cache_key = f"{self._fingerprint()}|" + ";".join(f"{k}={'x'.join(map(str, s))}" for k, s in key[1:])
         before = autotune.lookup_plan(cache_key, threads) if autotune.enabled() else None
-        if key in self._replan:  # a second plan: the earlier choice was contradicted by real runs
+        if key in self._seen and self._seen[key] is None:  # a second plan: real runs contradicted the first
             before = None
         if before in ms and before != choice and ms[before] <= STICKY * ms[choice]:
             choice = before

@@ -222,8 +222,8 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, names: list[st
     for name in names:
         factory = getattr(module, name)
 
-        def wrapped(par: bool, _f=factory, _n=name):  # noqa: ANN001, ANN202
-            loop = _f(par)
+        def wrapped(par: bool, *more, _f=factory, _n=name):  # noqa: ANN001, ANN002, ANN202
+            loop = _f(par, *more)
 
             def run(*a):  # noqa: ANN002, ANN202
                 calls[_n] += 1
@@ -301,4 +301,33 @@ def test_weight_gradient_many_channels_on_a_large_map() -> None:
                                               [False, True, False])[1]
     with mock.patch.dict(os.environ, {"SWAT_ISA": "avx512"}):
         got = sp._sparse_wgrad(gy, vals, sel.bits, x.shape, wt.shape, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif("avx512" not in swat_native.cpu_isas(), reason="the padded-gradient loops are AVX-512 only")
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("n", [2, 5])
+def test_weight_gradient_split_by_images_over_two_threads_is_exact(stride: int, n: int) -> None:
+    """At two threads the padded-gradient loops give each thread its own images and a private dW,
+    summed after (swat_native.train.split_by_images); an odd batch leaves the threads unequal
+    shares. Both must still equal the masked-dense product."""
+    from swat_native import train as native_train
+
+    torch.manual_seed(5 + n)
+    x = torch.relu(torch.randn(n, 8, 12, 12))
+    sel = select_bits(x, 0.7, "nchw", drop_zeros=True)
+    vals = memory.compact(x, sel.bits, sel.count)
+    xs = memory.expand(vals, sel.bits, x.shape)
+    wt = torch.randn(32, 8, 3, 3)
+    gy = torch.randn(n, 32, 12 // stride, 12 // stride)
+    ref = torch.ops.aten.convolution_backward(gy, xs, wt, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], 1,
+                                              [False, True, False])[1]
+    assert native_train.split_by_images(n, 8, 144, 2) and not native_train.split_by_images(1, 8, 144, 2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with mock.patch.dict(os.environ, {"SWAT_ISA": "avx512"}):
+            got = sp._sparse_wgrad(gy, vals, sel.bits, x.shape, wt.shape, (stride, stride), (1, 1), (1, 1))
+    finally:
+        torch.set_num_threads(old)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

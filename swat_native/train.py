@@ -157,20 +157,29 @@ def _s1_loops() -> tuple[Any, ...]:
                        items * (p + 1) // parts)
         return rc.min()
 
+    @njit(cache=False, inline="always")
+    def image_part(p, parts, n, c, plane, g_img, bits, starts, g, dwt, acc):  # noqa: ANN001, ANN202
+        # part p's images: pointers to their bitmask, value starts and gradient, its own dW
+        b0, b1 = n * p // parts, n * (p + 1) // parts
+        dst = dwt.ctypes.data if p == 0 else acc[p - 1].ctypes.data
+        return (bits.ctypes.data + b0 * (c * plane // 8), starts.ctypes.data + 8 * b0 * c,
+                g.ctypes.data + 4 * b0 * g_img, dst, b1 - b0)
+
+    @njit(cache=False)
+    def fold(dwt, acc, rc):  # noqa: ANN001, ANN202
+        for q in range(acc.shape[0]):
+            dwt += acc[q]
+        return rc.min()
+
     @njit(cache=False, parallel=True)
     def by_images(code, bits, vals, starts, g, dwt, n, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp, top, left,  # noqa: ANN001, ANN202
                   items, parts):
-        acc = np.zeros((parts - 1, dwt.size), np.float32)
-        rc = np.zeros(parts, np.int32)
+        acc, rc = np.zeros((parts - 1, dwt.size), np.float32), np.zeros(parts, np.int32)
         for p in prange(parts):
-            b0, b1 = n * p // parts, n * (p + 1) // parts
-            dst = dwt.ctypes.data if p == 0 else acc[p - 1].ctypes.data
-            rc[p] = fn(code, bits.ctypes.data + b0 * (c * h * w // 8), vals.ctypes.data, starts.ctypes.data + 8 * b0 * c,
-                       g.ctypes.data + 4 * b0 * hp * wp * o, dst, b1 - b0, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp,
+            bp, sp, gp, dst, nb = image_part(p, parts, n, c, h * w, hp * wp * o, bits, starts, g, dwt, acc)
+            rc[p] = fn(code, bp, vals.ctypes.data, sp, gp, dst, nb, c, h, w, o, kh, kw, pt, pl, dh, dw, hp, wp,
                        top, left, 0, items)
-        for q in range(parts - 1):
-            dwt += acc[q]
-        return rc.min()
+        return fold(dwt, acc, rc)
 
     fn2 = _s1_fns()[4]
 
@@ -193,17 +202,12 @@ def _s1_loops() -> tuple[Any, ...]:
     @njit(cache=False, parallel=True)
     def by_images2(code, bits, vals, starts, g, dwt, n, c, h, w, o, kh, kw, pt, pl, hp, wp, top, left,  # noqa: ANN001, ANN202
                    items, parts):
-        acc = np.zeros((parts - 1, dwt.size), np.float32)
-        rc = np.zeros(parts, np.int32)
+        acc, rc = np.zeros((parts - 1, dwt.size), np.float32), np.zeros(parts, np.int32)
         for p in prange(parts):
-            b0, b1 = n * p // parts, n * (p + 1) // parts
-            dst = dwt.ctypes.data if p == 0 else acc[p - 1].ctypes.data
-            rc[p] = fn2(code, bits.ctypes.data + b0 * (c * h * w // 8), vals.ctypes.data,
-                        starts.ctypes.data + 8 * b0 * c, g.ctypes.data + 4 * b0 * hp * wp * o, dst, b1 - b0, c, h, w,
-                        o, kh, kw, pt, pl, hp, wp, top, left, 0, items)
-        for q in range(parts - 1):
-            dwt += acc[q]
-        return rc.min()
+            bp, sp, gp, dst, nb = image_part(p, parts, n, c, h * w, hp * wp * o, bits, starts, g, dwt, acc)
+            rc[p] = fn2(code, bp, vals.ctypes.data, sp, gp, dst, nb, c, h, w, o, kh, kw, pt, pl, hp, wp, top, left,
+                        0, items)
+        return fold(dwt, acc, rc)
 
     return serial, parallel, serial2, parallel2, by_images, by_images2
 

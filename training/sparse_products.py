@@ -771,16 +771,16 @@ def _sparse_wgrad(g: Tensor, a_vals: Tensor, a_bits: Tensor, x_shape: torch.Size
     items = c * (o // native_train.wgrad_block(code, kh, kw, o))
     threads = _threads()
     parts = max(1, min(threads, items))
+    by_img = native_train.split_by_images(n, c, h * w, parts)
     if tuple(stride) == (1, 1) and native_train.wgrad_s1_supported(code, kh, kw, o, h * w):
         # the output gradient zero-padded so that every tap of every kept entry reads a row
         top = max(0, dilation[0] * (kh - 1) - padding[0])
         left = max(0, dilation[1] * (kw - 1) - padding[1])
         hp, wp = top + max(h_out, h + padding[0]), left + max(w_out, w + padding[1])
         gpad = native_train.to_nhwc_padded(code, g.detach().contiguous().numpy(), top, left, hp, wp, threads)
-        by_img = native_train.split_by_images(n, c, h * w, parts)
-        rc = native_train.wgrad_s1_loop(parts > 1, by_img)(code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh, kw,
-                                                   padding[0], padding[1], dilation[0], dilation[1], hp, wp,
-                                                   top, left, items, parts)
+        rc = native_train.wgrad_s1_loop(parts > 1, by_img)(code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh,
+                                                           kw, padding[0], padding[1], dilation[0], dilation[1], hp,
+                                                           wp, top, left, items, parts)
         if rc != 0:
             raise RuntimeError("internal: the stride-1 weight-gradient loop has no kernel for this layer")
         return torch.from_numpy(dwt).view(c, kh, kw, o).permute(3, 0, 1, 2).contiguous()
@@ -790,9 +790,8 @@ def _sparse_wgrad(g: Tensor, a_vals: Tensor, a_bits: Tensor, x_shape: torch.Size
         hp = top + max(h_out, (h - 1 + padding[0]) // 2 + 1)
         wp = left + max(w_out, (w - 1 + padding[1]) // 2 + 1)
         gpad = native_train.to_nhwc_padded(code, g.detach().contiguous().numpy(), top, left, hp, wp, threads)
-        by_img = native_train.split_by_images(n, c, h * w, parts)
-        rc = native_train.wgrad_s2_loop(parts > 1, by_img)(code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh, kw,
-                                                   padding[0], padding[1], hp, wp, top, left, items, parts)
+        rc = native_train.wgrad_s2_loop(parts > 1, by_img)(code, bits, vals, starts, gpad, dwt, n, c, h, w, o, kh,
+                                                           kw, padding[0], padding[1], hp, wp, top, left, items, parts)
         if rc != 0:
             raise RuntimeError("internal: the stride-2 weight-gradient loop has no kernel for this layer")
         return torch.from_numpy(dwt).view(c, kh, kw, o).permute(3, 0, 1, 2).contiguous()

@@ -304,13 +304,22 @@ def _masked_direct_applies(case: tuple) -> bool:
     return MaskedDirectKernel().supports(spec)
 
 
-@pytest.mark.skipif("avx512" not in ISAS, reason="the lane-masked direct kernel is AVX-512 only")
+def _vector_isa(monkeypatch, isa: str) -> None:  # noqa: ANN001
+    """Run on `isa` (SWAT_ISA), or skip where this CPU lacks it."""
+    if isa not in ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("SWAT_ISA", isa)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", [1, 2, 4, 16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_masked_direct_matches_torch(threads: int, block: int, case: tuple) -> None:
+def test_masked_direct_matches_torch(monkeypatch, isa: str, threads: int, block: int, case: tuple) -> None:  # noqa: ANN001
     """The lane-masked direct kernel (no packed input) on every case it takes, with the fused
-    residual + ReLU, batch 1 split by rows over two threads and larger batches by images."""
+    residual + ReLU, batch 1 split by rows over two threads and larger batches by images; on each
+    vector ISA this CPU runs (AVX2 forced on an AVX-512 machine)."""
+    _vector_isa(monkeypatch, isa)
     o, ig, kh, kw, st, pad, dil, groups, n, h, w = case
     if (o // groups) % block:
         pytest.skip("block does not divide the outputs per group")
@@ -326,8 +335,9 @@ def test_masked_direct_matches_torch(threads: int, block: int, case: tuple) -> N
     torch.testing.assert_close(op.fused(x, res, True), torch.relu(ref + res), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif("avx512" not in ISAS, reason="the lane-masked direct kernel is AVX-512 only")
-def test_masked_direct_nan_reaches_what_a_kept_weight_connects() -> None:
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_masked_direct_nan_reaches_what_a_kept_weight_connects(monkeypatch, isa: str) -> None:  # noqa: ANN001
+    _vector_isa(monkeypatch, isa)
     wt = _block_sparse((16, 16, 3, 3), 0.8, 4, seed=1)
     x = torch.randn(1, 16, 9, 7)
     x[0, 3, 0, 4] = float("nan")  # on the border: the lane masks must not hide it
@@ -342,13 +352,13 @@ def test_masked_direct_nan_reaches_what_a_kept_weight_connects() -> None:
 
 
 def test_masked_direct_is_offered_only_where_it_runs(monkeypatch) -> None:  # noqa: ANN001
-    """AVX-512 only: forced down to AVX2 the registry does not offer it (the autotuner then never
-    times it), and asking for it by name is one clear error."""
+    """AVX2 and AVX-512 only: forced down to portable C the registry does not offer it (the
+    autotuner then never times it), and asking for it by name is one clear error."""
     from swat_deploy.kernels.base import LayerSpec
     from swat_deploy.kernels.masked_direct import MaskedDirectKernel
 
     spec = LayerSpec("conv2d", (16, 16, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, False, 0.9, (1, 16, 8, 8))
-    monkeypatch.setenv("SWAT_ISA", "avx2")
+    monkeypatch.setenv("SWAT_ISA", "generic")
     assert not MaskedDirectKernel().supports(spec)
     with pytest.raises(ValueError, match="masked_direct"):
         make_conv2d(torch.randn(16, 16, 3, 3), None, 1, 1, kernel="masked_direct")
@@ -361,8 +371,8 @@ def test_one_layer_run_from_two_python_threads_at_once(kernel: str) -> None:
     different inputs each get their own result (the per-call pointers are per thread)."""
     import threading
 
-    if kernel == "masked_direct" and "avx512" not in ISAS:
-        pytest.skip("the lane-masked direct kernel is AVX-512 only")
+    if kernel == "masked_direct" and "avx2" not in ISAS:
+        pytest.skip("the lane-masked direct kernel needs AVX2 or AVX-512")
     wt = _block_sparse((64, 64, 3, 3), 0.9, 1, seed=3)
     op = make_conv2d(wt, None, 1, 1, kernel=kernel, threads=1)
     xs = [torch.randn(1, 64, 16, 16) for _ in range(2)]
@@ -383,7 +393,7 @@ def test_one_layer_run_from_two_python_threads_at_once(kernel: str) -> None:
     assert not wrong
 
 
-@pytest.mark.skipif("avx512" not in ISAS, reason="the lane-masked direct kernel is AVX-512 only")
+@pytest.mark.skipif("avx2" not in ISAS, reason="the lane-masked direct kernel needs AVX2 or AVX-512")
 def test_masked_direct_runs_any_input_size() -> None:
     """An op built for one input size runs others too; sizes whose taps leave the stride phases
     go to the packed direct kernel."""

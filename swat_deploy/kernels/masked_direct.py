@@ -1,4 +1,4 @@
-"""Direct sparse conv on the unpadded NCHW input, the zero padding as lane masks (AVX-512).
+"""Direct sparse conv on the unpadded NCHW input, the zero padding as lane masks (AVX-512, AVX2).
 
 Why a second direct kernel: `csr_direct` multiplies over a packed input (kw column-shifted,
 zero-padded copies written on every call), which keeps every load aligned - what matters when
@@ -11,7 +11,7 @@ thread, AMD EPYC (AVX-512), ResNet-18 shapes: 1.0-1.25x `csr_direct` at 32x32 an
 1.5-2.2x at 8x8 and 4x4. The autotuner picks per layer, so where the packed layout wins it
 stays.
 
-Covers: one group, AVX-512, blocks of 1, 2 or 4, any dilation, a stride-1 conv whose output is
+Covers: one group, AVX-512 or AVX2 (vmaskmovps; the same 16-lane tiles as two halves), blocks of 1, 2 or 4, any dilation, a stride-1 conv whose output is
 as large as its input (symmetric "same" padding) or a strided conv whose taps all land inside
 its stride phases (ResNet's downsampling 3x3 and 1x1 convs). The weight's tap-major block CSR
 and the lane masks are built once per input shape.
@@ -129,7 +129,7 @@ class _MaskedDirectConv:
 
 
 class MaskedDirectKernel:
-    """Direct sparse conv on the NCHW input with lane-masked padding (AVX-512, no packed copies)."""
+    """Direct sparse conv on the NCHW input with lane-masked padding (AVX-512 or AVX2, no packed copies)."""
 
     name = "masked_direct"
     thread_pool = "native"
@@ -137,7 +137,7 @@ class MaskedDirectKernel:
 
     def supports(self, spec: LayerSpec) -> bool:
         if (spec.kind != "conv2d" or spec.groups != 1 or not direct_layer.available()
-                or native.isa() != "avx512"):
+                or native.isa() not in ("avx2", "avx512")):
             return False
         top, left, bottom, right = spec.padding
         if spec.stride == (1, 1) and (top != bottom or left != right):

@@ -169,6 +169,109 @@ TC_MICRO(4, 2, 2) TC_MICRO(4, 1, 2) TC_MICRO(4, 1, 4)
 TC_IMAGES(1, 1, 8) TC_IMAGES(1, 2, 4) TC_IMAGES(1, 4, 2) TC_IMAGES(1, 8, 1)
 TC_IMAGES(2, 1, 8) TC_IMAGES(2, 2, 4) TC_IMAGES(2, 4, 2)
 TC_IMAGES(4, 1, 4) TC_IMAGES(4, 2, 2) TC_IMAGES(4, 4, 1)
+
+/* ---- AVX2 + FMA: the same tiles of 16-lane vectors (the mask table is shared), each held as
+   two 8-lane halves. AVX2 has 16 registers, so a tile holds at most 8 accumulators (B x I x 2T)
+   next to its 2T lane masks, B broadcasts and one input. A masked lane's address may lie
+   outside the buffer: vmaskmovps does not fault there either. */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256i tc_mask8(uint32_t bits, int half) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i m = _mm256_set1_epi32((int)(half ? bits >> 8 : bits) & 0xFF);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(m, sel), sel);
+}
+#define TC2_MICRO(B, T, I)                                                                         \
+    static inline __attribute__((always_inline, target("avx2,fma"))) void tc2_##B##_##T##_##I(   \
+        const int32_t *seg, const int32_t *offs, const float *vals, const uint16_t *masks,         \
+        int64_t kk, const float *x, int64_t xs, float *y, int64_t ys, int64_t yr,                 \
+        const float *bias, int64_t vlast, uint32_t tail, const float *res, int64_t relu) {        \
+        __m256 acc[B][I][2 * (T)];                                                                \
+        TC_UNROLL for (int j = 0; j < B; j++) {                                                   \
+            const __m256 b0 = _mm256_set1_ps(bias ? bias[j] : 0.0f);                              \
+            TC_UNROLL for (int m = 0; m < I; m++)                                                 \
+                TC_UNROLL for (int t = 0; t < 2 * (T); t++) acc[j][m][t] = b0;                    \
+        }                                                                                         \
+        for (int64_t tap = 0; tap < kk; tap++) {                                                  \
+            const int32_t ks = seg[tap], ke = seg[tap + 1];                                       \
+            if (ks == ke) continue;                                                               \
+            __m256i mt[2 * (T)];                                                                  \
+            uint32_t all = 0xFFFFu;                                                               \
+            TC_UNROLL for (int t = 0; t < T; t++) {                                               \
+                const uint32_t mb = masks[t * kk + tap];                                          \
+                all &= mb;                                                                        \
+                mt[2 * t] = tc_mask8(mb, 0);                                                      \
+                mt[2 * t + 1] = tc_mask8(mb, 1);                                                  \
+            }                                                                                     \
+            if (all == 0xFFFFu) { /* no lane masked (interior taps): plain loads */               \
+                for (int32_t k = ks; k < ke; k++) {                                               \
+                    const float *xk = x + offs[k];                                                \
+                    __m256 wv[B];                                                                 \
+                    TC_UNROLL for (int j = 0; j < B; j++) wv[j] = _mm256_broadcast_ss(vals + (int64_t)k * B + j); \
+                    TC_UNROLL for (int t = 0; t < 2 * (T); t++)                                   \
+                        TC_UNROLL for (int m = 0; m < I; m++) {                                   \
+                            const __m256 xv = _mm256_loadu_ps(xk + m * xs + t * 8);               \
+                            TC_UNROLL for (int j = 0; j < B; j++)                                 \
+                                acc[j][m][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][m][t]);         \
+                        }                                                                         \
+                }                                                                                 \
+                continue;                                                                         \
+            }                                                                                     \
+            for (int32_t k = ks; k < ke; k++) {                                                   \
+                const float *xk = x + offs[k];                                                    \
+                __m256 wv[B];                                                                     \
+                TC_UNROLL for (int j = 0; j < B; j++) wv[j] = _mm256_broadcast_ss(vals + (int64_t)k * B + j); \
+                TC_UNROLL for (int t = 0; t < 2 * (T); t++)                                       \
+                    TC_UNROLL for (int m = 0; m < I; m++) {                                       \
+                        const __m256 xv = _mm256_maskload_ps(xk + m * xs + t * 8, mt[t]);        \
+                        TC_UNROLL for (int j = 0; j < B; j++)                                     \
+                            acc[j][m][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][m][t]);             \
+                    }                                                                             \
+            }                                                                                     \
+        }                                                                                         \
+        TC_UNROLL for (int t = 0; t < 2 * (T); t++) {                                             \
+            const uint32_t sb = (t / 2 == vlast ? tail : 0xFFFFu);                                \
+            const int full = ((t & 1 ? sb >> 8 : sb) & 0xFF) == 0xFF;                              \
+            const __m256i st = tc_mask8(sb, t & 1);                                               \
+            TC_UNROLL for (int j = 0; j < B; j++)                                                 \
+                TC_UNROLL for (int m = 0; m < I; m++) {                                           \
+                    float *yp = y + j * yr + m * ys + t * 8;                                      \
+                    __m256 a = acc[j][m][t];                                                      \
+                    if (res) a = _mm256_add_ps(a, full ? _mm256_loadu_ps(res + (yp - y))          \
+                                                        : _mm256_maskload_ps(res + (yp - y), st)); \
+                    if (relu) a = _mm256_max_ps(_mm256_setzero_ps(), a); /* NaN kept */         \
+                    if (full) _mm256_storeu_ps(yp, a);                                            \
+                    else _mm256_maskstore_ps(yp, st, a);                                          \
+                }                                                                                 \
+        }                                                                                         \
+    }
+
+/* Images [b, b + I) of every block row: tiles of TM vectors, then the rest one vector at a time;
+   output channels innermost, as TC_IMAGES. */
+#define TC2_CALL(B, T, I)                                                                          \
+    tc2_##B##_##T##_##I(indptr + r * kk, offs, vals, masks + v0 * kk, kk, xb + v0 * 16, xs,         \
+                        yb + r * (B) * yr + v0 * 16, ys, yr, bias ? bias + r * (B) : NULL,         \
+                        V - 1 - v0, tail, resb ? resb + r * (B) * yr + v0 * 16 : NULL, relu)
+#define TC2_IMAGES(B, I, TM)                                                                       \
+    static __attribute__((target("avx2,fma"))) void tci2_##B##_##I(                               \
+        const int32_t *indptr, const int32_t *offs, const float *vals, const float *bias,         \
+        const uint16_t *masks, int64_t kk, const float *x, float *y, int64_t xs, int64_t o,       \
+        int64_t P, int64_t yr, int64_t b, int64_t r0, int64_t r1, const float *res, int64_t relu) { \
+        const int64_t ys = o * yr, V = (P + 15) / 16;                                             \
+        const uint32_t tail = P % 16 ? (1u << (P % 16)) - 1 : 0xFFFFu;                            \
+        const float *xb = x + b * xs;                                                             \
+        float *yb = y + b * ys;                                                                   \
+        const float *resb = res ? res + b * ys : NULL;                                            \
+        int64_t v0 = 0;                                                                           \
+        for (; v0 + (TM) <= V; v0 += (TM))                                                        \
+            for (int64_t r = r0; r < r1; r++) TC2_CALL(B, TM, I);                                 \
+        for (; v0 < V; v0++)                                                                      \
+            for (int64_t r = r0; r < r1; r++) TC2_CALL(B, 1, I);                                  \
+    }
+TC2_MICRO(1, 3, 1) TC2_MICRO(1, 2, 2) TC2_MICRO(1, 1, 1) TC2_MICRO(1, 1, 2) TC2_MICRO(1, 1, 4)
+TC2_MICRO(2, 2, 1) TC2_MICRO(2, 1, 1) TC2_MICRO(2, 1, 2)
+TC2_MICRO(4, 1, 1)
+TC2_IMAGES(1, 1, 3) TC2_IMAGES(1, 2, 2) TC2_IMAGES(1, 4, 1)
+TC2_IMAGES(2, 1, 2) TC2_IMAGES(2, 2, 1)
+TC2_IMAGES(4, 1, 1)
 #endif
 
 /* Images per tile for block height B and V vectors per plane (several images share each weight
@@ -179,10 +282,18 @@ static int tc_images(int64_t B, int64_t V) {
     return V >= 4 ? 1 : V >= 2 ? 2 : 4;
 }
 
-/* Whether (isa, B, P) has a kernel: isa 2 (AVX-512F), B in {1, 2, 4}, any plane size. */
+/* The same for AVX2's tiles (at most 8 accumulators: B x I x 2 halves per 16-lane vector). */
+static int tc2_images(int64_t B, int64_t V) {
+    if (B == 1) return V >= 2 ? 2 : 4;
+    if (B == 2) return V >= 2 ? 1 : 2;
+    return 1;
+}
+
+/* Whether (isa, B, P) has a kernel: isa 2 (AVX-512F) or 1 (AVX2 + FMA), B in {1, 2, 4}, any
+   plane size. */
 EXPORT int swat_tconv_supported(int64_t isa, int64_t B, int64_t P) {
 #ifdef SWAT_X86
-    return isa == 2 && (B == 1 || B == 2 || B == 4) && P >= 1;
+    return (isa == 2 || isa == 1) && (B == 1 || B == 2 || B == 4) && P >= 1;
 #else
     (void)isa; (void)B; (void)P;
     return 0;
@@ -201,8 +312,24 @@ static int tconv_range(int64_t isa, const int32_t *indptr, const int32_t *offs, 
                        int64_t r0, int64_t r1, const float *res, int64_t relu) {
     if (!swat_tconv_supported(isa, B, P)) return -1;
 #ifdef SWAT_X86
-    const int I = tc_images(B, (P + 15) / 16);
     int64_t b = b0;
+    if (isa == 1) {
+        const int I = tc2_images(B, (P + 15) / 16);
+#define TC2_RUN(BB, II) tci2_##BB##_##II(indptr, offs, vals, bias, masks, kk, x, y, xs, o, P, yr, b, r0, r1, res, relu)
+        if (B == 1) {
+            if (I == 4) for (; b + 4 <= b1; b += 4) TC2_RUN(1, 4);
+            if (I == 2) for (; b + 2 <= b1; b += 2) TC2_RUN(1, 2);
+            for (; b < b1; b++) TC2_RUN(1, 1);
+        } else if (B == 2) {
+            if (I == 2) for (; b + 2 <= b1; b += 2) TC2_RUN(2, 2);
+            for (; b < b1; b++) TC2_RUN(2, 1);
+        } else {
+            for (; b < b1; b++) TC2_RUN(4, 1);
+        }
+#undef TC2_RUN
+        return 0;
+    }
+    const int I = tc_images(B, (P + 15) / 16);
 #define TC_RUN(BB, II) tci_##BB##_##II(indptr, offs, vals, bias, masks, kk, x, y, xs, o, P, yr, b, r0, r1, res, relu)
     if (B == 1) {
         if (I == 8) for (; b + 8 <= b1; b += 8) TC_RUN(1, 8);
@@ -315,7 +442,7 @@ EXPORT int swat_tconv_layer_f32(struct swat_tconv_layer *L) {
     }
     if (L->n >= threads || threads == 1) {
         /* image groups of the kernel's own tile height (tc_images), about even per thread */
-        const int64_t I = tc_images(L->B, (L->P + 15) / 16);
+        const int64_t I = (L->isa == 1 ? tc2_images : tc_images)(L->B, (L->P + 15) / 16);
         int64_t per = (L->n + threads - 1) / threads;
         per = (per + I - 1) / I * I;
         L->nrg = 1;

@@ -282,7 +282,7 @@ def test_bitmask_passes_match_the_numba_loops_on_every_isa(isa: str, n: int) -> 
                          ids=lambda s: "x".join(map(str, s)))
 def test_padded_nhwc_copy_matches_numpy_on_every_isa(isa: str, shape: tuple) -> None:
     """The weight gradient's zero-padded NHWC copy of the output gradient (a register transpose
-    on AVX-512 for 16-channel groups, a plain loop otherwise), with plane sizes that end mid-tile."""
+    on AVX-512 for 16-channel groups, AVX2 for 8, a plain loop otherwise), with plane sizes that end mid-tile."""
     from swat_native import train as native_train
 
     n, c, h, w, top, left = shape

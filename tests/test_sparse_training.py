@@ -236,8 +236,8 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, names: list[st
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_resnet_layers_take_the_direct_kernels(monkeypatch: pytest.MonkeyPatch, isa: str) -> None:
     """ResNet-20's layers (3x3 stride 1 and 2, 1x1 stride 2, even maps) run the no-packing
-    direct conv for forward and input gradient (AVX2 and AVX-512) and, on AVX-512, the
-    padded-gradient weight-gradient loops, and still match torch."""
+    direct conv for forward and input gradient and the padded-gradient weight-gradient loops, on
+    AVX2 and AVX-512, and still match torch."""
     from swat_native import train as native_train
     if isa not in swat_native.cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -265,8 +265,7 @@ def test_resnet_layers_take_the_direct_kernels(monkeypatch: pytest.MonkeyPatch, 
     # forward x4, input gradient: 2 stride-1 convs + one direct conv per reached stride phase
     # (4 for the 3x3 stride 2, 1 for the 1x1 stride 2)
     assert calls["tconv_loop"] == 4 + 2 + 4 + 1
-    if isa == "avx512":
-        assert calls["wgrad_s1_loop"] == 2 and calls["wgrad_s2_loop"] == 2 and calls["wgrad_loop"] == 0
+    assert calls["wgrad_s1_loop"] == 2 and calls["wgrad_s2_loop"] == 2 and calls["wgrad_loop"] == 0
 
 
 def test_direct_kernel_refuses_what_it_cannot_do() -> None:
@@ -289,10 +288,12 @@ def test_direct_kernel_refuses_what_it_cannot_do() -> None:
     assert odd is not None and odd.masks.shape == (3, 9) and int(odd.masks[2, 4]) == 0b111  # lanes past 35 clear
 
 
-@pytest.mark.skipif("avx512" not in swat_native.cpu_isas(), reason="the banded loop is AVX-512 only")
-def test_weight_gradient_many_channels_on_a_large_map() -> None:
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_weight_gradient_many_channels_on_a_large_map(isa: str) -> None:
     """The stride-1 weight-gradient loop walks large maps in bands of positions, every channel's
     value index carried across bands, and more than 512 work items in groups: still exact."""
+    if isa not in swat_native.cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
     torch.manual_seed(4)
     x = torch.relu(torch.randn(1, 520, 17, 17))  # 289 positions: 3 bands; 520 items in 2 groups
     sel = select_bits(x, 0.8, "nchw", drop_zeros=True)
@@ -302,18 +303,20 @@ def test_weight_gradient_many_channels_on_a_large_map() -> None:
     gy = torch.randn(1, 16, 17, 17)
     ref = torch.ops.aten.convolution_backward(gy, xs, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                               [False, True, False])[1]
-    with mock.patch.dict(os.environ, {"SWAT_ISA": "avx512"}):
+    with mock.patch.dict(os.environ, {"SWAT_ISA": isa}):
         got = sp._sparse_wgrad(gy, vals, sel.bits, x.shape, wt.shape, (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif("avx512" not in swat_native.cpu_isas(), reason="the padded-gradient loops are AVX-512 only")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("n", [2, 5])
-def test_weight_gradient_split_by_images_over_two_threads_is_exact(stride: int, n: int) -> None:
+def test_weight_gradient_split_by_images_over_two_threads_is_exact(isa: str, stride: int, n: int) -> None:
     """At two threads the padded-gradient loops give each thread its own images and a private dW,
     summed after (swat_native.train.split_by_images); an odd batch leaves the threads unequal
     shares. Both must still equal the masked-dense product."""
+    if isa not in swat_native.cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
     from swat_native import train as native_train
 
     torch.manual_seed(5 + n)
@@ -329,7 +332,7 @@ def test_weight_gradient_split_by_images_over_two_threads_is_exact(stride: int, 
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with mock.patch.dict(os.environ, {"SWAT_ISA": "avx512"}):
+        with mock.patch.dict(os.environ, {"SWAT_ISA": isa}):
             got = sp._sparse_wgrad(gy, vals, sel.bits, x.shape, wt.shape, (stride, stride), (1, 1), (1, 1))
     finally:
         torch.set_num_threads(old)

@@ -263,16 +263,16 @@ EXPORT void swat_nchw_to_nhwc_f32(const float *src, float *dst, int64_t c, int64
    border test of the generic loop above had cost ~50 cycles per kept entry, five times its
    9 FMAs. */
 #ifdef SWAT_X86
-#define WS_MICRO(KH, KW, T)                                                                        \
-    static __attribute__((target("avx512f"))) void ws_##KH##_##KW##_##T(                          \
+#define WS_MICRO(ISA, VEC, LANES, SET1, LOADU, STOREU, FMADD, KH, KW, T)                                                                        \
+    static __attribute__((target(ISA))) void ws##LANES##_##KH##_##KW##_##T(                          \
         const uint8_t *bits, const float *vals, int64_t *vip, const float *gb, float *dst,        \
         int64_t p, int64_t plane, int64_t q_lo, int64_t q_hi, const int32_t *posoff,              \
         const int64_t *toff, int64_t o) {                                                         \
-        __m512 acc[KH * KW][T];                                                                   \
+        VEC acc[KH * KW][T];                                                                   \
         int64_t to[KH * KW];                                                                      \
         WG_UNROLL for (int q = 0; q < KH * KW; q++) {                                             \
             to[q] = toff[q];                                                                      \
-            WG_UNROLL for (int t = 0; t < T; t++) acc[q][t] = _mm512_loadu_ps(dst + q * o + t * 16); \
+            WG_UNROLL for (int t = 0; t < T; t++) acc[q][t] = LOADU(dst + q * o + t * LANES); \
         }                                                                                         \
         int64_t vi = *vip;                                                                        \
         for (int64_t q0 = q_lo; q0 < q_hi; q0 += 64) {                                            \
@@ -281,24 +281,31 @@ EXPORT void swat_nchw_to_nhwc_f32(const float *src, float *dst, int64_t c, int64
             while (m) {                                                                           \
                 const int64_t pos = q0 + __builtin_ctzll(m);                                      \
                 m &= m - 1;                                                                       \
-                const __m512 a = _mm512_set1_ps(vals[vi++]);                                      \
+                const VEC a = SET1(vals[vi++]);                                      \
                 const float *base = gb + (int64_t)posoff[pos] * o;                                \
                 WG_UNROLL for (int q = 0; q < KH * KW; q++)                                       \
                     WG_UNROLL for (int t = 0; t < T; t++)                                         \
-                        acc[q][t] = _mm512_fmadd_ps(a, _mm512_loadu_ps(base - to[q] + t * 16), acc[q][t]); \
+                        acc[q][t] = FMADD(a, LOADU(base - to[q] + t * LANES), acc[q][t]); \
             }                                                                                     \
         }                                                                                         \
         *vip = vi;                                                                                \
         WG_UNROLL for (int q = 0; q < KH * KW; q++)                                               \
-            WG_UNROLL for (int t = 0; t < T; t++) _mm512_storeu_ps(dst + q * o + t * 16, acc[q][t]); \
+            WG_UNROLL for (int t = 0; t < T; t++) STOREU(dst + q * o + t * LANES, acc[q][t]); \
     }
-WS_MICRO(3, 3, 1) WS_MICRO(3, 3, 2) WS_MICRO(1, 1, 1) WS_MICRO(1, 1, 2) WS_MICRO(1, 1, 4)
+#define WS512(KH, KW, T) WS_MICRO("avx512f", __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, \
+                                  _mm512_fmadd_ps, KH, KW, T)
+#define WS256(KH, KW, T) WS_MICRO("avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, \
+                                  _mm256_fmadd_ps, KH, KW, T)
+/* AVX2 (16 registers): 3x3 takes one vector of output channels (9 accumulators) */
+WS512(3, 3, 1) WS512(3, 3, 2) WS512(1, 1, 1) WS512(1, 1, 2) WS512(1, 1, 4)
+WS256(3, 3, 1) WS256(1, 1, 1) WS256(1, 1, 2) WS256(1, 1, 4)
 #endif
 
-/* Whether swat_wgrad_s1_f32 has a loop for (isa, kernel, O): AVX-512, 3x3 or 1x1, O % 16 == 0. */
+/* Whether swat_wgrad_s1_f32 has a loop for (isa, kernel, O): AVX-512 (O % 16 == 0) or AVX2
+   (O % 8 == 0), 3x3 or 1x1. */
 EXPORT int swat_wgrad_s1_supported(int64_t isa, int64_t kh, int64_t kw, int64_t o) {
 #ifdef SWAT_X86
-    return isa == 2 && o % 16 == 0 && ((kh == 3 && kw == 3) || (kh == 1 && kw == 1));
+    return ((isa == 2 && o % 16 == 0) || (isa == 1 && o % 8 == 0)) && ((kh == 3 && kw == 3) || (kh == 1 && kw == 1));
 #else
     (void)isa; (void)kh; (void)kw; (void)o;
     return 0;
@@ -317,7 +324,7 @@ EXPORT int swat_wgrad_s1_f32(int64_t isa, const uint8_t *bits, const float *vals
 #ifdef SWAT_X86
     const int64_t blk = swat_wgrad_block(isa, kh, kw, o);
     if (blk <= 0) return -1;
-    const int64_t nob = o / blk, plane = h * w, t = blk / 16;
+    const int64_t lanes = isa == 2 ? 16 : 8, nob = o / blk, plane = h * w, t = blk / lanes;
     int32_t posoff_stack[4096];
     int32_t *posoff = plane <= 4096 ? posoff_stack : NULL;
     if (!posoff) return -1;
@@ -347,13 +354,18 @@ EXPORT int swat_wgrad_s1_f32(int64_t isa, const uint8_t *bits, const float *vals
                 const int64_t p = b * c_in + c;
                 int64_t *vip = vis + (it - j0);
 #define WS_ARGS bits, vals, vip, gb, dst, p, plane, q_lo, q_hi, posoff, toff, o
-                if (kh == 3) {
-                    if (t == 1) ws_3_3_1(WS_ARGS);
-                    else ws_3_3_2(WS_ARGS);
+                if (isa == 1) {
+                    if (kh == 3) ws8_3_3_1(WS_ARGS);
+                    else if (t == 1) ws8_1_1_1(WS_ARGS);
+                    else if (t == 2) ws8_1_1_2(WS_ARGS);
+                    else ws8_1_1_4(WS_ARGS);
+                } else if (kh == 3) {
+                    if (t == 1) ws16_3_3_1(WS_ARGS);
+                    else ws16_3_3_2(WS_ARGS);
                 } else {
-                    if (t == 1) ws_1_1_1(WS_ARGS);
-                    else if (t == 2) ws_1_1_2(WS_ARGS);
-                    else ws_1_1_4(WS_ARGS);
+                    if (t == 1) ws16_1_1_1(WS_ARGS);
+                    else if (t == 2) ws16_1_1_2(WS_ARGS);
+                    else ws16_1_1_4(WS_ARGS);
                 }
 #undef WS_ARGS
             }
@@ -366,7 +378,7 @@ EXPORT int swat_wgrad_s1_f32(int64_t isa, const uint8_t *bits, const float *vals
 }
 
 /* NCHW (N, C, H, W) -> zero-padded NHWC (N, hp, wp, C): pixel (y, x) at (y + top, x + left),
-   images b0..b1; C % 16 == 0 on AVX-512 (a gather of 16 channels per store), else scalar. */
+   images b0..b1; register-transposed tiles where C % 16 == 0 (AVX-512) or C % 8 == 0 (AVX2), else scalar. */
 EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst, int64_t c, int64_t h,
                                       int64_t w, int64_t hp, int64_t wp, int64_t top, int64_t left,
                                       int64_t b0, int64_t b1);
@@ -422,6 +434,47 @@ static __attribute__((target("avx512f"))) void nhwc_pad_512(const float *s, floa
         while (x0 >= w) { x0 -= w; y0++; }
     }
 }
+
+/* The AVX2 counterpart: tiles of 8 channels x 8 positions, an 8x8 register transpose. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void transpose8_256(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int q = 0; q < 2; q++) {
+        u[4 * q + 0] = _mm256_shuffle_ps(t[4 * q], t[4 * q + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * q + 1] = _mm256_shuffle_ps(t[4 * q], t[4 * q + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[4 * q + 2] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * q + 3] = _mm256_shuffle_ps(t[4 * q + 1], t[4 * q + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; k++) {
+        r[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);
+        r[4 + k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
+    }
+}
+
+static __attribute__((target("avx2,fma"))) void nhwc_pad_256(const float *s, float *d, int64_t c, int64_t hw,
+                                                            int64_t w, int64_t wp, int64_t top, int64_t left) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t p0 = 0, y0 = 0, x0 = 0; p0 < hw; p0 += 8) {
+        const int64_t n = hw - p0 < 8 ? hw - p0 : 8;
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), iota);
+        for (int64_t c0 = 0; c0 < c; c0 += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = n == 8 ? _mm256_loadu_ps(s + (c0 + i) * hw + p0) : _mm256_maskload_ps(s + (c0 + i) * hw + p0, m);
+            transpose8_256(r);
+            int64_t y = y0, x = x0;
+            for (int j = 0; j < n; j++) {
+                _mm256_storeu_ps(d + ((y + top) * wp + x + left) * c + c0, r[j]);
+                if (++x == w) { x = 0; y++; }
+            }
+        }
+        x0 += 8;
+        while (x0 >= w) { x0 -= w; y0++; }
+    }
+}
 #endif
 EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst, int64_t c, int64_t h,
                                       int64_t w, int64_t hp, int64_t wp, int64_t top, int64_t left,
@@ -444,6 +497,10 @@ EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst,
             nhwc_pad_512(s, d, c, hw, w, wp, top, left, h);
             continue;
         }
+        if (isa == 1 && c % 8 == 0 && c * hw < (1LL << 31) / 8) {
+            nhwc_pad_256(s, d, c, hw, w, wp, top, left);
+            continue;
+        }
 #endif
         (void)isa;
         for (int64_t y = 0; y < h; y++)
@@ -460,46 +517,51 @@ EXPORT void swat_nchw_to_nhwc_pad_f32(int64_t isa, const float *src, float *dst,
    value index comes from a popcount of the bits before the entry. The generic loop had tested
    every tap of every entry and ran at ~3x the dense product's time. */
 #ifdef SWAT_X86
-#define W2_CLASS(KH, KW, T, PY, PX)                                                                \
+#define W2_CLASS(VEC, LANES, SET1, LOADU, FMADD, KH, KW, T, PY, PX)                                                                \
     {                                                                                             \
         uint64_t mk = m & cls[wi * 4 + (PY) * 2 + (PX)];                                          \
         while (mk) {                                                                              \
             const int64_t bit = __builtin_ctzll(mk);                                              \
             mk &= mk - 1;                                                                         \
             const uint64_t below = bit ? (m << (64 - bit)) : 0;                                   \
-            const __m512 a = _mm512_set1_ps(vals[vi + __builtin_popcountll(below)]);              \
+            const VEC a = SET1(vals[vi + __builtin_popcountll(below)]);              \
             const float *base = gb + (int64_t)posoff[q0 + bit] * o;                               \
             WG_UNROLL for (int i = (PY); i < KH; i += 2)                                          \
                 WG_UNROLL for (int j = (PX); j < KW; j += 2) {                                    \
                     const float *gp = base - (((i - (PY)) / 2) * wp + (j - (PX)) / 2) * o;        \
                     WG_UNROLL for (int t = 0; t < T; t++)                                         \
-                        acc[i * KW + j][t] = _mm512_fmadd_ps(a, _mm512_loadu_ps(gp + t * 16), acc[i * KW + j][t]); \
+                        acc[i * KW + j][t] = FMADD(a, LOADU(gp + t * LANES), acc[i * KW + j][t]); \
                 }                                                                                 \
         }                                                                                         \
     }
-#define W2_MICRO(KH, KW, T)                                                                        \
-    static __attribute__((target("avx512f"))) void w2_##KH##_##KW##_##T(                          \
+#define W2_MICRO(ISA, VEC, LANES, SET1, LOADU, STOREU, FMADD, KH, KW, T)                                                                        \
+    static __attribute__((target(ISA))) void w2_##LANES##_##KH##_##KW##_##T(                          \
         const uint8_t *bits, const float *vals, const int64_t *starts, const float *gb,           \
         float *dst, int64_t p, int64_t plane, const int32_t *posoff, const uint64_t *cls,         \
         int64_t wp, int64_t o) {                                                                  \
-        __m512 acc[KH * KW][T];                                                                   \
+        VEC acc[KH * KW][T];                                                                   \
         WG_UNROLL for (int q = 0; q < KH * KW; q++)                                               \
-            WG_UNROLL for (int t = 0; t < T; t++) acc[q][t] = _mm512_loadu_ps(dst + q * o + t * 16); \
+            WG_UNROLL for (int t = 0; t < T; t++) acc[q][t] = LOADU(dst + q * o + t * LANES); \
         int64_t vi = starts[p];                                                                   \
         for (int64_t wi = 0, q0 = 0; q0 < plane; wi++, q0 += 64) {                                \
             const uint64_t m = load_word(bits, p * plane + q0, plane - q0 < 64 ? plane - q0 : 64); \
             if (!m) continue;                                                                     \
-            W2_CLASS(KH, KW, T, 0, 0) W2_CLASS(KH, KW, T, 0, 1)                                   \
-            W2_CLASS(KH, KW, T, 1, 0) W2_CLASS(KH, KW, T, 1, 1)                                   \
+            W2_CLASS(VEC, LANES, SET1, LOADU, FMADD, KH, KW, T, 0, 0) W2_CLASS(VEC, LANES, SET1, LOADU, FMADD, KH, KW, T, 0, 1)                                   \
+            W2_CLASS(VEC, LANES, SET1, LOADU, FMADD, KH, KW, T, 1, 0) W2_CLASS(VEC, LANES, SET1, LOADU, FMADD, KH, KW, T, 1, 1)                                   \
             vi += __builtin_popcountll(m);                                                        \
         }                                                                                         \
         WG_UNROLL for (int q = 0; q < KH * KW; q++)                                               \
-            WG_UNROLL for (int t = 0; t < T; t++) _mm512_storeu_ps(dst + q * o + t * 16, acc[q][t]); \
+            WG_UNROLL for (int t = 0; t < T; t++) STOREU(dst + q * o + t * LANES, acc[q][t]); \
     }
-W2_MICRO(3, 3, 1) W2_MICRO(3, 3, 2) W2_MICRO(1, 1, 1) W2_MICRO(1, 1, 2) W2_MICRO(1, 1, 4)
+#define W2512(KH, KW, T) W2_MICRO("avx512f", __m512, 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, \
+                                  _mm512_fmadd_ps, KH, KW, T)
+#define W2256(KH, KW, T) W2_MICRO("avx2,fma", __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, \
+                                  _mm256_fmadd_ps, KH, KW, T)
+W2512(3, 3, 1) W2512(3, 3, 2) W2512(1, 1, 1) W2512(1, 1, 2) W2512(1, 1, 4)
+W2256(3, 3, 1) W2256(1, 1, 1) W2256(1, 1, 2) W2256(1, 1, 4)
 #endif
 
-/* Whether swat_wgrad_s2_f32 has a loop: AVX-512, 3x3 or 1x1, O % 16 == 0, plane <= 4096. */
+/* Whether swat_wgrad_s2_f32 has a loop: as swat_wgrad_s1_supported, and plane <= 4096. */
 EXPORT int swat_wgrad_s2_supported(int64_t isa, int64_t kh, int64_t kw, int64_t o, int64_t plane) {
     return swat_wgrad_s1_supported(isa, kh, kw, o) && plane <= 4096;
 }
@@ -516,7 +578,7 @@ EXPORT int swat_wgrad_s2_f32(int64_t isa, const uint8_t *bits, const float *vals
 #ifdef SWAT_X86
     const int64_t blk = swat_wgrad_block(isa, kh, kw, o);
     if (blk <= 0) return -1;
-    const int64_t nob = o / blk, t = blk / 16;
+    const int64_t nob = o / blk, t = blk / (isa == 2 ? 16 : 8);
     int32_t posoff[4096];
     uint64_t cls[4096 / 64 * 4];
     memset(cls, 0, sizeof(uint64_t) * (size_t)((plane + 63) / 64 * 4));
@@ -532,14 +594,21 @@ EXPORT int swat_wgrad_s2_f32(int64_t isa, const uint8_t *bits, const float *vals
             const float *gb = gpad + b * hp * wp * o + ob;
             float *dst = dwt + c * kh * kw * o + ob;
             const int64_t p = b * c_in + c;
-            if (kh == 3) {
-                if (t == 1) w2_3_3_1(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
-                else w2_3_3_2(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
+#define W2_ARGS bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o
+            if (isa == 1) {
+                if (kh == 3) w2_8_3_3_1(W2_ARGS);
+                else if (t == 1) w2_8_1_1_1(W2_ARGS);
+                else if (t == 2) w2_8_1_1_2(W2_ARGS);
+                else w2_8_1_1_4(W2_ARGS);
+            } else if (kh == 3) {
+                if (t == 1) w2_16_3_3_1(W2_ARGS);
+                else w2_16_3_3_2(W2_ARGS);
             } else {
-                if (t == 1) w2_1_1_1(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
-                else if (t == 2) w2_1_1_2(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
-                else w2_1_1_4(bits, vals, starts, gb, dst, p, plane, posoff, cls, wp, o);
+                if (t == 1) w2_16_1_1_1(W2_ARGS);
+                else if (t == 2) w2_16_1_1_2(W2_ARGS);
+                else w2_16_1_1_4(W2_ARGS);
             }
+#undef W2_ARGS
         }
     return 0;
 #else

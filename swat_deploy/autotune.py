@@ -77,9 +77,11 @@ def _cpu_model() -> str:
 
 
 def machine_key(threads: int | None) -> str:
-    """Cache partition: the same layer may pick differently on another CPU or thread count."""
+    """Cache partition: the same layer may pick differently on another CPU, thread count or kernel
+    build (see swat_native.build_id)."""
     n = threads if threads is not None else torch.get_num_threads()
-    return f"{_cpu_model()}|isa={native.isa()}|cores={os.cpu_count()}|threads={n}|torch={torch.__version__}"
+    return (f"{_cpu_model()}|cpu={native.cpu_signature()}|isa={native.isa()}|cores={os.cpu_count()}|threads={n}"
+            f"|torch={torch.__version__}|kernels={native.build_id()}")
 
 
 def layer_key(spec: LayerSpec) -> str:

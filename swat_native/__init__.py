@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.machinery
 import math
 import os
@@ -86,6 +87,37 @@ def _lib() -> _Lib | None:
         return _Lib(ctypes.CDLL(str(path)))
     except OSError:
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def build_id() -> str:
+    """A short hash of the compiled library ("none" when it is not built). Kernel choices timed
+    and cached on disk (inference autotune, training's sparse-vs-dense picks) are keyed by it: a
+    rebuilt or upgraded kernel set is timed afresh instead of inheriting picks made when a
+    kernel was missing or slower."""
+    path = _find_library()
+    if path is None:
+        return "none"
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_signature() -> str:
+    """vendor/family/model/stepping from /proc/cpuinfo (or ""): hypervisors may report the same
+    model name ("AMD EPYC") for CPUs of different generations and vector widths."""
+    want = {"vendor_id": "", "cpu family": "", "model": "", "stepping": ""}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in want and not want[key]:
+                    want[key] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        return ""
+    return "/".join(want.values()) if any(want.values()) else ""
 
 
 def available() -> bool:

@@ -355,3 +355,18 @@ def test_pick_keeps_to_the_rules_thread_pool_unless_another_wins_by_the_margin()
     # no rule pick: the fastest, but it must still beat dense by DENSE_MARGIN
     assert autotune.pick(t, pools, "dense", None) == "csr_im2col"
     assert autotune.pick({"dense": 10.0, "csr_im2col": 9.9}, pools, "dense", None) == "dense"
+
+
+def test_cached_choices_are_partitioned_by_kernel_build_and_cpu(monkeypatch) -> None:  # noqa: ANN001
+    """A rebuilt kernel set (or another CPU generation behind the same model name) is timed
+    afresh: both on-disk caches (inference autotune, training's sparse-vs-dense picks) key their
+    machine section by the library's hash and the CPU's family/model."""
+    import swat_native
+    from training import sparse_choices
+
+    before = (autotune.machine_key(1), sparse_choices.machine_key())
+    assert all(f"kernels={swat_native.build_id()}" in k and f"cpu={swat_native.cpu_signature()}" in k for k in before)
+    monkeypatch.setattr(swat_native, "build_id", lambda: "rebuilt")
+    after = (autotune.machine_key(1), sparse_choices.machine_key())
+    assert after[0] != before[0] and after[1] != before[1]
+    assert all("kernels=rebuilt" in k for k in after)

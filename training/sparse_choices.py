@@ -71,8 +71,12 @@ def _cpu_model() -> str:
 
 
 def machine_key() -> str:
-    """The cache partition: a choice made on one CPU (or torch build) says nothing about another."""
-    return f"{_cpu_model()}|cores={os.cpu_count()}|torch={torch.__version__}"
+    """The cache partition: a choice made on one CPU (or torch build, or kernel build) says nothing
+    about another."""
+    import swat_native as native
+
+    return (f"{_cpu_model()}|cpu={native.cpu_signature()}|cores={os.cpu_count()}|torch={torch.__version__}"
+            f"|kernels={native.build_id()}")
 
 
 def _read_section(path: Path) -> dict[str, bool]:

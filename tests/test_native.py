@@ -50,6 +50,7 @@ CASES = [
     (16, 16, 1, 1, 1, 0, 1, 1, 2, 64, 64),    # the same, two large images (one per chunk)
     (16, 16, 3, 3, 1, 1, 1, 1, 2, 64, 64),    # two large images, shifted copies / padded pitch
     (16, 16, 3, 3, 2, 1, 1, 1, 2, 63, 61),    # two large odd images, stride 2
+    (32, 8, 3, 3, 2, 1, 1, 1, 2, 34, 34),     # stride 2 on an even map: the vector phase split
 ]
 
 
@@ -418,3 +419,21 @@ def test_openmp_spin_is_shortened_before_torch_loads_unless_the_user_set_it() ->
     out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "7"}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "7"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 34, 34, 2, 2, 17, 17), (1, 2, 32, 16, 2, 2, 16, 8), (1, 2, 9, 11, 2, 2, 5, 6),
+                                   (1, 2, 8, 8, 2, 2, 5, 5), (1, 2, 9, 9, 3, 3, 3, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_stride_phases_match_numpy(shape: tuple) -> None:
+    """The strided direct conv's input split into stride phases, zeros past the map; stride 2 on
+    an even width takes a vector path, the rest the scalar loop."""
+    from swat_native import train as native_train
+
+    n, c, h, w, sh, sw, ho, wo = shape
+    x = np.random.default_rng(1).standard_normal((n, c, h, w)).astype(np.float32)
+    want = np.zeros((n, c, sh, sw, ho, wo), np.float32)
+    for ri in range(sh):
+        for rj in range(sw):
+            part = x[:, :, ri::sh, rj::sw][:, :, :ho, :wo]
+            want[:, :, ri, rj, :part.shape[2], :part.shape[3]] = part
+    np.testing.assert_array_equal(native_train.tconv_phases(x, sh, sw, ho, wo), want)

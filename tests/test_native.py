@@ -176,7 +176,9 @@ def test_bad_block_request() -> None:
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
 def test_each_isa_path_uses_its_vector_width() -> None:
-    """The AVX-512 loops hold their tiles in zmm registers, the AVX2 ones in ymm."""
+    """The AVX-512 loops hold their tiles in zmm registers, the AVX2 ones in ymm: the shift
+    kernel's drivers, the lane-masked direct conv's (tci_ / tci2_) and the padded-gradient
+    weight-gradient loops (ws16_ / ws8_, w2_16_ / w2_8_)."""
     lib = native._find_library()
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
                          check=True).stdout
@@ -188,9 +190,11 @@ def test_each_isa_path_uses_its_vector_width() -> None:
             funcs[name] = ""
         elif name:
             funcs[name] += line + "\n"
-    avx512 = [f for f in funcs if f.startswith("drive_16_")]
-    avx2 = [f for f in funcs if f.startswith("drive_8_")]
-    assert avx512 and avx2
+    families = [("drive_16_", "drive_8_"), ("tci_", "tci2_"), ("ws16_", "ws8_"), ("w2_16_", "w2_8_")]
+    avx512 = [f for wide, _ in families for f in funcs if f.startswith(wide)]
+    avx2 = [f for _, narrow in families for f in funcs if f.startswith(narrow)]
+    for wide, narrow in families:
+        assert any(f.startswith(wide) for f in funcs) and any(f.startswith(narrow) for f in funcs), (wide, narrow)
     for f in avx512:
         assert "vfmadd231ps" in funcs[f] and "%zmm" in funcs[f], f
     for f in avx2:

@@ -12,7 +12,7 @@ Two of a SWAT conv's three products have a sparse operand that is a *weight*:
 
 Where the map allows (one group; a stride-1 conv whose output is as large as its input, or a
 strided conv whose stride phases are as large as its output - ResNet's 3x3 and 1x1 layers,
-CIFAR's 32x32 and Fashion-MNIST's 28x28 maps alike; AVX-512) both run on the *direct* kernel of
+CIFAR's 32x32 and Fashion-MNIST's 28x28 maps alike; AVX-512 or AVX2) both run on the *direct* kernel of
 ``swat_native/csrc/train_conv_f32.c`` (:func:`_direct_conv`, :func:`_direct_strided_input_grad`):
 it reads the NCHW input itself (a strided conv: one copy split into stride phases) and writes
 NCHW, the zero padding being lane masks. Elsewhere they run on the inference shift kernel over
@@ -416,7 +416,7 @@ def _lane_masks(inside: np.ndarray) -> np.ndarray:
 
 def _direct_plan(spec: _ConvSpec, h: int, w: int, block: int) -> Optional[_Direct]:
     """The direct kernel's tables for this conv, or None where it does not apply (groups,
-    a stride-1 conv that changes the map size, stride phases larger than the output, no AVX-512)."""
+    a stride-1 conv that changes the map size, stride phases larger than the output, neither AVX-512 nor AVX2)."""
     key = (spec, h, w, block, _native().isa_code())
     if key in _DIRECT:
         return _DIRECT[key]

@@ -51,6 +51,7 @@ CASES = [
     (16, 16, 3, 3, 1, 1, 1, 1, 2, 64, 64),    # two large images, shifted copies / padded pitch
     (16, 16, 3, 3, 2, 1, 1, 1, 2, 63, 61),    # two large odd images, stride 2
     (32, 8, 3, 3, 2, 1, 1, 1, 2, 34, 34),     # stride 2 on an even map: the vector phase split
+    (32, 64, 3, 3, 1, 1, 1, 1, 1, 4, 4),      # batch 1, one-vector plane, long rows: partial sums
 ]
 
 

@@ -179,16 +179,46 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i tc_mask
     const __m256i m = _mm256_set1_epi32((int)(half ? bits >> 8 : bits) & 0xFF);
     return _mm256_cmpeq_epi32(_mm256_and_si256(m, sel), sel);
 }
+/* Partial sums over alternating non-zeros for small tiles: a one-vector tile of one channel
+   and image is 2 accumulators, and its FMA chains (4 cycles each on Zen 3) were what the loop
+   waited on - the 8x8 and 4x4 maps of a batch-1 ResNet-18 run mostly such tiles. */
+#define TC2_NPART(B, T, I) ((B) * (T) * (I) == 1 ? 4 : (B) * (T) * (I) == 2 ? 2 : 1)
+/* one non-zero k into partial sum p; LOAD(ptr, t) reads 8 lanes of half-vector t */
+#define TC2_NZ(B, T, I, LOAD, p, k)                                                                \
+    {                                                                                             \
+        const float *xk = x + offs[k];                                                            \
+        __m256 wv[B];                                                                             \
+        TC_UNROLL for (int j = 0; j < B; j++) wv[j] = _mm256_broadcast_ss(vals + (int64_t)(k) * B + j); \
+        TC_UNROLL for (int t = 0; t < 2 * (T); t++)                                               \
+            TC_UNROLL for (int m = 0; m < I; m++) {                                               \
+                const __m256 xv = LOAD(xk + m * xs + t * 8, t);                                   \
+                TC_UNROLL for (int j = 0; j < B; j++)                                             \
+                    acc[p][j][m][t] = _mm256_fmadd_ps(wv[j], xv, acc[p][j][m][t]);               \
+            }                                                                                     \
+    }
+#define TC2_PLAIN(ptr, t) _mm256_loadu_ps(ptr)
+#define TC2_MASKED(ptr, t) _mm256_maskload_ps(ptr, mt[t])
+#define TC2_LOOP(B, T, I, LOAD)                                                                    \
+    {                                                                                             \
+        int32_t k = ks;                                                                           \
+        for (; k + P <= ke; k += P)                                                               \
+            TC_UNROLL for (int p = 0; p < P; p++) TC2_NZ(B, T, I, LOAD, p, k + p)                 \
+        for (; k < ke; k++) TC2_NZ(B, T, I, LOAD, 0, k)                                           \
+    }
 #define TC2_MICRO(B, T, I)                                                                         \
     static inline __attribute__((always_inline, target("avx2,fma"))) void tc2_##B##_##T##_##I(   \
         const int32_t *seg, const int32_t *offs, const float *vals, const uint16_t *masks,         \
         int64_t kk, const float *x, int64_t xs, float *y, int64_t ys, int64_t yr,                 \
         const float *bias, int64_t vlast, uint32_t tail, const float *res, int64_t relu) {        \
-        __m256 acc[B][I][2 * (T)];                                                                \
+        enum { P = TC2_NPART(B, T, I) };                                                          \
+        __m256 acc[P][B][I][2 * (T)];                                                             \
         TC_UNROLL for (int j = 0; j < B; j++) {                                                   \
             const __m256 b0 = _mm256_set1_ps(bias ? bias[j] : 0.0f);                              \
             TC_UNROLL for (int m = 0; m < I; m++)                                                 \
-                TC_UNROLL for (int t = 0; t < 2 * (T); t++) acc[j][m][t] = b0;                    \
+                TC_UNROLL for (int t = 0; t < 2 * (T); t++) {                                     \
+                    acc[0][j][m][t] = b0;                                                         \
+                    TC_UNROLL for (int p = 1; p < P; p++) acc[p][j][m][t] = _mm256_setzero_ps();  \
+                }                                                                                 \
         }                                                                                         \
         for (int64_t tap = 0; tap < kk; tap++) {                                                  \
             const int32_t ks = seg[tap], ke = seg[tap + 1];                                       \
@@ -201,31 +231,10 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i tc_mask
                 mt[2 * t] = tc_mask8(mb, 0);                                                      \
                 mt[2 * t + 1] = tc_mask8(mb, 1);                                                  \
             }                                                                                     \
-            if (all == 0xFFFFu) { /* no lane masked (interior taps): plain loads */               \
-                for (int32_t k = ks; k < ke; k++) {                                               \
-                    const float *xk = x + offs[k];                                                \
-                    __m256 wv[B];                                                                 \
-                    TC_UNROLL for (int j = 0; j < B; j++) wv[j] = _mm256_broadcast_ss(vals + (int64_t)k * B + j); \
-                    TC_UNROLL for (int t = 0; t < 2 * (T); t++)                                   \
-                        TC_UNROLL for (int m = 0; m < I; m++) {                                   \
-                            const __m256 xv = _mm256_loadu_ps(xk + m * xs + t * 8);               \
-                            TC_UNROLL for (int j = 0; j < B; j++)                                 \
-                                acc[j][m][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][m][t]);         \
-                        }                                                                         \
-                }                                                                                 \
-                continue;                                                                         \
-            }                                                                                     \
-            for (int32_t k = ks; k < ke; k++) {                                                   \
-                const float *xk = x + offs[k];                                                    \
-                __m256 wv[B];                                                                     \
-                TC_UNROLL for (int j = 0; j < B; j++) wv[j] = _mm256_broadcast_ss(vals + (int64_t)k * B + j); \
-                TC_UNROLL for (int t = 0; t < 2 * (T); t++)                                       \
-                    TC_UNROLL for (int m = 0; m < I; m++) {                                       \
-                        const __m256 xv = _mm256_maskload_ps(xk + m * xs + t * 8, mt[t]);        \
-                        TC_UNROLL for (int j = 0; j < B; j++)                                     \
-                            acc[j][m][t] = _mm256_fmadd_ps(wv[j], xv, acc[j][m][t]);             \
-                    }                                                                             \
-            }                                                                                     \
+            if (all == 0xFFFFu) /* no lane masked (interior taps): plain loads */                 \
+                TC2_LOOP(B, T, I, TC2_PLAIN)                                                      \
+            else                                                                                  \
+                TC2_LOOP(B, T, I, TC2_MASKED)                                                     \
         }                                                                                         \
         TC_UNROLL for (int t = 0; t < 2 * (T); t++) {                                             \
             const uint32_t sb = (t / 2 == vlast ? tail : 0xFFFFu);                                \
@@ -234,7 +243,8 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i tc_mask
             TC_UNROLL for (int j = 0; j < B; j++)                                                 \
                 TC_UNROLL for (int m = 0; m < I; m++) {                                           \
                     float *yp = y + j * yr + m * ys + t * 8;                                      \
-                    __m256 a = acc[j][m][t];                                                      \
+                    __m256 a = acc[0][j][m][t];                                                   \
+                    TC_UNROLL for (int p = 1; p < P; p++) a = _mm256_add_ps(a, acc[p][j][m][t]);  \
                     if (res) a = _mm256_add_ps(a, full ? _mm256_loadu_ps(res + (yp - y))          \
                                                         : _mm256_maskload_ps(res + (yp - y), st)); \
                     if (relu) a = _mm256_max_ps(_mm256_setzero_ps(), a); /* NaN kept */         \

@@ -109,16 +109,20 @@ EXPORT int64_t swat_tconv_csr(const float *w, int64_t rows, int64_t B, int64_t K
 /* Images [b, b + I) of every block row: the plane's V vectors in tiles of up to TM vectors (the
    rest in tiles of 4, 2, 1); output channels innermost, so the input rows a tile reads (all
    channels) stay in L1. */
-#define TC_CALLT(B, T, I) TC_CALLT_(B, T, I) /* expands T (TC_T8(TM) ...) before pasting */
-#define TC_CALLT_(B, T, I)                                                                         \
-    tc_##B##_##T##_##I(indptr + r * kk, offs, vals, masks + v0 * kk, kk, xb + v0 * 16, xs,          \
-                       yb + r * (B) * yr + v0 * 16, ys, yr, bias ? bias + r * (B) : NULL,          \
-                       V - 1 - v0, tail, resb ? resb + r * (B) * yr + v0 * 16 : NULL, relu)
+#define TC_CALLT(B, T, I) TC_CALL_(tc, B, T, I) /* expands T (TC_T8(TM) ...) before pasting */
+/* one tile of micro-kernel PFX (tc: AVX-512, tc2: AVX2) at vector v0 of block row r */
+#define TC_CALL_(PFX, B, T, I)                                                                     \
+    PFX##_##B##_##T##_##I(indptr + r * kk, offs, vals, masks + v0 * kk, kk, xb + v0 * 16, xs,       \
+                          yb + r * (B) * yr + v0 * 16, ys, yr, bias ? bias + r * (B) : NULL,       \
+                          V - 1 - v0, tail, resb ? resb + r * (B) * yr + v0 * 16 : NULL, relu)
+/* the drivers' parameters (AVX-512 tci_, AVX2 tci2_): images from b, block rows r0 .. r1 */
+#define TC_DRIVER_PARAMS                                                                           \
+    const int32_t *indptr, const int32_t *offs, const float *vals, const float *bias,             \
+        const uint16_t *masks, int64_t kk, const float *x, float *y, int64_t xs, int64_t o,       \
+        int64_t P, int64_t yr, int64_t b, int64_t r0, int64_t r1, const float *res, int64_t relu
 #define TC_IMAGES(B, I, TM)                                                                        \
     static __attribute__((target("avx512f"))) void tci_##B##_##I(                                 \
-        const int32_t *indptr, const int32_t *offs, const float *vals, const float *bias,         \
-        const uint16_t *masks, int64_t kk, const float *x, float *y, int64_t xs, int64_t o,       \
-        int64_t P, int64_t yr, int64_t b, int64_t r0, int64_t r1, const float *res, int64_t relu) { \
+        TC_DRIVER_PARAMS) {                                                                       \
         const int64_t ys = o * yr, V = (P + 15) / 16;                                             \
         const __mmask16 tail = (__mmask16)(P % 16 ? (1u << (P % 16)) - 1 : 0xFFFFu);              \
         const float *xb = x + b * xs;                                                             \
@@ -256,15 +260,10 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i tc_mask
 
 /* Images [b, b + I) of every block row: tiles of TM vectors, then the rest one vector at a time;
    output channels innermost, as TC_IMAGES. */
-#define TC2_CALL(B, T, I)                                                                          \
-    tc2_##B##_##T##_##I(indptr + r * kk, offs, vals, masks + v0 * kk, kk, xb + v0 * 16, xs,         \
-                        yb + r * (B) * yr + v0 * 16, ys, yr, bias ? bias + r * (B) : NULL,         \
-                        V - 1 - v0, tail, resb ? resb + r * (B) * yr + v0 * 16 : NULL, relu)
+#define TC2_CALL(B, T, I) TC_CALL_(tc2, B, T, I)
 #define TC2_IMAGES(B, I, TM)                                                                       \
     static __attribute__((target("avx2,fma"))) void tci2_##B##_##I(                               \
-        const int32_t *indptr, const int32_t *offs, const float *vals, const float *bias,         \
-        const uint16_t *masks, int64_t kk, const float *x, float *y, int64_t xs, int64_t o,       \
-        int64_t P, int64_t yr, int64_t b, int64_t r0, int64_t r1, const float *res, int64_t relu) { \
+        TC_DRIVER_PARAMS) {                                                                       \
         const int64_t ys = o * yr, V = (P + 15) / 16;                                             \
         const uint32_t tail = P % 16 ? (1u << (P % 16)) - 1 : 0xFFFFu;                            \
         const float *xb = x + b * xs;                                                             \

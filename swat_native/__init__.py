@@ -23,6 +23,7 @@ import hashlib
 import importlib.machinery
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -102,22 +103,33 @@ def build_id() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_signature() -> str:
-    """vendor/family/model/stepping from /proc/cpuinfo (or ""): hypervisors may report the same
-    model name ("AMD EPYC") for CPUs of different generations and vector widths."""
-    want = {"vendor_id": "", "cpu family": "", "model": "", "stepping": ""}
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each /proc/cpuinfo field, in file order (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in want and not want[key]:
-                    want[key] = value.strip()
-                if not line.strip():
-                    break
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return ""
-    return "/".join(want.values()) if any(want.values()) else ""
+        pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("model name" on x86, "Model" / "Hardware" on ARM, whichever comes
+    first), else what :mod:`platform` knows."""
+    name = next((v for k, v in _cpuinfo().items() if k in ("model name", "Model", "Hardware")), "")
+    return name or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_signature() -> str:
+    """vendor/family/model/stepping from /proc/cpuinfo (or ""): hypervisors may report the same
+    model name ("AMD EPYC") for CPUs of different generations and vector widths."""
+    info = _cpuinfo()
+    parts = [info.get(k, "") for k in ("vendor_id", "cpu family", "model", "stepping")]
+    return "/".join(parts) if any(parts) else ""
 
 
 def available() -> bool:

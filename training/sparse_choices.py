@@ -21,10 +21,8 @@ write), never an error.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
-import platform
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -57,25 +55,12 @@ def cache_path() -> Path:
     return folder / _FILE
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def machine_key() -> str:
     """The cache partition: a choice made on one CPU (or torch build, or kernel build) says nothing
     about another."""
     import swat_native as native
 
-    return (f"{_cpu_model()}|cpu={native.cpu_signature()}|cores={os.cpu_count()}|torch={torch.__version__}"
+    return (f"{native.cpu_model()}|cpu={native.cpu_signature()}|cores={os.cpu_count()}|torch={torch.__version__}"
             f"|kernels={native.build_id()}")
 
 

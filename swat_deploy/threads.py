@@ -13,11 +13,13 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["numba_threads", "serial_call", "serial_scope", "thread_cap", "torch_thread_cap", "thread_scope"]
+__all__ = ["native_threads", "numba_threads", "own_pool_threads", "serial_call", "serial_scope", "thread_cap",
+           "torch_thread_cap", "thread_scope"]
 
 _cap = threading.local()
 _serial = threading.local()
 _numba_now = threading.local()  # numba's count on this thread as thread_scope set it (None: unknown)
+_own_pool = threading.local()  # the thread count an Op hands a kernel on the extension's own pool
 
 
 def numba_threads() -> int:
@@ -32,6 +34,25 @@ def numba_threads() -> int:
 
         n = nb.get_num_threads()
     return n
+
+
+def native_threads() -> int:
+    """Threads for a kernel on the extension's own pool (``own_pool`` kernels): what the running
+    `Op` handed it, else 1 inside :func:`serial_scope`, else numba's count."""
+    n = getattr(_own_pool, "n", None)
+    if n is not None:
+        return n
+    return 1 if serial_call() else numba_threads()
+
+
+def own_pool_threads(n: int | None) -> int | None:
+    """Set the count :func:`native_threads` returns on this thread (None: unset); returns the
+    previous value for the caller to restore. Not a context manager on purpose: an `Op` call
+    on the extension's pool is ~5 us of work at batch 1 on small maps, and ``thread_scope``
+    (numba's lock, two context managers) cost ~8 us of it."""
+    prev = getattr(_own_pool, "n", None)
+    _own_pool.n = n
+    return prev
 
 
 def thread_cap() -> int | None:

@@ -269,7 +269,7 @@ def _tconv_fns() -> tuple[Any, Any, Any, Any, Any]:
     cdll = _lib().cdll
     u64, i64 = ctypes.c_uint64, ctypes.c_int64
     csr = cdll.swat_tconv_csr
-    csr.argtypes = [u64, i64, i64, i64, i64, i64, u64, u64, u64, u64]
+    csr.argtypes = [u64, i64, i64, i64, i64, i64, u64, u64, u64, u64, i64]
     csr.restype = i64
     sup = cdll.swat_tconv_supported
     sup.argtypes = [i64, i64, i64]
@@ -292,12 +292,16 @@ def tconv_supported(isa_code: int, block: int, plane: int) -> bool:
 
 
 def tconv_csr(w2: np.ndarray, block: int, kk: int, cstride: int, dtab: np.ndarray, indptr: np.ndarray,
-              offs: np.ndarray, vals: np.ndarray) -> int:
-    """Tap-major block CSR of the C-contiguous float32 (O, C * kk) weight into the given buffers
-    (indptr O / block * kk + 1, offs O * C * kk / block, vals O * C * kk); returns nnz."""
+              offs: np.ndarray, vals: np.ndarray, groups: int = 1) -> int:
+    """Tap-major block CSR of the C-contiguous float32 (O, Cg * kk) weight into the given buffers
+    (indptr O / block * kk + 1, offs O * Cg * kk / block, vals O * Cg * kk); returns nnz. With
+    ``groups`` > 1 (``block`` dividing O / groups) the offsets of group g's rows start at input
+    channel g * Cg: the same direct kernel then runs grouped and depthwise convs."""
     o, k = w2.shape
+    if groups < 1 or o % groups or (o // groups) % block:
+        raise ValueError(f"tconv_csr: {o} output channels do not split into {groups} groups of blocks of {block}")
     return int(_tconv_fns()[0](w2.ctypes.data, o // block, block, k, kk, cstride, dtab.ctypes.data,
-                               indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data))
+                               indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, groups))
 
 
 def tconv_phases(x: np.ndarray, sh: int, sw: int, ho: int, wo: int, parts: int = 1) -> np.ndarray:

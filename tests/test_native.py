@@ -52,6 +52,9 @@ CASES = [
     (16, 16, 3, 3, 2, 1, 1, 1, 2, 63, 61),    # two large odd images, stride 2
     (32, 8, 3, 3, 2, 1, 1, 1, 2, 34, 34),     # stride 2 on an even map: the vector phase split
     (32, 64, 3, 3, 1, 1, 1, 1, 1, 4, 4),      # batch 1, one-vector plane, long rows: partial sums
+    (24, 1, 3, 3, 2, 1, 1, 24, 1, 16, 16),    # depthwise, stride 2 on an even map (MobileNet)
+    (32, 8, 3, 3, 1, 1, 1, 4, 3, 12, 12),     # groups 4, blocks inside a group
+    (96, 16, 1, 1, 1, 0, 1, 1, 1, 40, 40),    # narrow 1x1 on a large map: runs of tiles per row
 ]
 
 
@@ -368,7 +371,10 @@ def test_masked_direct_is_offered_only_where_it_runs(monkeypatch) -> None:  # no
     assert not MaskedDirectKernel().supports(spec)
     with pytest.raises(ValueError, match="masked_direct"):
         make_conv2d(torch.randn(16, 16, 3, 3), None, 1, 1, kernel="masked_direct")
-    assert not MaskedDirectKernel().supports(LayerSpec("conv2d", (16, 4, 3, 3), groups=4, padding=(1, 1, 1, 1)))
+    monkeypatch.delenv("SWAT_ISA")
+    if native.isa() in ("avx2", "avx512"):  # grouped and depthwise convs are block-diagonal weights
+        assert MaskedDirectKernel().supports(LayerSpec("conv2d", (16, 4, 3, 3), groups=4, padding=(1, 1, 1, 1)))
+        assert MaskedDirectKernel().supports(LayerSpec("conv2d", (16, 1, 3, 3), groups=16, padding=(1, 1, 1, 1)))
 
 
 @pytest.mark.parametrize("kernel", ["csr_direct", "masked_direct"])
@@ -442,3 +448,32 @@ def test_stride_phases_match_numpy(shape: tuple) -> None:
             part = x[:, :, ri::sh, rj::sw][:, :, :ho, :wo]
             want[:, :, ri, rj, :part.shape[2], :part.shape[3]] = part
     np.testing.assert_array_equal(native_train.tconv_phases(x, sh, sw, ho, wo), want)
+
+
+def test_masked_direct_runs_on_the_thread_count_its_op_was_given(monkeypatch) -> None:  # noqa: ANN001
+    """An Op built for one thread (or capped to one by a one-thread Session plan) runs the
+    extension's pool on one thread: it once took numba's count (2) whatever the Op said, so a
+    one-thread plan was timed and run on two."""
+    if not ({"avx2", "avx512"} & set(ISAS)):
+        pytest.skip("masked_direct needs AVX2 or AVX-512")
+    from swat_deploy.threads import torch_thread_cap
+    from swat_native import direct_layer
+
+    seen: list[int] = []
+    real = direct_layer.DirectLayerCall.__call__
+
+    def spy(self, x, y, n, res, relu, phases, isa, threads):  # noqa: ANN001, ANN202
+        seen.append(threads)
+        return real(self, x, y, n, res, relu, phases, isa, threads)
+
+    monkeypatch.setattr(direct_layer.DirectLayerCall, "__call__", spy)
+    wt = _block_sparse((16, 16, 3, 3), 0.8, 1, seed=3)
+    x = torch.randn(1, 16, 8, 8)
+    ref = F.conv2d(x, wt, None, 1, 1)
+    one = make_conv2d(wt, None, 1, 1, kernel="masked_direct", threads=1)
+    two = make_conv2d(wt, None, 1, 1, kernel="masked_direct", threads=2)
+    torch.testing.assert_close(one(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two(x), ref, rtol=1e-4, atol=1e-4)
+    with torch_thread_cap(1):
+        two(x)
+    assert seen == [1, 2, 1]

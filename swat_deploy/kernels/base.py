@@ -13,8 +13,8 @@ from typing import Callable, Protocol
 import torch
 
 # the thread scopes live in swat_deploy.threads (shared with the autotuner); re-exported here
-from swat_deploy.threads import (numba_threads, serial_call, serial_scope, thread_cap, thread_scope,  # noqa: F401
-                                 torch_thread_cap)
+from swat_deploy.threads import (numba_threads, own_pool_threads, serial_call, serial_scope, thread_cap,  # noqa: F401
+                                 thread_scope, torch_thread_cap)
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ class Op:
         # numba kernels set ``uses_torch_threads = False``: only numba's count is scoped for them.
         self._torch_threads = bool(getattr(prepared, "uses_torch_threads", True))
         self._fuses = bool(getattr(prepared, "fuses_epilogue", False))
+        # kernels on the extension's own pool (``own_pool``) only need a count: no scopes
+        self._own_pool = bool(getattr(prepared, "own_pool", False))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)
@@ -106,6 +108,13 @@ class Op:
             x = x.contiguous()
         if self.threads is None:
             return self._call(x, *epilogue)
+        if self._own_pool:
+            cap = thread_cap()
+            prev = own_pool_threads(1 if serial_call() else self.threads if cap is None else min(self.threads, cap))
+            try:
+                return self._call(x, *epilogue)
+            finally:
+                own_pool_threads(prev)
         if not self._torch_threads:
             cap = thread_cap()
             if (self.threads if cap is None else min(self.threads, cap)) == 1:

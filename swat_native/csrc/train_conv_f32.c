@@ -38,14 +38,18 @@
 /* Block CSR of the (rows * B, K) row-major weight w (K = C * kk), tap-major: segment
    (r, tap) = indptr[r * kk + tap] .. indptr[r * kk + tap + 1] holds the kept block columns
    (c, tap) of block row r, offs = c * cstride + dtab[tap] (cstride: floats per input channel).
-   A block column is kept if any of its B values is non-zero. Returns nnz. */
+   A block column is kept if any of its B values is non-zero. Grouped convs (groups > 1, block
+   rows never straddling a group): row r belongs to group g = r / (rows / groups), whose K / kk
+   input channels start at channel g * K / kk, so a depthwise conv is a block-diagonal sparse
+   conv run by the same kernels. Returns nnz. */
 EXPORT int64_t swat_tconv_csr(const float *w, int64_t rows, int64_t B, int64_t K, int64_t kk, int64_t cstride,
-                              const int32_t *dtab, int32_t *indptr, int32_t *offs, float *vals) {
+                              const int32_t *dtab, int32_t *indptr, int32_t *offs, float *vals, int64_t groups) {
     int64_t n = 0;
-    const int64_t C = K / kk;
+    const int64_t C = K / kk, per_group = rows / (groups > 0 ? groups : 1);
     indptr[0] = 0;
     for (int64_t r = 0; r < rows; r++) {
         const float *wr = w + r * B * K;
+        const int64_t cbase = (r / per_group) * C;
         for (int64_t tap = 0; tap < kk; tap++) {
             for (int64_t c = 0; c < C; c++) {
                 const int64_t col = c * kk + tap;
@@ -53,7 +57,7 @@ EXPORT int64_t swat_tconv_csr(const float *w, int64_t rows, int64_t B, int64_t K
                 for (int64_t j = 0; j < B; j++) keep |= wr[j * K + col] != 0.0f;
                 if (!keep) continue;
                 for (int64_t j = 0; j < B; j++) vals[n * B + j] = wr[j * K + col];
-                offs[n] = (int32_t)(c * cstride + dtab[tap]);
+                offs[n] = (int32_t)((cbase + c) * cstride + dtab[tap]);
                 n++;
             }
             indptr[r * kk + tap + 1] = (int32_t)n;
@@ -260,6 +264,17 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i tc_mask
 
 /* Images [b, b + I) of every block row: tiles of TM vectors, then the rest one vector at a time;
    output channels innermost, as TC_IMAGES. */
+/* Tiles per chunk of the AVX2 driver: a block row runs a chunk of consecutive tiles before the
+   next row starts, so each output plane is written in runs of chunk x 64 bytes and the input
+   columns the chunk reads (every channel) stay within ~16 KB of L1. Measured (Zen 3, batch 1,
+   in-process A/B of two builds): MobileNet-V2's 96x16 1x1 conv at 112x112, blocks of 4 at 80 %,
+   0.34x the time on 2 threads and 0.83x on 1 (one tile per row visit wrote 96 planes 64 bytes
+   at a time); ResNet 3x3 layers within +-5 %. */
+static inline int64_t tc_chunk(int64_t xs, int64_t P, int64_t I) {
+    const int64_t bytes = (xs / (P > 0 ? P : 1)) * 64 * I;
+    const int64_t ch = bytes > 0 ? 16384 / bytes : 1;
+    return ch < 1 ? 1 : ch > 64 ? 64 : ch;
+}
 #define TC2_CALL(B, T, I) TC_CALL_(tc2, B, T, I)
 #define TC2_IMAGES(B, I, TM)                                                                       \
     static __attribute__((target("avx2,fma"))) void tci2_##B##_##I(                               \
@@ -269,10 +284,13 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i tc_mask
         const float *xb = x + b * xs;                                                             \
         float *yb = y + b * ys;                                                                   \
         const float *resb = res ? res + b * ys : NULL;                                            \
-        int64_t v0 = 0;                                                                           \
-        for (; v0 + (TM) <= V; v0 += (TM))                                                        \
-            for (int64_t r = r0; r < r1; r++) TC2_CALL(B, TM, I);                                 \
-        for (; v0 < V; v0++)                                                                      \
+        const int64_t vfull = V / (TM) * (TM), chunk = tc_chunk(xs, P, I) * (TM);                \
+        for (int64_t c0 = 0; c0 < vfull; c0 += chunk) {                                           \
+            const int64_t c1 = c0 + chunk < vfull ? c0 + chunk : vfull;                           \
+            for (int64_t r = r0; r < r1; r++)                                                     \
+                for (int64_t v0 = c0; v0 < c1; v0 += (TM)) TC2_CALL(B, TM, I);                    \
+        }                                                                                         \
+        for (int64_t v0 = vfull; v0 < V; v0++)                                                    \
             for (int64_t r = r0; r < r1; r++) TC2_CALL(B, 1, I);                                  \
     }
 /* one image, one channel: 4 vectors (8 accumulators; 8 lane masks, which gcc keeps partly on the

@@ -477,3 +477,26 @@ def test_masked_direct_runs_on_the_thread_count_its_op_was_given(monkeypatch) ->
     with torch_thread_cap(1):
         two(x)
     assert seen == [1, 2, 1]
+
+
+@pytest.mark.parametrize("case", [(64, 112, 112, 3, 2, 1, 1), (5, 13, 11, 3, 2, 1, 1), (3, 9, 10, 2, 2, 0, 1),
+                                  (4, 17, 15, 3, 3, 1, 2), (2, 8, 8, 5, 1, 2, 1), (3, 7, 9, 3, 1, 1, 1),
+                                  (2, 40, 37, 3, 2, 0, 1)],
+                         ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_maxpool_matches_torch_and_keeps_nan(case: tuple, threads: int) -> None:
+    """The Session's MaxPool (csrc/pool_f32.c): vector rows, stride phases and scalar borders
+    against torch, with a NaN (propagates to every window holding it) and infinities."""
+    from swat_native import pool
+
+    c, h, w, k, s, p, d = case
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(h * w))
+    x[0, 0, 3, 4] = float("nan")
+    x[1, -1, 0, 0] = float("inf")
+    x[1, 0, h - 1, w - 1] = float("-inf")
+    oh, ow = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
+    got = pool.maxpool2d(x, [k, k], [s, s], [d, d], [p, p], [oh, ow], threads)
+    want = F.max_pool2d(x, k, s, p, d)
+    assert got is not None and got.shape == want.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from swat_deploy.threads import serial_call, thread_cap
+from swat_native import pool as native_pool
+
 from .base import Node, OpDef, resolve_pads, spatial_attrs
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -53,8 +56,17 @@ def _pad_spec(begins: list[int], ends: list[int]) -> list[int]:
     return flat
 
 
+def _threads() -> int:
+    """The thread count the running plan allows (torch's, capped by a one-thread plan)."""
+    if serial_call():
+        return 1
+    n, cap = torch.get_num_threads(), thread_cap()
+    return n if cap is None else min(n, cap)
+
+
 def _max_pool2d(x: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int]) -> torch.Tensor:
-    """Unpadded 2-D max pooling as a max over strided views, first along W, then along H.
+    """Unpadded 2-D max pooling as a max over strided views, first along W, then along H (where
+    the compiled pool, ``swat_native.pool``, is missing or the dtype is not float32).
 
     Why: torch's own NCHW max_pool2d runs its window loop per output element, unvectorised:
     ResNet-50's stem pool (64 x 112 x 112, 3x3 stride 2) took 3.7 ms at batch 1 on 2 threads
@@ -82,6 +94,12 @@ def _t_maxpool(node: Node, xs: list) -> list:
     if node.attr("storage_order", 0):
         raise node.error("storage_order=1 is not supported", "export with the default storage order")
     kernel, strides, dilations, begins, ends, _ = _geometry(node, x)
+    if len(kernel) == 2 and x.dtype == torch.float32:
+        out_hw = [(size + b + e - (k - 1) * d - 1) // s + 1
+                  for size, k, s, d, b, e in zip(x.shape[2:], kernel, strides, dilations, begins, ends)]
+        y = native_pool.maxpool2d(x, kernel, strides, dilations, begins, out_hw, _threads())
+        if y is not None:
+            return [y]
     if any(begins) or any(ends):
         fill = float("-inf") if x.dtype.is_floating_point else torch.iinfo(x.dtype).min
         x = F.pad(x, _pad_spec(begins, ends), value=fill)

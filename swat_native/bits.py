@@ -58,7 +58,8 @@ def pack_gt(code: int, x: np.ndarray, thr: np.ndarray, inner: int, period: int, 
 
 
 def gather(code: int, x: np.ndarray, bits: np.ndarray, vals: np.ndarray) -> int:
-    """vals[:count] = x where the bit is set; returns count (``vals`` needs count slots)."""
+    """vals[:count] = x where the bit is set; returns count. ``vals`` needs count + 7 slots: the
+    AVX2 loop stores 8 lanes at a time and may write up to 7 floats past count."""
     return int(_fns()[3](code, x.ctypes.data, bits.ctypes.data, vals.ctypes.data, 0, x.size))
 
 

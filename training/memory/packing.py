@@ -141,11 +141,16 @@ def unpack_bits(bits: Tensor, numel: int) -> Tensor:
     return b.view(-1)[:numel]
 
 
+# slots past count a compact copy's storage holds: the compiled gather's last 8-lane store may
+# spill 7 floats past count; expand's loaders read one slot past the end
+GATHER_SPARE = 8
+
+
 def compact(x: Tensor, bits: Tensor, count: int) -> Tensor:
     """The entries of ``x`` whose bit is set, in flat order (``count`` of them)."""
     k = kernels_for(x)
     if k is not None:
-        buf = torch.empty(count + 1, dtype=x.dtype)
+        buf = torch.empty(count + GATHER_SPARE, dtype=x.dtype)
         got = k.gather(flat_np(x), bits.numpy(), buf.numpy())
         if got != count:
             raise RuntimeError(f"bitmask holds {got} set bits, expected {count}")

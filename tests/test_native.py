@@ -500,3 +500,28 @@ def test_compiled_maxpool_matches_torch_and_keeps_nan(case: tuple, threads: int)
     assert got is not None and got.shape == want.shape
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).any()
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_bit_passes_split_over_threads_match_one_thread(parts: int) -> None:
+    """ReLU + bitmask, threshold -> bitmask and gradient masking split over threads (training at
+    2+ threads, large activations) give exactly the one-thread result, counts included."""
+    from swat_native import bits as B
+
+    code = native.isa_code()
+    rng = np.random.default_rng(parts)
+    n = 100_003  # ranges cut on bitmask bytes, a ragged end
+    x = rng.standard_normal(n).astype(np.float32)
+    x[[5, n - 2]] = np.nan
+    nb = (n + 7) // 8
+    y1, b1, y, b = np.empty_like(x), np.zeros(nb, np.uint8), np.empty_like(x), np.zeros(nb, np.uint8)
+    assert B.relu_pack(code, x, y, b, parts) == B.relu_pack(code, x, y1, b1, 1)
+    assert np.array_equal(b, b1) and np.array_equal(y.view(np.uint32), y1.view(np.uint32))
+    thr = np.array([1.2, 0.8, 1.6], np.float32)
+    p1, p = np.zeros(nb, np.uint8), np.zeros(nb, np.uint8)
+    assert B.pack_gt(code, x, thr, 777, 3, p, parts) == B.pack_gt(code, x, thr, 777, 3, p1, 1)
+    assert np.array_equal(p, p1)
+    o1, o = np.empty(n, np.uint32), np.empty(n, np.uint32)
+    B.mask_select(code, x.view(np.uint32), b1, o1, 1)
+    B.mask_select(code, x.view(np.uint32), b1, o, parts)
+    assert np.array_equal(o, o1)

@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# slots past count a compact copy's storage holds: the compiled gather's last 8-lane store may
+# spill 7 floats past count (expand's loaders read one slot past the end)
+from swat_native.bits import GATHER_SPARE
+
 BACKENDS = ("auto", "native", "numba", "torch")
 _backend = "auto"
 _kernels: dict[str, Any] = {}
@@ -48,14 +52,21 @@ class _NativeKernels:
         self.kth_largest_abs_rows = numba_mod.kth_largest_abs_rows
         self.pack_exact = numba_mod.pack_exact
 
+    def _parts(self, n: int) -> int:
+        """Threads for a pass over n elements: torch's count (the training loop's), capped at
+        what leaves each part >= PARALLEL_MIN / 2 elements."""
+        if n < self._bits.PARALLEL_MIN:
+            return 1
+        return max(1, min(torch.get_num_threads(), MAX_PARTS, 2 * n // self._bits.PARALLEL_MIN))
+
     def relu_pack(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray) -> int:
-        return self._bits.relu_pack(self._code, x, y, bits)
+        return self._bits.relu_pack(self._code, x, y, bits, self._parts(x.size))
 
     def mask_select(self, x_u32: np.ndarray, bits: np.ndarray, out_u32: np.ndarray) -> None:
-        self._bits.mask_select(self._code, x_u32, bits, out_u32)
+        self._bits.mask_select(self._code, x_u32, bits, out_u32, self._parts(x_u32.size))
 
     def pack_gt(self, x: np.ndarray, thr: np.ndarray, inner: int, period: int, bits: np.ndarray) -> int:
-        return self._bits.pack_gt(self._code, x, thr, inner, period, bits)
+        return self._bits.pack_gt(self._code, x, thr, inner, period, bits, self._parts(x.size))
 
     def gather(self, x: np.ndarray, bits: np.ndarray, vals: np.ndarray) -> int:
         return self._bits.gather(self._code, x, bits, vals)
@@ -141,9 +152,7 @@ def unpack_bits(bits: Tensor, numel: int) -> Tensor:
     return b.view(-1)[:numel]
 
 
-# slots past count a compact copy's storage holds: the compiled gather's last 8-lane store may
-# spill 7 floats past count; expand's loaders read one slot past the end
-GATHER_SPARE = 8
+MAX_PARTS = 4  # threads a bitmask pass is split over at most
 
 
 def compact(x: Tensor, bits: Tensor, count: int) -> Tensor:

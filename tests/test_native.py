@@ -502,6 +502,18 @@ def test_compiled_maxpool_matches_torch_and_keeps_nan(case: tuple, threads: int)
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
 
 
+@pytest.mark.parametrize("h,w", [(1, 1), (3, 1), (1, 5), (5, 3)])
+def test_compiled_maxpool_windows_past_the_input(h: int, w: int) -> None:
+    """ceil_mode windows that hang over the input's end and maps with no window fully inside
+    (an empty interior once looped forever)."""
+    from swat_native import pool
+
+    x = torch.randn(1, 3, h, w)
+    want = F.max_pool2d(x, 2, 2, 0, 1, ceil_mode=True)
+    got = pool.maxpool2d(x, [2, 2], [2, 2], [1, 1], [0, 0], list(want.shape[2:]), 2)
+    assert got is not None and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("parts", [2, 3])
 def test_bit_passes_split_over_threads_match_one_thread(parts: int) -> None:
     """ReLU + bitmask, threshold -> bitmask and gradient masking split over threads (training at

@@ -115,7 +115,7 @@ static void maxpool_row(const struct swat_maxpool *P, const float *x, float *yr,
     if (hi > ow) hi = ow;
     if (lo > hi) lo = hi;
     for (int64_t ox = 0; ox < ow; ox++) {
-        if (ox == lo) { /* vectorised interior, tap by tap */
+        if (ox == lo && lo < hi) { /* vectorised interior, tap by tap */
             for (int64_t j = 0; j < kw; j++) {
                 const int64_t t = j * dw - pl;
                 const int64_t r = ((t % sw) + sw) % sw, q = (t - r) / sw;

@@ -21,7 +21,7 @@ class _LayerArgs(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_uint64) for k in ("indptr", "offs", "vals", "bias", "masks")]
                 + [(k, ctypes.c_int64) for k in _INTS]
                 + [(k, ctypes.c_uint64) for k in ("x", "phases", "y", "res")]
-                + [(k, ctypes.c_int64) for k in ("relu", "nrg", "per_item")] + [("rc", ctypes.c_int)])
+                + [(k, ctypes.c_int64) for k in ("relu", "nrg", "per_item", "dw")] + [("rc", ctypes.c_int)])
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,6 +55,7 @@ class DirectLayerCall:
         self._keep = (indptr, offs, vals, bias, masks)
         self.args = _LayerArgs(indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
                                masks.ctypes.data, *(int(fixed.get(k, 0)) for k in _INTS))
+        self.args.dw = int(fixed.get("dw", 0))  # strided depthwise: stride phases per row (C side)
         self._local = threading.local()  # per-call fields: one struct copy per Python thread
 
     def __call__(self, x: int, y: int, n: int, res: int, relu: bool, phases: int, isa: int, threads: int) -> None:

@@ -53,6 +53,7 @@ CASES = [
     (32, 8, 3, 3, 2, 1, 1, 1, 2, 34, 34),     # stride 2 on an even map: the vector phase split
     (32, 64, 3, 3, 1, 1, 1, 1, 1, 4, 4),      # batch 1, one-vector plane, long rows: partial sums
     (24, 1, 3, 3, 2, 1, 1, 24, 1, 16, 16),    # depthwise, stride 2 on an even map (MobileNet)
+    (16, 1, 3, 3, 2, 1, 1, 16, 3, 10, 10),    # the same, 3 images (stride phases per row and image)
     (32, 8, 3, 3, 1, 1, 1, 4, 3, 12, 12),     # groups 4, blocks inside a group
     (96, 16, 1, 1, 1, 0, 1, 1, 1, 40, 40),    # narrow 1x1 on a large map: runs of tiles per row
 ]

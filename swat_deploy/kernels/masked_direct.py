@@ -73,6 +73,7 @@ class _MaskedDirectConv:
         self._fallback: _CsrDirectConv | None = None
         self.block = _usable_block(spec.block, o // spec.groups)
         self._c_in = cg * spec.groups
+        self._depthwise = cg == 1 and spec.groups == o and self.block == 1
         self.w2 = weight.detach().float().reshape(o, -1).contiguous().numpy()
         self.bias = np.zeros(o, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
         nz = self.w2.reshape(o // self.block, self.block, -1).any(axis=1)
@@ -99,7 +100,8 @@ class _MaskedDirectConv:
         vals = np.zeros(o * cg * kk, np.float32)
         native_train.tconv_csr(self.w2, self.block, kk, cstride, shifts, indptr, offs, vals, self.spec.groups)
         call = direct_layer.DirectLayerCall(indptr, offs, vals, self.bias, masks, kk=kk, o=o, B=self.block, P=plane,
-                                            c=cg * self.spec.groups, h=h, w=w, sh=sh, sw=sw, ho=h_out, wo=w_out)
+                                            c=cg * self.spec.groups, h=h, w=w, sh=sh, sw=sw, ho=h_out, wo=w_out,
+                                            dw=int(self._depthwise and (sh, sw) != (1, 1)))
         if len(self._calls) >= _MAX_SHAPES:
             self._calls.pop(next(iter(self._calls)))
         self._calls[(h, w)] = call
@@ -125,7 +127,7 @@ class _MaskedDirectConv:
             residual = residual.contiguous()
             res = residual.data_ptr()
         phases = 0
-        if (a.sh, a.sw) != (1, 1):
+        if (a.sh, a.sw) != (1, 1) and not a.dw:
             phases = nc.workspace(0, n * c * a.sh * a.sw * a.P).ctypes.data
         call(x.data_ptr(), y.data_ptr(), n, res, relu, phases, native.isa_code(), native_threads())
         return y

@@ -13,8 +13,8 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["native_threads", "numba_threads", "own_pool_threads", "serial_call", "serial_scope", "thread_cap",
-           "torch_thread_cap", "thread_scope"]
+__all__ = ["allowed_threads", "native_threads", "numba_threads", "own_pool_threads", "serial_call", "serial_scope",
+           "thread_cap", "torch_thread_cap", "thread_scope"]
 
 _cap = threading.local()
 _serial = threading.local()
@@ -53,6 +53,15 @@ def own_pool_threads(n: int | None) -> int | None:
     prev = getattr(_own_pool, "n", None)
     _own_pool.n = n
     return prev
+
+
+def allowed_threads(n: int) -> int:
+    """`n` threads as the running plan allows them on this thread: 1 inside
+    :func:`serial_scope`, else at most :func:`thread_cap`."""
+    if serial_call():
+        return 1
+    cap = thread_cap()
+    return n if cap is None else min(n, cap)
 
 
 def thread_cap() -> int | None:

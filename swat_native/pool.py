@@ -10,7 +10,7 @@ import torch
 
 from . import _lib
 
-__all__ = ["available", "maxpool2d"]
+__all__ = ["maxpool2d"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,16 +23,11 @@ def _fn() -> Any:
     return fn
 
 
-def available() -> bool:
-    """Whether the built extension has the pool (an older build may not)."""
-    return _fn() is not None
-
-
 def maxpool2d(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
               pads: Sequence[int], out_hw: Sequence[int], threads: int) -> Optional[torch.Tensor]:
     """Max pool of the float32 (N, C, H, W) ``x``, taps outside the input skipped (``pads``:
     top, left), output ``out_hw``; None when the extension cannot (the caller falls back)."""
-    fn = _fn()
+    fn = _fn()  # None: an older build without the pool
     if fn is None or x.dtype != torch.float32 or x.dim() != 4:
         return None
     x = x.contiguous()

@@ -13,8 +13,8 @@ from typing import Callable, Protocol
 import torch
 
 # the thread scopes live in swat_deploy.threads (shared with the autotuner); re-exported here
-from swat_deploy.threads import (numba_threads, own_pool_threads, serial_call, serial_scope, thread_cap,  # noqa: F401
-                                 thread_scope, torch_thread_cap)
+from swat_deploy.threads import (allowed_threads, numba_threads, own_pool_threads, serial_call,  # noqa: F401
+                                 serial_scope, thread_cap, thread_scope, torch_thread_cap)
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,7 @@ class Op:
         if self.threads is None:
             return self._call(x, *epilogue)
         if self._own_pool:
-            cap = thread_cap()
-            prev = own_pool_threads(1 if serial_call() else self.threads if cap is None else min(self.threads, cap))
+            prev = own_pool_threads(allowed_threads(self.threads))
             try:
                 return self._call(x, *epilogue)
             finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from swat_deploy.threads import serial_call, thread_cap
+from swat_deploy.threads import allowed_threads
 from swat_native import pool as native_pool
 
 from .base import Node, OpDef, resolve_pads, spatial_attrs
@@ -56,14 +56,6 @@ def _pad_spec(begins: list[int], ends: list[int]) -> list[int]:
     return flat
 
 
-def _threads() -> int:
-    """The thread count the running plan allows (torch's, capped by a one-thread plan)."""
-    if serial_call():
-        return 1
-    n, cap = torch.get_num_threads(), thread_cap()
-    return n if cap is None else min(n, cap)
-
-
 def _max_pool2d(x: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int]) -> torch.Tensor:
     """Unpadded 2-D max pooling as a max over strided views, first along W, then along H (where
     the compiled pool, ``swat_native.pool``, is missing or the dtype is not float32).
@@ -97,7 +89,8 @@ def _t_maxpool(node: Node, xs: list) -> list:
     if len(kernel) == 2 and x.dtype == torch.float32:
         out_hw = [(size + b + e - (k - 1) * d - 1) // s + 1
                   for size, k, s, d, b, e in zip(x.shape[2:], kernel, strides, dilations, begins, ends)]
-        y = native_pool.maxpool2d(x, kernel, strides, dilations, begins, out_hw, _threads())
+        threads = allowed_threads(torch.get_num_threads())
+        y = native_pool.maxpool2d(x, kernel, strides, dilations, begins, out_hw, threads)
         if y is not None:
             return [y]
     if any(begins) or any(ends):

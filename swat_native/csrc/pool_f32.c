@@ -21,6 +21,9 @@
 #define EXPORT __attribute__((visibility("default")))
 
 void swat_pool_for(int threads, void (*fn)(const void *, int64_t), const void *ctx, int64_t items);
+#ifdef SWAT_X86
+int64_t swat_split2_avx2(const float *s, float *ev, float *od, int64_t n); /* train_conv_f32.c */
+#endif
 
 /* max(a, b), NaN if either is NaN, in a form gcc vectorises (compare + blend, no branches) */
 static inline float nanmax(float a, float b) {
@@ -37,18 +40,6 @@ static __attribute__((target("avx2"))) void row_max_avx2(float *dst, const float
     }
 }
 
-/* even / odd columns of v (n floats) into ev[0 .. n / 2) and od[0 .. n / 2) */
-static __attribute__((target("avx2"))) int64_t split2_avx2(const float *v, float *ev, float *od, int64_t n) {
-    int64_t k = 0;
-    for (; 2 * k + 16 <= n; k += 8) {
-        const __m256 lo = _mm256_loadu_ps(v + 2 * k), hi = _mm256_loadu_ps(v + 2 * k + 8);
-        const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
-        const __m256 o = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
-        _mm256_storeu_ps(ev + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8)));
-        _mm256_storeu_ps(od + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8)));
-    }
-    return k;
-}
 #endif
 
 /* dst[i] = nanmax(dst[i], src[i]) for i < n; first: dst = src */
@@ -99,7 +90,7 @@ static void maxpool_row(const struct swat_maxpool *P, const float *x, float *yr,
     if (sw == 2) {
         int64_t k0 = 0;
 #ifdef SWAT_X86
-        if (P->avx2) k0 = split2_avx2(vrow, ph, ph + plen, w);
+        if (P->avx2) k0 = swat_split2_avx2(vrow, ph, ph + plen, w / 2);
 #endif
         for (int64_t k = k0; k < w / 2; k++) {
             ph[k] = vrow[2 * k];

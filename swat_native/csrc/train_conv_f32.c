@@ -520,12 +520,27 @@ EXPORT int swat_tconv_layer_f32(struct swat_tconv_layer *L) {
 }
 
 #ifdef SWAT_X86
+/* Even and odd floats of s[0 .. 2 n) into ev[0 .. n) and od[0 .. n), 8 of each per pair of
+   loads; returns how many it split (a multiple of 8: the rest is the caller's). Also used by
+   the max pool (pool_f32.c). */
+__attribute__((target("avx2"))) int64_t swat_split2_avx2(const float *s, float *ev, float *od, int64_t n) {
+    int64_t v = 0;
+    for (; v + 8 <= n; v += 8) {
+        const __m256 lo = _mm256_loadu_ps(s + 2 * v), hi = _mm256_loadu_ps(s + 2 * v + 8);
+        const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+        const __m256 o = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+        /* 128-bit lanes hold (lo's, hi's) quarters: reorder 0 2 1 3 */
+        _mm256_storeu_ps(ev + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8)));
+        _mm256_storeu_ps(od + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8)));
+    }
+    return v;
+}
+
 /* Stride 2 x 2 on a map of even width w = 2 * wo (ResNet's downsampling convs): each input row
-   splits into its even and odd columns, 8 of each per pair of loads (the scalar loop below read
-   with stride 2 and was half the time of a downsampling layer's sparse product at batch 1). */
-static __attribute__((target("avx2,fma"))) void phases_s2_avx2(const float *x, float *out, int64_t c_in, int64_t h,
-                                                               int64_t w, int64_t ho, int64_t wo, int64_t b0,
-                                                               int64_t b1) {
+   splits into its even and odd columns (the scalar loop below read with stride 2 and was half
+   the time of a downsampling layer's sparse product at batch 1). */
+static void phases_s2_avx2(const float *x, float *out, int64_t c_in, int64_t h, int64_t w, int64_t ho, int64_t wo,
+                           int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++)
         for (int64_t c = 0; c < c_in; c++) {
             const float *src = x + (b * c_in + c) * h * w;
@@ -540,16 +555,7 @@ static __attribute__((target("avx2,fma"))) void phases_s2_avx2(const float *x, f
                         continue;
                     }
                     const float *s = src + row * w;
-                    int64_t v = 0;
-                    for (; v + 8 <= wo; v += 8) {
-                        const __m256 lo = _mm256_loadu_ps(s + 2 * v), hi = _mm256_loadu_ps(s + 2 * v + 8);
-                        const __m256 ev = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
-                        const __m256 od = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
-                        /* 128-bit lanes hold (lo's, hi's) quarters: reorder 0 2 1 3 */
-                        _mm256_storeu_ps(de + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
-                        _mm256_storeu_ps(dd + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
-                    }
-                    for (; v < wo; v++) {
+                    for (int64_t v = swat_split2_avx2(s, de, dd, wo); v < wo; v++) {
                         de[v] = s[2 * v];
                         dd[v] = s[2 * v + 1];
                     }

@@ -21,6 +21,8 @@ from torch import Tensor
 # spill 7 floats past count (expand's loaders read one slot past the end)
 from swat_native.bits import GATHER_SPARE
 
+MAX_PARTS = 4  # threads a bitmask pass is split over at most
+
 BACKENDS = ("auto", "native", "numba", "torch")
 _backend = "auto"
 _kernels: dict[str, Any] = {}
@@ -150,9 +152,6 @@ def unpack_bits(bits: Tensor, numel: int) -> Tensor:
         return torch.from_numpy(out.view(np.bool_))
     b = bits.view(-1, 1).bitwise_and(_bit_weights(bits.device)).ne(0)
     return b.view(-1)[:numel]
-
-
-MAX_PARTS = 4  # threads a bitmask pass is split over at most
 
 
 def compact(x: Tensor, bits: Tensor, count: int) -> Tensor:

@@ -21,7 +21,7 @@ class _LayerArgs(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_uint64) for k in ("indptr", "offs", "vals", "bias", "masks")]
                 + [(k, ctypes.c_int64) for k in _INTS]
                 + [(k, ctypes.c_uint64) for k in ("x", "phases", "y", "res")]
-                + [(k, ctypes.c_int64) for k in ("relu", "nrg", "per_item", "dw")] + [("rc", ctypes.c_int)])
+                + [(k, ctypes.c_int64) for k in ("relu", "nrg", "per_item", "dw", "cs")] + [("rc", ctypes.c_int)])
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,11 +56,22 @@ class DirectLayerCall:
         self.args = _LayerArgs(indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
                                masks.ctypes.data, *(int(fixed.get(k, 0)) for k in _INTS))
         self.args.dw = int(fixed.get("dw", 0))  # strided depthwise: stride phases per row (C side)
+        self.args.cs = int(fixed.get("cs", 0))  # floats per input channel the offsets assume; 0: plain
         self._local = threading.local()  # per-call fields: one struct copy per Python thread
 
+    def scratch_floats(self, n: int) -> int:
+        """Floats of scratch a call on n images needs: the stride phases of a strided conv, or the
+        input copied at a padded channel stride (`cs`); 0 when the kernel reads x itself (the C
+        side's tl_copies)."""
+        a = self.args
+        strided = (a.sh, a.sw) != (1, 1)
+        plain = a.sh * a.sw * a.P if strided else a.h * a.w
+        cs = a.cs or plain
+        return 0 if a.dw or (not strided and cs == plain) else n * a.c * cs
+
     def __call__(self, x: int, y: int, n: int, res: int, relu: bool, phases: int, isa: int, threads: int) -> None:
-        """Pointers as integers; `res` 0 for none, `phases` a scratch of n * C * sh * sw * P floats
-        for a strided conv (0 otherwise)."""
+        """Pointers as integers; `res` 0 for none, `phases` a scratch of n * C * cs floats where the
+        kernel reads a copy (:meth:`scratch_floats`; 0 otherwise)."""
         a = _own_copy(self._local, self.args)
         a.x, a.y, a.n, a.res, a.relu, a.phases, a.isa, a.threads = x, y, n, res, int(relu), phases, isa, threads
         if _fn()(ctypes.byref(a)):

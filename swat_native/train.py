@@ -18,6 +18,7 @@ from . import _lib
 
 __all__ = ["wgrad_block", "plane_starts", "wgrad_loop", "to_nhwc", "wgrad_s1_supported", "to_nhwc_padded",
            "wgrad_s1_loop", "wgrad_s2_supported", "wgrad_s2_loop", "tconv_supported", "tconv_csr", "tconv_phases",
+           "tconv_cstride", "tconv_restride",
            "tconv_unphase", "tconv_loop"]
 
 
@@ -93,7 +94,7 @@ def _image_loops() -> tuple[Any, ...]:
     from numba import njit, prange
 
     pad = _s1_fns()[2]
-    phases, unphase = _tconv_fns()[3], _tconv_fns()[4]
+    phases, unphase, restride = _tconv_fns()[3], _tconv_fns()[4], _tconv_fns()[6]
 
     @njit(cache=False, parallel=True)
     def pad_par(code, x, out, c, h, w, hp, wp, top, left, n, parts):  # noqa: ANN001, ANN202
@@ -101,10 +102,13 @@ def _image_loops() -> tuple[Any, ...]:
             pad(code, x.ctypes.data, out.ctypes.data, c, h, w, hp, wp, top, left, n * p // parts, n * (p + 1) // parts)
 
     @njit(cache=False, parallel=True)
-    def move_par(fn_id, src, dst, c, h, w, sh, sw, ho, wo, n, parts):  # noqa: ANN001, ANN202
+    def move_par(fn_id, src, dst, c, h, w, sh, sw, ho, wo, n, parts, cs=0):  # noqa: ANN001, ANN202
         for p in prange(parts):
             if fn_id == 0:
-                phases(src.ctypes.data, dst.ctypes.data, c, h, w, sh, sw, ho, wo, n * p // parts, n * (p + 1) // parts)
+                phases(src.ctypes.data, dst.ctypes.data, c, h, w, sh, sw, ho, wo, cs, n * p // parts,
+                       n * (p + 1) // parts)
+            elif fn_id == 2:
+                restride(src.ctypes.data, dst.ctypes.data, c, h * w, cs, n * p // parts, n * (p + 1) // parts)
             else:
                 unphase(src.ctypes.data, dst.ctypes.data, c, h, w, sh, sw, ho, wo, n * p // parts,
                         n * (p + 1) // parts)
@@ -265,7 +269,7 @@ def _loops() -> tuple[Any, Any]:
 
 
 @functools.lru_cache(maxsize=1)
-def _tconv_fns() -> tuple[Any, Any, Any, Any, Any]:
+def _tconv_fns() -> tuple[Any, ...]:
     cdll = _lib().cdll
     u64, i64 = ctypes.c_uint64, ctypes.c_int64
     csr = cdll.swat_tconv_csr
@@ -278,12 +282,18 @@ def _tconv_fns() -> tuple[Any, Any, Any, Any, Any]:
     conv.argtypes = [i64, u64, u64, u64, u64, u64, i64, u64, u64, i64, i64, i64, i64, i64, i64, i64]
     conv.restype = ctypes.c_int
     phases = cdll.swat_tconv_phases_f32
-    phases.argtypes = [u64, u64] + [i64] * 9
+    phases.argtypes = [u64, u64] + [i64] * 10
     phases.restype = None
     unphase = cdll.swat_tconv_unphase_f32
     unphase.argtypes = [u64, u64] + [i64] * 9
     unphase.restype = None
-    return csr, sup, conv, phases, unphase
+    cstride = cdll.swat_tconv_cstride
+    cstride.argtypes = [i64]
+    cstride.restype = i64
+    restride = cdll.swat_tconv_restride_f32
+    restride.argtypes = [u64, u64] + [i64] * 5
+    restride.restype = None
+    return csr, sup, conv, phases, unphase, cstride, restride
 
 
 def tconv_supported(isa_code: int, block: int, plane: int) -> bool:
@@ -304,14 +314,40 @@ def tconv_csr(w2: np.ndarray, block: int, kk: int, cstride: int, dtab: np.ndarra
                                indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, groups))
 
 
-def tconv_phases(x: np.ndarray, sh: int, sw: int, ho: int, wo: int, parts: int = 1) -> np.ndarray:
-    """The (N, C, sh, sw, ho, wo) stride phases of the C-contiguous float32 (N, C, H, W) x."""
+def tconv_cstride(floats: int) -> int:
+    """Floats per input channel the direct kernel should read for channels of ``floats`` floats:
+    one cache line more where the plain stride would put every channel in the same L1 sets."""
+    return int(_tconv_fns()[5](floats))
+
+
+def tconv_phases(x: np.ndarray, sh: int, sw: int, ho: int, wo: int, parts: int = 1, cs: int = 0) -> np.ndarray:
+    """The stride phases of the C-contiguous float32 (N, C, H, W) x: (N, C, sh, sw, ho, wo), or with
+    ``cs`` > sh * sw * ho * wo an (N, C, cs) array whose first sh * sw * ho * wo floats per channel
+    hold them (the rest unwritten: the kernel never reads them)."""
     n, c, h, w = x.shape
-    out = np.empty((n, c, sh, sw, ho, wo), np.float32)
+    size = sh * sw * ho * wo
+    cs = cs or size
+    if cs < size:
+        raise ValueError(f"tconv_phases: channel stride {cs} < {size} floats of phases")
+    out = np.empty((n, c, sh, sw, ho, wo) if cs == size else (n, c, cs), np.float32)
     if parts > 1 and n > 1:
-        _image_loops()[1](0, x, out, c, h, w, sh, sw, ho, wo, n, min(parts, n))
+        _image_loops()[1](0, x, out, c, h, w, sh, sw, ho, wo, n, min(parts, n), cs)
     else:
-        _tconv_fns()[3](x.ctypes.data, out.ctypes.data, c, h, w, sh, sw, ho, wo, 0, n)
+        _tconv_fns()[3](x.ctypes.data, out.ctypes.data, c, h, w, sh, sw, ho, wo, cs, 0, n)
+    return out
+
+
+def tconv_restride(x: np.ndarray, cs: int, parts: int = 1) -> np.ndarray:
+    """The C-contiguous float32 (N, C, H, W) x as an (N, C, cs) array, each plane's H * W floats
+    first (the rest unwritten), for the direct kernel's channel stride (:func:`tconv_cstride`)."""
+    n, c, h, w = x.shape
+    if cs < h * w:
+        raise ValueError(f"tconv_restride: channel stride {cs} < plane of {h * w} floats")
+    out = np.empty((n, c, cs), np.float32)
+    if parts > 1 and n > 1:
+        _image_loops()[1](2, x, out, c, h, w, 1, 1, h, w, n, min(parts, n), cs)
+    else:
+        _tconv_fns()[6](x.ctypes.data, out.ctypes.data, c, h * w, cs, 0, n)
     return out
 
 
@@ -319,7 +355,7 @@ def tconv_unphase(ph: np.ndarray, out: np.ndarray, parts: int = 1) -> None:
     """Write the (N, C, sh, sw, ho, wo) stride phases ``ph`` into the C-contiguous (N, C, H, W) ``out``."""
     n, c, sh, sw, ho, wo = ph.shape
     if parts > 1 and n > 1:
-        _image_loops()[1](1, ph, out, c, out.shape[2], out.shape[3], sh, sw, ho, wo, n, min(parts, n))
+        _image_loops()[1](1, ph, out, c, out.shape[2], out.shape[3], sh, sw, ho, wo, n, min(parts, n), 0)
     else:
         _tconv_fns()[4](ph.ctypes.data, out.ctypes.data, c, out.shape[2], out.shape[3], sh, sw, ho, wo, 0, n)
 

@@ -53,6 +53,8 @@ CASES = [
     (32, 8, 3, 3, 2, 1, 1, 1, 2, 34, 34),     # stride 2 on an even map: the vector phase split
     (32, 64, 3, 3, 1, 1, 1, 1, 1, 4, 4),      # batch 1, one-vector plane, long rows: partial sums
     (24, 1, 3, 3, 2, 1, 1, 24, 1, 16, 16),    # depthwise, stride 2 on an even map (MobileNet)
+    (32, 16, 3, 3, 1, 1, 1, 1, 3, 16, 16),    # 1 KB planes: read at a padded channel stride
+    (16, 16, 3, 3, 2, 1, 1, 1, 2, 32, 32),    # stride phases of 4 KB per channel: padded too
     (16, 1, 3, 3, 2, 1, 1, 16, 3, 10, 10),    # the same, 3 images (stride phases per row and image)
     (32, 8, 3, 3, 1, 1, 1, 4, 3, 12, 12),     # groups 4, blocks inside a group
     (96, 16, 1, 1, 1, 0, 1, 1, 1, 40, 40),    # narrow 1x1 on a large map: runs of tiles per row
@@ -449,6 +451,46 @@ def test_stride_phases_match_numpy(shape: tuple) -> None:
             part = x[:, :, ri::sh, rj::sw][:, :, :ho, :wo]
             want[:, :, ri, rj, :part.shape[2], :part.shape[3]] = part
     np.testing.assert_array_equal(native_train.tconv_phases(x, sh, sw, ho, wo), want)
+    # with a channel stride one cache line longer (tconv_cstride), on one and two threads
+    size = sh * sw * ho * wo
+    for parts in (1, 2):
+        padded = native_train.tconv_phases(x, sh, sw, ho, wo, parts, cs=size + 16)
+        assert padded.shape == (n, c, size + 16)
+        np.testing.assert_array_equal(padded[:, :, :size].reshape(want.shape), want)
+
+
+def test_channel_stride_gets_a_cache_line_only_where_planes_alias() -> None:
+    """Channel planes 1 KB apart or a multiple of it (32 x 32, 16 x 16 maps) share L1 sets;
+    the direct kernel reads them one cache line apart instead, and the copy keeps every value."""
+    from swat_native import train as native_train
+
+    assert native_train.tconv_cstride(1024) == 1040 and native_train.tconv_cstride(256) == 272
+    assert native_train.tconv_cstride(4 * 256) == 1040  # 16 x 16 stride phases of a 32 x 32 map
+    for plain in (64, 49, 196, 784, 3136, 300):  # 8 x 8, 7 x 7, 14 x 14, 28 x 28, 56 x 56: no alias
+        assert native_train.tconv_cstride(plain) == plain
+    x = np.random.default_rng(2).standard_normal((3, 5, 16, 16)).astype(np.float32)
+    for parts in (1, 2):
+        out = native_train.tconv_restride(x, 272, parts)
+        assert out.shape == (3, 5, 272)
+        np.testing.assert_array_equal(out[:, :, :256].reshape(x.shape), x)
+    with pytest.raises(ValueError, match="channel stride"):
+        native_train.tconv_restride(x, 255)
+
+
+@pytest.mark.skipif(not {"avx2", "avx512"} & set(native.cpu_isas()), reason="no vector ISA for masked_direct")
+def test_masked_direct_pads_the_channel_stride_for_batches_and_stride_phases() -> None:
+    """One image is read in place (the copy would cost what it saves); several images, and the
+    stride phases a strided conv copies anyway, are read one cache line apart per channel."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 16, 3, 3) * (torch.rand(32, 16, 3, 3) < 0.2)
+    op = make_conv2d(w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, input_shape=(4, 16, 16, 16), kernel="masked_direct")
+    assert op.prepared._call_for(16, 16, 1).args.cs == 256
+    assert op.prepared._call_for(16, 16, 4).args.cs == 272
+    s2 = make_conv2d(w, None, (2, 2), (1, 1, 1, 1), (1, 1), 1, input_shape=(1, 16, 32, 32), kernel="masked_direct")
+    assert s2.prepared._call_for(32, 32, 1).args.cs == 4 * 256 + 16
+    for n in (1, 4):
+        x = torch.randn(n, 16, 16, 16)
+        torch.testing.assert_close(op(x), torch.nn.functional.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_masked_direct_runs_on_the_thread_count_its_op_was_given(monkeypatch) -> None:  # noqa: ANN001

@@ -398,6 +398,7 @@ class _Direct:
     masks: np.ndarray  # (V, kh*kw) uint16: lanes of output vector v whose tap source is inside x
     dtab: np.ndarray  # (kh*kw,) int32: the tap's shift in the (phase) planes of one channel
     phased: bool  # strided: the kernel reads the stride phases, not x itself
+    cs: int  # floats per input channel for several images or stride phases (native_train.tconv_cstride)
 
 
 _DIRECT: dict[tuple, Optional[_Direct]] = {}
@@ -436,13 +437,14 @@ def _make_direct(s: _ConvSpec, h: int, w: int, block: int) -> Optional[_Direct]:
     if (s.groups != 1 or kk > 255 or h_out < 1 or w_out < 1 or (not phased and (h_out, w_out) != (h, w))
             or not native_train.tconv_supported(_native().isa_code(), block, plane)):
         return None
-    if s.c * sh * sw * plane + 2 * plane >= 2**31:
+    cs = native_train.tconv_cstride(sh * sw * plane if phased else h * w)
+    if s.c * cs + 2 * plane >= 2**31:
         return None
     t = native_train.direct_tables(s.kh, s.kw, (sh, sw), (pt, pl), (dh, dw), h, w, h_out, w_out)
     if t is None:  # a source pixel outside the phase plane: not this kernel
         return None
     masks, dtab = t
-    return _Direct(h_out, w_out, masks, dtab, phased)
+    return _Direct(h_out, w_out, masks, dtab, phased, cs)
 
 
 def _direct_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int, d: _Direct) -> Tensor:
@@ -451,9 +453,13 @@ def _direct_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec,
     n, c, h, w = x.shape
     plane, kk = d.h_out * d.w_out, spec.kh * spec.kw
     xn = x.numpy()
+    cstride = d.cs
     if d.phased:
-        xn = native_train.tconv_phases(xn, spec.stride[0], spec.stride[1], d.h_out, d.w_out, _threads())
-    cstride = spec.stride[0] * spec.stride[1] * plane if d.phased else h * w
+        xn = native_train.tconv_phases(xn, spec.stride[0], spec.stride[1], d.h_out, d.w_out, _threads(), d.cs)
+    elif d.cs != h * w and n > 1:  # one image is read in place (the copy cost what it saved)
+        xn = native_train.tconv_restride(xn, d.cs, _threads())
+    else:
+        cstride = h * w
     w2 = w4.detach().reshape(spec.o, -1).contiguous().numpy()
     rows, k = spec.o // block, w2.shape[1]
     indptr = _buffer("dp", rows * kk + 1, np.int32)
@@ -504,7 +510,7 @@ def _make_dgrad(w_shape: tuple, x_shape: tuple, g_shape: tuple, stride: tuple[in
     ho, wo = g_shape[2], g_shape[3]
     (sh, sw), (ph, pw) = stride, padding
     plane = ho * wo
-    if kh * kw > 255 or c * plane >= 2**31 or not native_train.tconv_supported(_native().isa_code(), 1, plane):
+    if kh * kw > 255 or max(c, w_shape[0]) * (plane + 16) >= 2**31 or not native_train.tconv_supported(_native().isa_code(), 1, plane):
         return None
     out = []
     for ry in range(sh):
@@ -539,10 +545,13 @@ def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride
     ho, wo = g.shape[2], g.shape[3]
     (sh, sw), plane = stride, ho * wo
     gn = g.detach().contiguous().numpy()
+    parts = max(1, min(_threads(), n))
+    cs = native_train.tconv_cstride(plane) if n > 1 else plane  # see _Direct.cs, _direct_conv
+    if cs != plane:
+        gn = native_train.tconv_restride(gn, cs, parts)
     empty = any(t is None for _, _, t in plan)
     phases = (np.zeros if empty else np.empty)((n, c, sh, sw, ho, wo), np.float32)
     wt = w.detach().transpose(0, 1)  # (C, O, kh, kw)
-    parts = max(1, min(_threads(), n))
     loop = native_train.tconv_loop(parts > 1)
     for ry, rx, taps in plan:
         if taps is None:
@@ -553,9 +562,9 @@ def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride
         indptr = _buffer("gp", c * kk + 1, np.int32)
         offs = _buffer("go", w2.size, np.int32)
         vals = _buffer("gv", w2.size, np.float32)
-        native_train.tconv_csr(w2, 1, kk, plane, taps.dtab, indptr, offs, vals)
+        native_train.tconv_csr(w2, 1, kk, cs, taps.dtab, indptr, offs, vals)
         base = phases.ctypes.data + 4 * (ry * sw + rx) * plane
-        rc = loop(_native().isa_code(), indptr, offs, vals, 0, taps.masks, kk, gn, base, o * plane, c, plane,
+        rc = loop(_native().isa_code(), indptr, offs, vals, 0, taps.masks, kk, gn, base, o * cs, c, plane,
                   sh * sw * plane, 1, n, parts)
         if rc != 0:
             raise RuntimeError("internal: the direct conv kernel has no loop for this input gradient")

@@ -78,22 +78,32 @@ class _MaskedDirectConv:
         self.bias = np.zeros(o, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
         nz = self.w2.reshape(o // self.block, self.block, -1).any(axis=1)
         self.nbytes = int(nz.sum()) * (4 * self.block + 4) + (o // self.block + 1) * 4
-        self._calls: dict[tuple[int, int], direct_layer.DirectLayerCall | None] = {}
+        self._calls: dict[tuple[int, int, bool], direct_layer.DirectLayerCall | None] = {}
         if spec.input_shape is not None:
             nc.warm_up(self, spec.input_shape)
 
-    def _call_for(self, h: int, w: int) -> direct_layer.DirectLayerCall | None:
-        """The layer call for an h x w input, None where the kernel does not apply to that size."""
-        if (h, w) in self._calls:
-            return self._calls[(h, w)]
+    def _call_for(self, h: int, w: int, n: int = 1) -> direct_layer.DirectLayerCall | None:
+        """The layer call for n images of h x w, None where the kernel does not apply to that size."""
+        (sh, sw) = self.spec.stride
+        strided = (sh, sw) != (1, 1)
+        # The input's channels at a padded stride (tconv_cstride) where the kernel reads a copy
+        # anyway (stride phases) or several images: there it took 0.53-0.97x the time of a batch-64
+        # 3x3 layer of 32 x 32 / 16 x 16 maps (Zen 3, 2 threads); at batch 1 the copy cost about
+        # what it saved (0.98-1.09x), so one image is read in place.
+        pad = not self._depthwise and (strided or n > 1)
+        key = (h, w, pad)
+        if key in self._calls:
+            return self._calls[key]
         t = _tables(self.spec, h, w, self.block)
         if t is None:
-            self._calls[(h, w)] = None
+            self._calls[key] = None
             return None
         h_out, w_out, masks, shifts = t
         o, cg, kh, kw = self.spec.weight_shape
-        (sh, sw), plane, kk = self.spec.stride, h_out * w_out, kh * kw
-        cstride = sh * sw * plane if (sh, sw) != (1, 1) else h * w
+        plane, kk = h_out * w_out, kh * kw
+        cstride = sh * sw * plane if strided else h * w
+        if pad:
+            cstride = native_train.tconv_cstride(cstride)
         rows = o // self.block
         indptr = np.zeros(rows * kk + 1, np.int32)
         offs = np.zeros(rows * cg * kk, np.int32)
@@ -101,17 +111,17 @@ class _MaskedDirectConv:
         native_train.tconv_csr(self.w2, self.block, kk, cstride, shifts, indptr, offs, vals, self.spec.groups)
         call = direct_layer.DirectLayerCall(indptr, offs, vals, self.bias, masks, kk=kk, o=o, B=self.block, P=plane,
                                             c=cg * self.spec.groups, h=h, w=w, sh=sh, sw=sw, ho=h_out, wo=w_out,
-                                            dw=int(self._depthwise and (sh, sw) != (1, 1)))
+                                            dw=int(self._depthwise and (sh, sw) != (1, 1)), cs=cstride)
         if len(self._calls) >= _MAX_SHAPES:
             self._calls.pop(next(iter(self._calls)))
-        self._calls[(h, w)] = call
+        self._calls[key] = call
         return call
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         n, c, h, w = x.shape
         if c != self._c_in:
             raise ValueError(f"conv expects input (N, {self._c_in}, H, W), got {tuple(x.shape)}")
-        call = self._call_for(h, w)
+        call = self._call_for(h, w, n)
         if call is None:  # an op built for another input size (or none): the packed direct kernel
             if self._fallback is None:
                 self._fallback = _CsrDirectConv(self._weight, self._bias_t, self.spec)
@@ -126,9 +136,8 @@ class _MaskedDirectConv:
                 return y.relu_() if relu else y
             residual = residual.contiguous()
             res = residual.data_ptr()
-        phases = 0
-        if (a.sh, a.sw) != (1, 1) and not a.dw:
-            phases = nc.workspace(0, n * c * a.sh * a.sw * a.P).ctypes.data
+        scratch = call.scratch_floats(n)
+        phases = nc.workspace(0, scratch).ctypes.data if scratch else 0
         call(x.data_ptr(), y.data_ptr(), n, res, relu, phases, native.isa_code(), native_threads())
         return y
 

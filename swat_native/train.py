@@ -320,16 +320,28 @@ def tconv_cstride(floats: int) -> int:
     return int(_tconv_fns()[5](floats))
 
 
-def tconv_phases(x: np.ndarray, sh: int, sw: int, ho: int, wo: int, parts: int = 1, cs: int = 0) -> np.ndarray:
+def _out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``out`` (a float32 scratch of at least prod(shape) floats; reused: no fresh pages to
+    fault in per call) viewed as ``shape``, or a new array."""
+    size = int(np.prod(shape))
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.dtype != np.float32 or out.size < size or not out.flags.c_contiguous:
+        raise ValueError(f"scratch of {out.size} {out.dtype} for {size} float32")
+    return out.reshape(-1)[:size].reshape(shape)
+
+
+def tconv_phases(x: np.ndarray, sh: int, sw: int, ho: int, wo: int, parts: int = 1, cs: int = 0,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """The stride phases of the C-contiguous float32 (N, C, H, W) x: (N, C, sh, sw, ho, wo), or with
     ``cs`` > sh * sw * ho * wo an (N, C, cs) array whose first sh * sw * ho * wo floats per channel
-    hold them (the rest unwritten: the kernel never reads them)."""
+    hold them (the rest unwritten: the kernel never reads them); written into ``out`` if given."""
     n, c, h, w = x.shape
     size = sh * sw * ho * wo
     cs = cs or size
     if cs < size:
         raise ValueError(f"tconv_phases: channel stride {cs} < {size} floats of phases")
-    out = np.empty((n, c, sh, sw, ho, wo) if cs == size else (n, c, cs), np.float32)
+    out = _out(out, (n, c, sh, sw, ho, wo) if cs == size else (n, c, cs))
     if parts > 1 and n > 1:
         _image_loops()[1](0, x, out, c, h, w, sh, sw, ho, wo, n, min(parts, n), cs)
     else:
@@ -337,13 +349,14 @@ def tconv_phases(x: np.ndarray, sh: int, sw: int, ho: int, wo: int, parts: int =
     return out
 
 
-def tconv_restride(x: np.ndarray, cs: int, parts: int = 1) -> np.ndarray:
+def tconv_restride(x: np.ndarray, cs: int, parts: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """The C-contiguous float32 (N, C, H, W) x as an (N, C, cs) array, each plane's H * W floats
-    first (the rest unwritten), for the direct kernel's channel stride (:func:`tconv_cstride`)."""
+    first (the rest unwritten), for the direct kernel's channel stride (:func:`tconv_cstride`);
+    written into ``out`` if given."""
     n, c, h, w = x.shape
     if cs < h * w:
         raise ValueError(f"tconv_restride: channel stride {cs} < plane of {h * w} floats")
-    out = np.empty((n, c, cs), np.float32)
+    out = _out(out, (n, c, cs))
     if parts > 1 and n > 1:
         _image_loops()[1](2, x, out, c, h, w, 1, 1, h, w, n, min(parts, n), cs)
     else:

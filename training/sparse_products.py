@@ -455,9 +455,10 @@ def _direct_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec,
     xn = x.numpy()
     cstride = d.cs
     if d.phased:
-        xn = native_train.tconv_phases(xn, spec.stride[0], spec.stride[1], d.h_out, d.w_out, _threads(), d.cs)
+        xn = native_train.tconv_phases(xn, spec.stride[0], spec.stride[1], d.h_out, d.w_out, _threads(), d.cs,
+                                       _buffer("dx", n * c * d.cs, np.float32))
     elif d.cs != h * w and n > 1:  # one image is read in place (the copy cost what it saved)
-        xn = native_train.tconv_restride(xn, d.cs, _threads())
+        xn = native_train.tconv_restride(xn, d.cs, _threads(), _buffer("dx", n * c * d.cs, np.float32))
     else:
         cstride = h * w
     w2 = w4.detach().reshape(spec.o, -1).contiguous().numpy()
@@ -548,9 +549,11 @@ def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride
     parts = max(1, min(_threads(), n))
     cs = native_train.tconv_cstride(plane) if n > 1 else plane  # see _Direct.cs, _direct_conv
     if cs != plane:
-        gn = native_train.tconv_restride(gn, cs, parts)
+        gn = native_train.tconv_restride(gn, cs, parts, _buffer("dx", n * o * cs, np.float32))
     empty = any(t is None for _, _, t in plan)
-    phases = (np.zeros if empty else np.empty)((n, c, sh, sw, ho, wo), np.float32)
+    phases = _buffer("ph", n * c * sh * sw * ho * wo, np.float32).reshape(n, c, sh, sw, ho, wo)
+    if empty:
+        phases.fill(0.0)
     wt = w.detach().transpose(0, 1)  # (C, O, kh, kw)
     loop = native_train.tconv_loop(parts > 1)
     for ry, rx, taps in plan:

@@ -484,13 +484,42 @@ def test_masked_direct_pads_the_channel_stride_for_batches_and_stride_phases() -
     torch.manual_seed(0)
     w = torch.randn(32, 16, 3, 3) * (torch.rand(32, 16, 3, 3) < 0.2)
     op = make_conv2d(w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, input_shape=(4, 16, 16, 16), kernel="masked_direct")
-    assert op.prepared._call_for(16, 16, 1).args.cs == 256
-    assert op.prepared._call_for(16, 16, 4).args.cs == 272
+    assert op.prepared._call_for(16, 16).args.cs == 256
+    assert op.prepared._call_for(16, 16, True).args.cs == 272
+    # SWAT_AUTOTUNE=0 (conftest): a batch takes the padded stride untimed; one image never does
+    assert op.prepared._pick_call(torch.zeros(4, 16, 16, 16)).args.cs == 272
+    assert op.prepared._pick_call(torch.zeros(1, 16, 16, 16)).args.cs == 256
     s2 = make_conv2d(w, None, (2, 2), (1, 1, 1, 1), (1, 1), 1, input_shape=(1, 16, 32, 32), kernel="masked_direct")
-    assert s2.prepared._call_for(32, 32, 1).args.cs == 4 * 256 + 16
+    assert s2.prepared._call_for(32, 32).args.cs == 4 * 256 + 16
     for n in (1, 4):
         x = torch.randn(n, 16, 16, 16)
         torch.testing.assert_close(op(x), torch.nn.functional.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_layout_choice_times_both_ways_once_and_keeps_the_faster(monkeypatch) -> None:  # noqa: ANN001
+    """The padded-stride copy is taken only where it was timed faster (by the margin), once per key."""
+    import time
+
+    from swat_native import layout_choice
+
+    monkeypatch.setenv("SWAT_AUTOTUNE", "1")
+    layout_choice.forget()
+    calls = {"in_place": 0, "padded": 0}
+
+    def way(name: str, seconds: float):  # noqa: ANN202
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    assert not layout_choice.padded_wins("slow copy", way("in_place", 0.0), way("padded", 0.01))
+    assert calls == {"in_place": 1 + layout_choice.ROUNDS, "padded": 1 + layout_choice.ROUNDS}
+    assert not layout_choice.padded_wins("slow copy", way("in_place", 0.0), way("padded", 0.0))  # remembered
+    assert calls["padded"] == 1 + layout_choice.ROUNDS
+    assert layout_choice.padded_wins("fast copy", way("in_place", 0.01), way("padded", 0.0))
+    monkeypatch.setenv("SWAT_AUTOTUNE", "0")
+    assert layout_choice.padded_wins("untimed", way("in_place", 0.0), way("padded", 0.01))
+    layout_choice.forget()
 
 
 def test_masked_direct_runs_on_the_thread_count_its_op_was_given(monkeypatch) -> None:  # noqa: ANN001

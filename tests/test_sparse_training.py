@@ -337,3 +337,28 @@ def test_weight_gradient_split_by_images_over_two_threads_is_exact(isa: str, str
     finally:
         torch.set_num_threads(old)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_padded_channel_stride_gives_the_same_bits_as_in_place(isa: str) -> None:
+    """The direct conv's two input layouts (in place, or copied at the padded channel stride that
+    swat_native.layout_choice may pick per shape) sum the same products in the same order: the
+    forward and the strided input gradient are bit-identical either way."""
+    if isa not in swat_native.cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.manual_seed(5)
+    x = torch.randn(3, 16, 32, 32)
+    w = _weight(16, 16, 3, 0.3, 1)
+    spec = sp._ConvSpec(16, 16, 3, 3, 1, (1, 1), (1, 1), (1, 1))
+    with mock.patch.dict(os.environ, {"SWAT_ISA": isa}):
+        d = sp._direct_plan(spec, 32, 32, 1)
+        assert d is not None and d.cs == 32 * 32 + 16
+        a = sp._direct_run(x, w, None, spec, 1, d, False)
+        b = sp._direct_run(x, w, None, spec, 1, d, True)
+        ws = _weight(32, 16, 3, 0.3, 1)
+        g = torch.randn(3, 32, 16, 16)
+        plan = sp._direct_dgrad_plan(ws.shape, x.shape, g.shape, (2, 2), (1, 1))
+        ga = sp._direct_strided_input_grad_run(g, ws, x.shape, (2, 2), plan, False)
+        gb = sp._direct_strided_input_grad_run(g, ws, x.shape, (2, 2), plan, True)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    torch.testing.assert_close(a, F.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)

@@ -447,20 +447,35 @@ def _make_direct(s: _ConvSpec, h: int, w: int, block: int) -> Optional[_Direct]:
     return _Direct(h_out, w_out, masks, dtab, phased, cs)
 
 
-def _direct_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int, d: _Direct) -> Tensor:
-    """conv2d(x, w4, bias) with the zeros of w4 skipped, straight into the NCHW output."""
+def _direct_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int, d: _Direct,
+                 key: Optional[tuple] = None) -> Tensor:
+    """conv2d(x, w4, bias) with the zeros of w4 skipped, straight into the NCHW output. A stride-1
+    conv on several images reads x in place or copied at the padded channel stride ``d.cs``,
+    whichever was faster the first time ``key`` (the caller's choice key) came by
+    (swat_native.layout_choice; the two ways give identical results)."""
+    n, c, h, w = x.shape
+    if d.phased or d.cs == h * w or n == 1:  # phases are copied anyway; one image is read in place
+        return _direct_run(x, w4, bias, spec, block, d, d.phased)
+    if key is None:
+        return _direct_run(x, w4, bias, spec, block, d, True)
+    from swat_native import layout_choice
+    pad = layout_choice.padded_wins(key + ("layout",), lambda: _direct_run(x, w4, bias, spec, block, d, False),
+                                    lambda: _direct_run(x, w4, bias, spec, block, d, True))
+    return _direct_run(x, w4, bias, spec, block, d, pad)
+
+
+def _direct_run(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int, d: _Direct,
+                pad: bool) -> Tensor:
     from swat_native import train as native_train
     n, c, h, w = x.shape
     plane, kk = d.h_out * d.w_out, spec.kh * spec.kw
     xn = x.numpy()
-    cstride = d.cs
+    cstride = d.cs if pad else h * w
     if d.phased:
         xn = native_train.tconv_phases(xn, spec.stride[0], spec.stride[1], d.h_out, d.w_out, _threads(), d.cs,
                                        _buffer("dx", n * c * d.cs, np.float32))
-    elif d.cs != h * w and n > 1:  # one image is read in place (the copy cost what it saved)
+    elif pad and d.cs != h * w:
         xn = native_train.tconv_restride(xn, d.cs, _threads(), _buffer("dx", n * c * d.cs, np.float32))
-    else:
-        cstride = h * w
     w2 = w4.detach().reshape(spec.o, -1).contiguous().numpy()
     rows, k = spec.o // block, w2.shape[1]
     indptr = _buffer("dp", rows * kk + 1, np.int32)
@@ -536,10 +551,26 @@ def _make_dgrad(w_shape: tuple, x_shape: tuple, g_shape: tuple, stride: tuple[in
 
 
 def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride: tuple[int, int],
-                               plan: list[tuple[int, int, Optional[_PhaseTaps]]]) -> Tensor:
+                               plan: list[tuple[int, int, Optional[_PhaseTaps]]], key: Optional[tuple] = None) -> Tensor:
     """grad_input of a strided conv (one group, no dilation): per input stride phase, one direct
     sparse conv of the output gradient with the taps that reach the phase, written into a phase
-    buffer, then one pass that interleaves the phases into NCHW (no zeros inserted, no padding)."""
+    buffer, then one pass that interleaves the phases into NCHW (no zeros inserted, no padding).
+    The output gradient is read in place or at the padded channel stride as in :func:`_direct_conv`."""
+    from swat_native import layout_choice
+    from swat_native import train as native_train
+    plane = g.shape[2] * g.shape[3]
+    if g.shape[0] == 1 or native_train.tconv_cstride(plane) == plane:
+        return _direct_strided_input_grad_run(g, w, x_shape, stride, plan, False)
+    if key is None:
+        return _direct_strided_input_grad_run(g, w, x_shape, stride, plan, True)
+    pad = layout_choice.padded_wins(key + ("layout",),
+                                    lambda: _direct_strided_input_grad_run(g, w, x_shape, stride, plan, False),
+                                    lambda: _direct_strided_input_grad_run(g, w, x_shape, stride, plan, True))
+    return _direct_strided_input_grad_run(g, w, x_shape, stride, plan, pad)
+
+
+def _direct_strided_input_grad_run(g: Tensor, w: Tensor, x_shape: torch.Size, stride: tuple[int, int],
+                                   plan: list[tuple[int, int, Optional[_PhaseTaps]]], pad: bool) -> Tensor:
     from swat_native import train as native_train
     n, c, h, w_in = x_shape
     o = w.shape[0]
@@ -547,7 +578,7 @@ def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride
     (sh, sw), plane = stride, ho * wo
     gn = g.detach().contiguous().numpy()
     parts = max(1, min(_threads(), n))
-    cs = native_train.tconv_cstride(plane) if n > 1 else plane  # see _Direct.cs, _direct_conv
+    cs = native_train.tconv_cstride(plane) if pad else plane  # see _Direct.cs, _direct_conv
     if cs != plane:
         gn = native_train.tconv_restride(gn, cs, parts, _buffer("dx", n * o * cs, np.float32))
     empty = any(t is None for _, _, t in plan)
@@ -576,14 +607,16 @@ def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride
     return out
 
 
-def _sparse_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int) -> Tensor:
-    """conv2d(x, w4, bias) with the zeros of w4 skipped (symmetric zero padding)."""
+def _sparse_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int,
+                 key: Optional[tuple] = None) -> Tensor:
+    """conv2d(x, w4, bias) with the zeros of w4 skipped (symmetric zero padding); ``key``: the
+    caller's choice key, for the direct kernel's input layout (:func:`_direct_conv`)."""
     nat = _native()
     x = x.detach().contiguous()
     n, c, h, w = x.shape
     d = _direct_plan(spec, h, w, block)
     if d is not None:
-        return _direct_conv(x, w4, bias, spec, block, d)
+        return _direct_conv(x, w4, bias, spec, block, d, key)
     threads = _threads()
     p = _plan(spec, n, h, w, threads)
     csr = _build_csr(w4, block, p.table, spec.groups, "f")
@@ -658,7 +691,7 @@ def conv_forward(x: Tensor, w_sparse: Tensor, bias: Optional[Tensor], stride: tu
     key = ("fwd", spec, tuple(x.shape), _density_bucket(density), blk, _threads(), _native().isa())
     h_out = (x.shape[2] + 2 * spec.padding[0] - spec.dilation[0] * (spec.kh - 1) - 1) // spec.stride[0] + 1
     w_out = (x.shape[3] + 2 * spec.padding[1] - spec.dilation[1] * (spec.kw - 1) - 1) // spec.stride[1] + 1
-    return choose(key, lambda: _sparse_conv(x, w_sparse, bias, spec, blk), dense,
+    return choose(key, lambda: _sparse_conv(x, w_sparse, bias, spec, blk, key), dense,
                   _rule(_density_bucket(density) / 20, h_out * w_out))
 
 
@@ -738,7 +771,8 @@ def conv_input_grad(g: Tensor, w_sparse: Tensor, x_shape: torch.Size, stride: tu
                tuple(x_shape), _density_bucket(density), _threads(), _native().isa())
         plan = _direct_dgrad_plan(w_sparse.shape, x_shape, g.shape, stride, padding) if groups == 1 else None
         if plan is not None:
-            return choose(key, lambda: _direct_strided_input_grad(g, w_sparse, x_shape, stride, plan), dense, rule)
+            return choose(key, lambda: _direct_strided_input_grad(g, w_sparse, x_shape, stride, plan, key), dense,
+                          rule)
         return choose(key, lambda: _strided_input_grad(g, w_sparse, x_shape, stride, padding, groups), dense, rule)
     wt = transposed_weight(w_sparse, groups)
     pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
@@ -748,7 +782,7 @@ def conv_input_grad(g: Tensor, w_sparse: Tensor, x_shape: torch.Size, stride: tu
     key = ("dgrad", spec, tuple(g.shape), _density_bucket(density), _threads(), _native().isa())
 
     def sparse() -> Tensor:
-        out = _sparse_conv(g, wt, None, spec, 1)
+        out = _sparse_conv(g, wt, None, spec, 1, key)
         if tuple(out.shape) != tuple(x_shape):  # rows / columns a strided forward never read
             raise RuntimeError(f"internal: input gradient {tuple(out.shape)}, expected {tuple(x_shape)}")
         return out

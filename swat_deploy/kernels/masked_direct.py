@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import swat_native as native
-from swat_native import direct_layer
+from swat_native import direct_layer, layout_choice
 from swat_native import train as native_train
 from swat_deploy.threads import native_threads
 from . import _numba_common as nc
@@ -79,18 +79,18 @@ class _MaskedDirectConv:
         nz = self.w2.reshape(o // self.block, self.block, -1).any(axis=1)
         self.nbytes = int(nz.sum()) * (4 * self.block + 4) + (o // self.block + 1) * 4
         self._calls: dict[tuple[int, int, bool], direct_layer.DirectLayerCall | None] = {}
+        self._token = object()  # this op's part of its layout_choice keys
+        self._picked: dict[tuple[int, int, int, int], direct_layer.DirectLayerCall] = {}
         if spec.input_shape is not None:
             nc.warm_up(self, spec.input_shape)
 
-    def _call_for(self, h: int, w: int, n: int = 1) -> direct_layer.DirectLayerCall | None:
-        """The layer call for n images of h x w, None where the kernel does not apply to that size."""
+    def _call_for(self, h: int, w: int, pad: bool = False) -> direct_layer.DirectLayerCall | None:
+        """The layer call for an h x w input, None where the kernel does not apply to that size;
+        ``pad``: the offsets assume the input channels at the padded stride of tconv_cstride
+        (a strided conv's stride phases are always copied, so they always take it)."""
         (sh, sw) = self.spec.stride
         strided = (sh, sw) != (1, 1)
-        # The input's channels at a padded stride (tconv_cstride) where the kernel reads a copy
-        # anyway (stride phases) or several images: there it took 0.53-0.97x the time of a batch-64
-        # 3x3 layer of 32 x 32 / 16 x 16 maps (Zen 3, 2 threads); at batch 1 the copy cost about
-        # what it saved (0.98-1.09x), so one image is read in place.
-        pad = not self._depthwise and (strided or n > 1)
+        pad = not self._depthwise and (strided or pad)
         key = (h, w, pad)
         if key in self._calls:
             return self._calls[key]
@@ -121,7 +121,7 @@ class _MaskedDirectConv:
         n, c, h, w = x.shape
         if c != self._c_in:
             raise ValueError(f"conv expects input (N, {self._c_in}, H, W), got {tuple(x.shape)}")
-        call = self._call_for(h, w, n)
+        call = self._pick_call(x)
         if call is None:  # an op built for another input size (or none): the packed direct kernel
             if self._fallback is None:
                 self._fallback = _CsrDirectConv(self._weight, self._bias_t, self.spec)
@@ -136,10 +136,45 @@ class _MaskedDirectConv:
                 return y.relu_() if relu else y
             residual = residual.contiguous()
             res = residual.data_ptr()
+        self._run(call, x, y, res, relu)
+        return y
+
+    @staticmethod
+    def _run(call: direct_layer.DirectLayerCall, x: torch.Tensor, y: torch.Tensor, res: int, relu: bool) -> None:
+        n = x.shape[0]
         scratch = call.scratch_floats(n)
         phases = nc.workspace(0, scratch).ctypes.data if scratch else 0
         call(x.data_ptr(), y.data_ptr(), n, res, relu, phases, native.isa_code(), native_threads())
-        return y
+
+    def _pick_call(self, x: torch.Tensor) -> direct_layer.DirectLayerCall | None:
+        """The call for x's shape: a stride-1 conv on several images reads its input in place or
+        copied at the padded channel stride, whichever was faster when first timed here
+        (swat_native.layout_choice; one image is always read in place: the copy cost about what it
+        saved, 0.98-1.09x, on Zen 3)."""
+        n, _, h, w = x.shape
+        threads = native_threads()
+        hit = self._picked.get((h, w, n, threads))
+        if hit is not None:
+            return hit
+        call = self._pick_uncached(x, threads)
+        if call is not None:
+            if len(self._picked) >= _MAX_SHAPES:
+                self._picked.pop(next(iter(self._picked)))
+            self._picked[(h, w, n, threads)] = call
+        return call
+
+    def _pick_uncached(self, x: torch.Tensor, threads: int) -> direct_layer.DirectLayerCall | None:
+        n, _, h, w = x.shape
+        plain = self._call_for(h, w)
+        if (plain is None or n == 1 or self._depthwise or self.spec.stride != (1, 1)
+                or native_train.tconv_cstride(h * w) == h * w):
+            return plain
+        padded = self._call_for(h, w, True)
+        y = x.new_empty((n, plain.args.o, plain.args.ho, plain.args.wo))
+        won = layout_choice.padded_wins((self._token, h, w, n, threads),
+                                        lambda: self._run(plain, x, y, 0, False),
+                                        lambda: self._run(padded, x, y, 0, False))
+        return padded if won else plain
 
 
 class MaskedDirectKernel:

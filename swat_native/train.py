@@ -102,7 +102,7 @@ def _image_loops() -> tuple[Any, ...]:
             pad(code, x.ctypes.data, out.ctypes.data, c, h, w, hp, wp, top, left, n * p // parts, n * (p + 1) // parts)
 
     @njit(cache=False, parallel=True)
-    def move_par(fn_id, src, dst, c, h, w, sh, sw, ho, wo, n, parts, cs=0):  # noqa: ANN001, ANN202
+    def move_par(fn_id, src, dst, c, h, w, sh, sw, ho, wo, n, parts, cs):  # noqa: ANN001, ANN202
         for p in prange(parts):
             if fn_id == 0:
                 phases(src.ctypes.data, dst.ctypes.data, c, h, w, sh, sw, ho, wo, cs, n * p // parts,

@@ -453,15 +453,22 @@ def _direct_conv(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec,
     conv on several images reads x in place or copied at the padded channel stride ``d.cs``,
     whichever was faster the first time ``key`` (the caller's choice key) came by
     (swat_native.layout_choice; the two ways give identical results)."""
-    n, c, h, w = x.shape
-    if d.phased or d.cs == h * w or n == 1:  # phases are copied anyway; one image is read in place
-        return _direct_run(x, w4, bias, spec, block, d, d.phased)
-    if key is None:
+    n, _, h, w = x.shape
+    if d.phased:  # the phases are copied anyway: always at the padded stride
         return _direct_run(x, w4, bias, spec, block, d, True)
+    return _in_layout(key, n > 1 and d.cs != h * w, lambda pad: _direct_run(x, w4, bias, spec, block, d, pad))
+
+
+def _in_layout(key: Optional[tuple], choice: bool, run: Callable[[bool], Tensor]) -> Tensor:
+    """``run(pad)`` with the input read in place (``pad`` False) or copied at the padded channel
+    stride: in place where there is no ``choice`` (one image, or a stride that does not alias);
+    padded without a ``key``; else the way layout_choice timed faster for the key."""
+    if not choice:
+        return run(False)
+    if key is None:
+        return run(True)
     from swat_native import layout_choice
-    pad = layout_choice.padded_wins(key + ("layout",), lambda: _direct_run(x, w4, bias, spec, block, d, False),
-                                    lambda: _direct_run(x, w4, bias, spec, block, d, True))
-    return _direct_run(x, w4, bias, spec, block, d, pad)
+    return run(layout_choice.padded_wins(key + ("layout",), lambda: run(False), lambda: run(True)))
 
 
 def _direct_run(x: Tensor, w4: Tensor, bias: Optional[Tensor], spec: _ConvSpec, block: int, d: _Direct,
@@ -526,7 +533,8 @@ def _make_dgrad(w_shape: tuple, x_shape: tuple, g_shape: tuple, stride: tuple[in
     ho, wo = g_shape[2], g_shape[3]
     (sh, sw), (ph, pw) = stride, padding
     plane = ho * wo
-    if kh * kw > 255 or max(c, w_shape[0]) * (plane + 16) >= 2**31 or not native_train.tconv_supported(_native().isa_code(), 1, plane):
+    if (kh * kw > 255 or max(c, w_shape[0]) * native_train.tconv_cstride(plane) >= 2**31
+            or not native_train.tconv_supported(_native().isa_code(), 1, plane)):
         return None
     out = []
     for ry in range(sh):
@@ -556,17 +564,10 @@ def _direct_strided_input_grad(g: Tensor, w: Tensor, x_shape: torch.Size, stride
     sparse conv of the output gradient with the taps that reach the phase, written into a phase
     buffer, then one pass that interleaves the phases into NCHW (no zeros inserted, no padding).
     The output gradient is read in place or at the padded channel stride as in :func:`_direct_conv`."""
-    from swat_native import layout_choice
     from swat_native import train as native_train
     plane = g.shape[2] * g.shape[3]
-    if g.shape[0] == 1 or native_train.tconv_cstride(plane) == plane:
-        return _direct_strided_input_grad_run(g, w, x_shape, stride, plan, False)
-    if key is None:
-        return _direct_strided_input_grad_run(g, w, x_shape, stride, plan, True)
-    pad = layout_choice.padded_wins(key + ("layout",),
-                                    lambda: _direct_strided_input_grad_run(g, w, x_shape, stride, plan, False),
-                                    lambda: _direct_strided_input_grad_run(g, w, x_shape, stride, plan, True))
-    return _direct_strided_input_grad_run(g, w, x_shape, stride, plan, pad)
+    return _in_layout(key, g.shape[0] > 1 and native_train.tconv_cstride(plane) != plane,
+                      lambda pad: _direct_strided_input_grad_run(g, w, x_shape, stride, plan, pad))
 
 
 def _direct_strided_input_grad_run(g: Tensor, w: Tensor, x_shape: torch.Size, stride: tuple[int, int],

@@ -18,6 +18,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 import models
 from training import memory
 from training.budget import layer_sparsities
+from training.batchnorm import SwatBatchNorm2d
 from training.memory import SwatMaxPool2d, SwatReLU, saved_bytes, saved_tensors
 from training.swatify import (SwatConv2d, SwatLinear, layer_stats, load_swat_state_dict, output_layer,
                               swat_layers, swat_state_dict, swatify, unswatify)
@@ -495,7 +496,7 @@ def test_swatify_keeps_types_keys_and_unswatify_restores():
     assert isinstance(net.conv1, nn.Conv2d) and isinstance(net.conv1, SwatConv2d)
     assert isinstance(net.fc, nn.Linear) and isinstance(net.fc, SwatLinear)
     assert isinstance(net.relu, SwatReLU) and isinstance(net.pool, SwatMaxPool2d)
-    assert type(net.bn) is nn.BatchNorm2d                         # BN stays dense and plain
+    assert isinstance(net.bn, nn.BatchNorm2d) and isinstance(net.bn, SwatBatchNorm2d)  # dense, compiled passes
     assert list(net.state_dict().keys()) == keys
     assert [n for n, _ in swat_layers(net)] == ["conv1", "conv2", "fc"]
     net.train()(torch.rand(2, 3, 8, 8)).sum().backward()

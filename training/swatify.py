@@ -32,7 +32,9 @@ mean 0 -> +2.6 in 110 steps), and that common mode leaks into every hidden layer
 LeNet-5 on digits at 70 % then sits at chance; with the output layer dense it learns like SAW.
 
 In swat / saw mode ``nn.ReLU`` and ``nn.MaxPool2d`` are swapped too (:mod:`training.memory`),
-so the dense ReLU output is not kept alive behind the compact copy.
+so the dense ReLU output is not kept alive behind the compact copy.  In every mode ``nn.BatchNorm2d`` becomes
+:class:`~training.batchnorm.SwatBatchNorm2d`: the same math, with compiled CPU float32 training
+passes (torch's were the largest single cost of a SWAT step once the products were sparse).
 
 Threshold caching (``refresh_every=N``): the K-th magnitude of a layer's input is computed
 exactly on every N-th training step of that layer; in between the layer keeps
@@ -66,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training import blocks, memory
+from training.batchnorm import SwatBatchNorm2d
 from training.budget import layer_sparsities, match_any, prunable_layers
 from training.config import BUDGETS, MODES
 from training.functions import ConvGeometry, MePropSpec, meprop_conv2d, meprop_linear, swat_conv2d, swat_linear
@@ -315,7 +318,8 @@ class SwatLinear(_SwatLayerMixin, nn.Linear):
 
 # ------------------------------------------------------------------------------ surgery
 def _is_swat(m: nn.Module) -> bool:
-    return getattr(type(m), "_swat_layer", False) or isinstance(m, (memory.SwatReLU, memory.SwatMaxPool2d))
+    return getattr(type(m), "_swat_layer", False) or isinstance(m, (memory.SwatReLU, memory.SwatMaxPool2d,
+                                                                     SwatBatchNorm2d))
 
 
 def unswatify(model: nn.Module) -> nn.Module:
@@ -409,17 +413,20 @@ def swatify(model: nn.Module, sparsity: float = 0.7, mode: str = "swat", topk: s
         m._swat_orig_class = orig
         m._swat_configure(mode, plan[name], topk, refresh_every, cache_weight_threshold,
                           blocks.layer_block(m.weight.shape[0], block))
-    if mode in ("swat", "saw"):
-        for name, m in model.named_modules():
-            if match_any(name, pats):
-                continue
-            if type(m) is nn.ReLU:
-                m.__class__ = memory.SwatReLU
-            elif type(m) is nn.MaxPool2d:
-                m.__class__ = memory.SwatMaxPool2d
-            else:
-                continue
-            m._swat_orig_class = type(m).__mro__[1]
+    for name, m in model.named_modules():
+        if match_any(name, pats):
+            continue
+        if type(m) is nn.BatchNorm2d:  # every mode: the same math, compiled (training/batchnorm.py)
+            m.__class__ = SwatBatchNorm2d
+        elif mode not in ("swat", "saw"):
+            continue
+        elif type(m) is nn.ReLU:
+            m.__class__ = memory.SwatReLU
+        elif type(m) is nn.MaxPool2d:
+            m.__class__ = memory.SwatMaxPool2d
+        else:
+            continue
+        m._swat_orig_class = type(m).__mro__[1]
     return model
 
 

@@ -55,7 +55,8 @@ class DirectLayerCall:
         self._keep = (indptr, offs, vals, bias, masks)
         self.args = _LayerArgs(indptr.ctypes.data, offs.ctypes.data, vals.ctypes.data, bias.ctypes.data,
                                masks.ctypes.data, *(int(fixed.get(k, 0)) for k in _INTS))
-        self.args.dw = int(fixed.get("dw", 0))  # strided depthwise: stride phases per row (C side)
+        # 1: strided depthwise, stride phases per row; 2: only phase (0, 0) is read and copied (C side)
+        self.args.dw = int(fixed.get("dw", 0))
         self.args.cs = int(fixed.get("cs", 0))  # floats per input channel the offsets assume; 0: plain
         self._local = threading.local()  # per-call fields: one struct copy per Python thread
 
@@ -65,9 +66,9 @@ class DirectLayerCall:
         side's tl_copies)."""
         a = self.args
         strided = (a.sh, a.sw) != (1, 1)
-        plain = a.sh * a.sw * a.P if strided else a.h * a.w
+        plain = a.P if a.dw == 2 else (a.sh * a.sw * a.P if strided else a.h * a.w)
         cs = a.cs or plain
-        return 0 if a.dw or (not strided and cs == plain) else n * a.c * cs
+        return 0 if a.dw == 1 or (not strided and cs == plain) else n * a.c * cs
 
     def __call__(self, x: int, y: int, n: int, res: int, relu: bool, phases: int, isa: int, threads: int) -> None:
         """Pointers as integers; `res` 0 for none, `phases` a scratch of n * C * cs floats where the

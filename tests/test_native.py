@@ -58,6 +58,8 @@ CASES = [
     (16, 1, 3, 3, 2, 1, 1, 16, 3, 10, 10),    # the same, 3 images (stride phases per row and image)
     (32, 8, 3, 3, 1, 1, 1, 4, 3, 12, 12),     # groups 4, blocks inside a group
     (96, 16, 1, 1, 1, 0, 1, 1, 1, 40, 40),    # narrow 1x1 on a large map: runs of tiles per row
+    (32, 64, 1, 1, 2, 0, 1, 1, 3, 32, 32),    # 1x1 stride 2 (ResNet's shortcut): phase (0, 0) copied alone
+    (48, 24, 1, 1, 2, 0, 1, 1, 1, 15, 16),    # the same, batch 1 (copy split by channels), odd height
 ]
 
 
@@ -494,6 +496,23 @@ def test_masked_direct_pads_the_channel_stride_for_batches_and_stride_phases() -
     for n in (1, 4):
         x = torch.randn(n, 16, 16, 16)
         torch.testing.assert_close(op(x), torch.nn.functional.conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_strided_1x1_copies_only_the_phase_it_reads() -> None:
+    """A 1x1 stride-2 conv without padding reads phase (0, 0) only: its scratch holds that phase
+    (a quarter of the input, at the padded stride), where a strided 3x3 copies all four."""
+    torch.manual_seed(1)
+    w1 = torch.randn(32, 64, 1, 1) * (torch.rand(32, 64, 1, 1) < 0.2)
+    op = make_conv2d(w1, None, (2, 2), (0, 0, 0, 0), (1, 1), 1, kernel="masked_direct")
+    call = op.prepared._call_for(64, 64)
+    assert (call.args.dw, call.args.cs) == (2, 32 * 32 + 16)
+    assert call.scratch_floats(2) == 2 * 64 * (32 * 32 + 16)
+    w3 = torch.randn(32, 64, 3, 3) * (torch.rand(32, 64, 3, 3) < 0.2)
+    op3 = make_conv2d(w3, None, (2, 2), (1, 1, 1, 1), (1, 1), 1, kernel="masked_direct")
+    assert op3.prepared._call_for(64, 64).args.dw == 0
+    for n in (1, 2):
+        x = torch.randn(n, 64, 64, 64)
+        torch.testing.assert_close(op(x), torch.nn.functional.conv2d(x, w1, None, 2), rtol=1e-4, atol=1e-4)
 
 
 def test_layout_choice_times_both_ways_once_and_keeps_the_faster(monkeypatch) -> None:  # noqa: ANN001

@@ -102,6 +102,10 @@ class _MaskedDirectConv:
         o, cg, kh, kw = self.spec.weight_shape
         plane, kk = h_out * w_out, kh * kw
         cstride = sh * sw * plane if strided else h * w
+        # a strided 1x1 conv without padding reads phase (0, 0) only: copy just that quarter
+        phase0 = strided and kk == 1 and not self._depthwise and not np.any(shifts)
+        if phase0:
+            cstride = plane
         if pad:
             cstride = native_train.tconv_cstride(cstride)
         rows = o // self.block
@@ -111,7 +115,7 @@ class _MaskedDirectConv:
         native_train.tconv_csr(self.w2, self.block, kk, cstride, shifts, indptr, offs, vals, self.spec.groups)
         call = direct_layer.DirectLayerCall(indptr, offs, vals, self.bias, masks, kk=kk, o=o, B=self.block, P=plane,
                                             c=cg * self.spec.groups, h=h, w=w, sh=sh, sw=sw, ho=h_out, wo=w_out,
-                                            dw=int(self._depthwise and (sh, sw) != (1, 1)), cs=cstride)
+                                            dw=2 if phase0 else int(self._depthwise and strided), cs=cstride)
         if len(self._calls) >= _MAX_SHAPES:
             self._calls.pop(next(iter(self._calls)))
         self._calls[key] = call

@@ -421,19 +421,22 @@ struct swat_tconv_layer {
     const float *res;
     int64_t relu;
     int64_t nrg, per_item; /* row groups per image; images per item (nrg == 1) */
-    int64_t dw;            /* strided depthwise (B = 1, one input channel per row): phases per row */
+    int64_t dw;            /* 1: strided depthwise (B = 1, one input channel per row), phases per row;
+                              2: a strided conv whose every tap reads phase (0, 0) (a 1x1 conv without
+                              padding: ResNet's downsampling shortcuts), which alone is copied */
     int64_t cs;            /* floats per input channel the offsets assume (swat_tconv_cstride); 0: plain */
     int rc;
 };
 
 /* the plain channel stride: one plane, or its stride phases */
 static int64_t tl_plain(const struct swat_tconv_layer *L) {
+    if (L->dw == 2) return L->P;
     return (L->sh != 1 || L->sw != 1) ? L->sh * L->sw * L->P : L->h * L->w;
 }
 static int64_t tl_cs(const struct swat_tconv_layer *L) { return L->cs > 0 ? L->cs : tl_plain(L); }
 /* whether the kernel reads the scratch (stride phases or a re-strided copy), not x */
 static int tl_copies(const struct swat_tconv_layer *L) {
-    return !L->dw && ((L->sh != 1 || L->sw != 1) || tl_cs(L) != L->h * L->w);
+    return L->dw != 1 && ((L->sh != 1 || L->sw != 1) || tl_cs(L) != L->h * L->w);
 }
 
 static int64_t tl_row_at(const struct swat_tconv_layer *L, int64_t q) {
@@ -449,12 +452,36 @@ static int64_t tl_row_at(const struct swat_tconv_layer *L, int64_t q) {
     return lo;
 }
 
-static void tl_phase_item(const void *vl, int64_t b) {
+/* phase (0, 0) of channels [0, c) of one image: out[c, u, v] = x[c, u * sh, v * sw] */
+static void phase0_copy(const float *x, float *out, int64_t c, int64_t h, int64_t w, int64_t sh, int64_t sw,
+                        int64_t ho, int64_t wo, int64_t cs) {
+    for (int64_t ch = 0; ch < c; ch++)
+        for (int64_t u = 0; u < ho; u++) {
+            const float *s = x + ch * h * w + u * sh * w;
+            float *d = out + ch * cs + u * wo;
+            for (int64_t v = 0; v < wo; v++) d[v] = s[v * sw];
+        }
+}
+
+/* copy parts per image: one image per item when there are enough images for the threads,
+   else each image's channels split over the threads (batch 1 copied on one thread before) */
+static int64_t tl_copy_parts(const struct swat_tconv_layer *L) {
+    const int64_t t = L->threads < 1 ? 1 : L->threads;
+    return L->n >= t ? 1 : (t < L->c ? t : L->c);
+}
+
+static void tl_phase_item(const void *vl, int64_t i) {
     const struct swat_tconv_layer *L = vl;
-    if (L->sh != 1 || L->sw != 1)
-        swat_tconv_phases_f32(L->x, L->phases, L->c, L->h, L->w, L->sh, L->sw, L->ho, L->wo, tl_cs(L), b, b + 1);
+    const int64_t parts = tl_copy_parts(L), b = i / parts, q = i % parts;
+    const int64_t c0 = L->c * q / parts, c1 = L->c * (q + 1) / parts, cs = tl_cs(L);
+    const float *x = L->x + (b * L->c + c0) * L->h * L->w;
+    float *out = L->phases + (b * L->c + c0) * cs;
+    if (L->dw == 2)
+        phase0_copy(x, out, c1 - c0, L->h, L->w, L->sh, L->sw, L->ho, L->wo, cs);
+    else if (L->sh != 1 || L->sw != 1)
+        swat_tconv_phases_f32(x, out, c1 - c0, L->h, L->w, L->sh, L->sw, L->ho, L->wo, cs, 0, 1);
     else
-        swat_tconv_restride_f32(L->x, L->phases, L->c, L->h * L->w, tl_cs(L), b, b + 1);
+        swat_tconv_restride_f32(x, out, c1 - c0, L->h * L->w, cs, 0, 1);
 }
 
 /* A strided depthwise conv: row r reads only input channel r, so each (image, row) splits that
@@ -501,7 +528,7 @@ static void tl_item(const void *vl, int64_t i) {
         r0 = 0;
         r1 = L->o / L->B;
     }
-    if (strided && L->dw) {
+    if (strided && L->dw == 1) {
         tl_depthwise_rows(L, b0, b1, r0, r1);
         return;
     }
@@ -514,11 +541,12 @@ EXPORT int swat_tconv_layer_f32(struct swat_tconv_layer *L) {
     if (!swat_tconv_supported(L->isa, L->B, L->P) || L->n < 1) return -1;
     const int threads = L->threads < 1 ? 1 : (int)L->threads;
     L->rc = 0;
-    if (L->dw && (L->B != 1 || L->c != L->o || tl_cs(L) != tl_plain(L))) return -1;
+    if (L->dw == 1 && (L->B != 1 || L->c != L->o || tl_cs(L) != tl_plain(L))) return -1;
+    if (L->dw < 0 || L->dw > 2 || (L->dw == 2 && L->kk != 1)) return -1;
     if (tl_cs(L) < tl_plain(L)) return -1;
     if (tl_copies(L)) {
         if (!L->phases) return -1;
-        swat_pool_for(threads, tl_phase_item, L, L->n);
+        swat_pool_for(threads, tl_phase_item, L, L->n * tl_copy_parts(L));
     }
     if (L->n >= threads || threads == 1) {
         /* image groups of the kernel's own tile height (tc_images), about even per thread */

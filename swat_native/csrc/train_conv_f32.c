@@ -452,14 +452,36 @@ static int64_t tl_row_at(const struct swat_tconv_layer *L, int64_t q) {
     return lo;
 }
 
+#ifdef SWAT_X86
+/* d[v] = s[2 v] for v < n, 8 per pair of loads, while the loads stay inside a row of w floats;
+   returns how many it wrote (the rest is the caller's) */
+__attribute__((target("avx2"))) static int64_t even_avx2(const float *s, float *d, int64_t n, int64_t w) {
+    int64_t v = 0;
+    for (; v + 8 <= n && 2 * (v + 8) <= w; v += 8) {
+        const __m256 lo = _mm256_loadu_ps(s + 2 * v), hi = _mm256_loadu_ps(s + 2 * v + 8);
+        const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+        _mm256_storeu_ps(d + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8)));
+    }
+    return v;
+}
+#endif
+
 /* phase (0, 0) of channels [0, c) of one image: out[c, u, v] = x[c, u * sh, v * sw] */
 static void phase0_copy(const float *x, float *out, int64_t c, int64_t h, int64_t w, int64_t sh, int64_t sw,
                         int64_t ho, int64_t wo, int64_t cs) {
+    int vec = 0;
+#ifdef SWAT_X86
+    vec = sw == 2 && __builtin_cpu_supports("avx2");
+#endif
     for (int64_t ch = 0; ch < c; ch++)
         for (int64_t u = 0; u < ho; u++) {
             const float *s = x + ch * h * w + u * sh * w;
             float *d = out + ch * cs + u * wo;
-            for (int64_t v = 0; v < wo; v++) d[v] = s[v * sw];
+            int64_t v = 0;
+#ifdef SWAT_X86
+            if (vec) v = even_avx2(s, d, wo, w);
+#endif
+            for (; v < wo; v++) d[v] = s[v * sw];
         }
 }
 

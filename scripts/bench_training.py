@@ -21,8 +21,8 @@ once) for one training-mode forward at batch 64, dense vs each mode and sparsity
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import copy
+import fnmatch
 import statistics
 import sys
 import time

@@ -22,14 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SwatBatchNorm2d", "native_ready"]
+from swat_native.bits import PARALLEL_MIN
+from training.memory.packing import native_available
 
-
-def native_ready() -> bool:
-    """Whether the compiled passes are there (``pip install -e .`` built the library)."""
-    import swat_native
-
-    return swat_native.available()
+__all__ = ["SwatBatchNorm2d"]
 
 
 def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
@@ -37,8 +33,8 @@ def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
 
 
 def _parts(c: int, numel: int) -> int:
-    """Threads for a pass: torch's count, one below ~256 K elements (a parallel region costs ~10 us)."""
-    return 1 if numel < (1 << 18) else max(1, min(torch.get_num_threads(), c))
+    """Threads for a pass: torch's count, one below PARALLEL_MIN elements (as the bitmask passes)."""
+    return 1 if numel < PARALLEL_MIN else max(1, min(torch.get_num_threads(), c))
 
 
 class _BatchNormFn(torch.autograd.Function):
@@ -60,7 +56,6 @@ class _BatchNormFn(torch.autograd.Function):
                 running_var.mul_(1.0 - factor).add_(torch.from_numpy(var), alpha=factor * m / max(1, m - 1))
         mean_t, invstd_t = torch.from_numpy(mean), torch.from_numpy(invstd)
         ctx.save_for_backward(x, weight, mean_t, invstd_t)
-        ctx.eps = eps
         return y
 
     @staticmethod
@@ -86,12 +81,11 @@ class SwatBatchNorm2d(nn.BatchNorm2d):
     def _fast(self, x: Tensor) -> bool:
         return (self.training and x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.is_contiguous() and x.shape[0] * x.shape[2] * x.shape[3] > 1
-                and (self.weight is None or self.weight.dtype == torch.float32) and native_ready())
+                and (self.weight is None or self.weight.dtype == torch.float32) and native_available())
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return super().forward(x)
-        self._check_input_dim(x)
         # torch's BatchNorm bookkeeping, unchanged: the factor for the running averages
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:

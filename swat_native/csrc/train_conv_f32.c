@@ -453,17 +453,7 @@ static int64_t tl_row_at(const struct swat_tconv_layer *L, int64_t q) {
 }
 
 #ifdef SWAT_X86
-/* d[v] = s[2 v] for v < n, 8 per pair of loads, while the loads stay inside a row of w floats;
-   returns how many it wrote (the rest is the caller's) */
-__attribute__((target("avx2"))) static int64_t even_avx2(const float *s, float *d, int64_t n, int64_t w) {
-    int64_t v = 0;
-    for (; v + 8 <= n && 2 * (v + 8) <= w; v += 8) {
-        const __m256 lo = _mm256_loadu_ps(s + 2 * v), hi = _mm256_loadu_ps(s + 2 * v + 8);
-        const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
-        _mm256_storeu_ps(d + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8)));
-    }
-    return v;
-}
+int64_t swat_split2_avx2(const float *s, float *ev, float *od, int64_t n); /* below */
 #endif
 
 /* phase (0, 0) of channels [0, c) of one image: out[c, u, v] = x[c, u * sh, v * sw] */
@@ -479,7 +469,7 @@ static void phase0_copy(const float *x, float *out, int64_t c, int64_t h, int64_
             float *d = out + ch * cs + u * wo;
             int64_t v = 0;
 #ifdef SWAT_X86
-            if (vec) v = even_avx2(s, d, wo, w);
+            if (vec) v = swat_split2_avx2(s, d, NULL, w / 2 < wo ? w / 2 : wo); /* loads stay in the row */
 #endif
             for (; v < wo; v++) d[v] = s[v * sw];
         }
@@ -587,9 +577,9 @@ EXPORT int swat_tconv_layer_f32(struct swat_tconv_layer *L) {
 }
 
 #ifdef SWAT_X86
-/* Even and odd floats of s[0 .. 2 n) into ev[0 .. n) and od[0 .. n), 8 of each per pair of
-   loads; returns how many it split (a multiple of 8: the rest is the caller's). Also used by
-   the max pool (pool_f32.c). */
+/* Even and odd floats of s[0 .. 2 n) into ev[0 .. n) and od[0 .. n) (od NULL: evens only), 8 of
+   each per pair of loads; returns how many it split (a multiple of 8: the rest is the caller's).
+   Also used by the max pool (pool_f32.c) and the phase-(0, 0) copy. */
 __attribute__((target("avx2"))) int64_t swat_split2_avx2(const float *s, float *ev, float *od, int64_t n) {
     int64_t v = 0;
     for (; v + 8 <= n; v += 8) {
@@ -598,7 +588,7 @@ __attribute__((target("avx2"))) int64_t swat_split2_avx2(const float *s, float *
         const __m256 o = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
         /* 128-bit lanes hold (lo's, hi's) quarters: reorder 0 2 1 3 */
         _mm256_storeu_ps(ev + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8)));
-        _mm256_storeu_ps(od + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8)));
+        if (od) _mm256_storeu_ps(od + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8)));
     }
     return v;
 }
